@@ -1,0 +1,182 @@
+"""One config object for the whole study, with named presets.
+
+Every run saves its config (``config.json``) beside what it writes, so a result can always be traced
+back to the exact settings. Unknown keys raise: a typo in an override must never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass
+class Config:
+    preset: str = DEFAULT_PRESET
+    seed: int = 0
+
+    # --- data -------------------------------------------------------------------------------------
+    data_dir: str = "data/raw/surgvivqa"
+    template: str = "out"  # question wording: "in" or "out" template
+    split: str = "published"  # "published" (shipped files) or "stratified" (made by make_split)
+    split_seed: int = 42
+    trainval_videos: tuple[str, ...] = ("002-001", "002-002", "002-003")
+    test_video: str = "002-004"
+    eval_fraction: float = 0.15
+
+    # --- frames -----------------------------------------------------------------------------------
+    frames_source: str = "phantom"  # "phantom" (rendered) or "real" (REAL-Colon JPEGs)
+    frames_dir: str = "data/raw/frames"
+    frame_size: int = 224
+    frames_as: str = "video"  # "video" (one clip, temporal patches) or "images" (8 images)
+    phantom_seed: int = 0
+    phantom_cache_dir: str = ""  # empty: render on the fly, no disk cache
+
+    # --- audio ------------------------------------------------------------------------------------
+    tts_engine: str = "espeak-ng"
+    audio_dir: str = "data/interim/audio"
+    sample_rate: int = 16000
+    disjoint_voices: bool = True  # train, eval and test voices come from disjoint pools
+    whisper: str = "tiny.en"  # "tiny.en" / "base" (offline packages), a local folder or a hub id
+    min_audio_s: float = 0.3
+    max_audio_s: float = 15.0
+
+    # --- model ------------------------------------------------------------------------------------
+    vlm: str = "tiny"  # "tiny" (built locally) or a local folder / hub id of a Qwen2-VL checkpoint
+    vlm_from_scratch: bool = False  # tiny only: random init instead of the phantom-pretrained weights
+    question_mode: str = "audio"  # "audio" (heard only), "text", "both"
+    audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2 or 4
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    load_in_4bit: bool = False
+    dtype: str = "float32"  # "float32" or "bfloat16"
+
+    # --- training ---------------------------------------------------------------------------------
+    output_dir: str = "data/processed/run"
+    lr: float = 1e-3
+    projector_lr: float = 1e-3
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 600
+    warmup_steps: int = 30
+    schedule: str = "cosine"
+    eval_every: int = 100
+    eval_limit: int = 0  # 0: the whole eval split
+    early_stop_metric: str = "eval_accuracy"
+    patience: int = 3
+    phantom_extra_per_epoch: int = 0
+    num_workers: int = 0
+    limit_train: int = 0  # 0: all training rows (a smoke run uses a few)
+    limit_test: int = 0
+
+    def __post_init__(self) -> None:
+        self.trainval_videos = tuple(self.trainval_videos)
+        choices = {
+            "template": ("in", "out"),
+            "split": ("published", "stratified"),
+            "frames_source": ("phantom", "real"),
+            "frames_as": ("video", "images"),
+            "question_mode": ("audio", "text", "both"),
+            "audio_pool": (1, 2, 4),
+            "dtype": ("float32", "bfloat16"),
+            "schedule": ("cosine", "linear"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config {key}={getattr(self, key)!r}: must be one of {allowed}")
+
+    def path(self, value: str) -> Path:
+        """Resolve a config path: relative paths are relative to the repository root."""
+        p = Path(value)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["trainval_videos"] = list(self.trainval_videos)
+        return d
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        out = directory / "config.json"
+        out.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        return cls(**_checked(json.loads(path.read_text()), source=str(path)))
+
+    def replace(self, **overrides: Any) -> "Config":
+        return dataclasses.replace(self, **_checked(overrides, source="overrides"))
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise KeyError(f"unknown config key(s) in {source}: {unknown}; known keys: {sorted(_FIELDS)}")
+    return values
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.
+    "tiny": {},
+    # A few samples and steps: what the tests and a quick look run.
+    "smoke": dict(frame_size=64, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_limit=8,
+                  limit_train=16, limit_test=16),
+    # Real study on a user's GPU box: real frames, real checkpoints (local folder or hub id).
+    "qwen2vl-2b": dict(frames_source="real", vlm="Qwen/Qwen2-VL-2B-Instruct",
+                       whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
+                       dtype="bfloat16", lr=1e-4, projector_lr=1e-4, batch_size=4, grad_accum=4,
+                       max_steps=3000, eval_every=200, audio_pool=4),
+    "qwen2vl-7b": dict(frames_source="real", vlm="Qwen/Qwen2-VL-7B-Instruct",
+                       whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
+                       dtype="bfloat16", lr=1e-4, projector_lr=1e-4, batch_size=2, grad_accum=8,
+                       max_steps=3000, eval_every=200, audio_pool=4),
+    # 4-bit nf4 QLoRA on two 24 GB cards (launched with accelerate, configs/accelerate/2gpu-ddp.yaml).
+    "qlora-2x24gb": dict(frames_source="real", vlm="Qwen/Qwen2-VL-7B-Instruct",
+                         whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
+                         load_in_4bit=True, dtype="bfloat16", lr=1e-4, projector_lr=1e-4,
+                         batch_size=1, grad_accum=8, max_steps=3000, eval_every=200, audio_pool=4),
+    # bf16 LoRA on one 80-141 GB card.
+    "bf16-lora-1gpu": dict(frames_source="real", vlm="Qwen/Qwen2-VL-7B-Instruct",
+                           whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
+                           dtype="bfloat16", lr=1e-4, projector_lr=1e-4, batch_size=8, grad_accum=2,
+                           max_steps=3000, eval_every=200, audio_pool=4),
+}
+
+
+def get_config(preset: str | None = None, **overrides: Any) -> Config:
+    """The config of a named preset (the offline default when none is given) with overrides applied."""
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    values = {**PRESETS[name], **overrides}
+    return Config(**_checked({**values, "preset": name}, source=f"preset {name!r}"))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings from the command line; values are read as JSON when they parse."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    _checked(out, source="command line")
+    return out

@@ -1,0 +1,298 @@
+"""Annotations: load and validate SurgViVQA rows, label sets, splits and the blind prior.
+
+Every malformed row is reported with its file and line number. Loading fails on any bad row unless the
+caller asks to skip bad rows, and then it says how many were skipped and why.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .config import Config, get_config
+
+log = logging.getLogger(__name__)
+
+# The task's vocabulary: the 20 question types of SurgViVQA. Their label sets are read from the data.
+QUESTION_TYPES: tuple[str, ...] = (
+    "mucosa_visibility", "tool_identification", "tool_catheter_check", "endoscope_visibility",
+    "nbi_status", "lighting_mode", "blue_dye_presence", "occlusion_check", "fluid_occlusion_level",
+    "scope_motion", "scope_forward_motion", "scope_backward_motion", "scope_outside", "flush_action",
+    "scope_motion_type", "lesion_histology_extended", "lesion_size_range", "lesion_site",
+    "lesion_screen_position", "lesion_motion_direction",
+)
+FRAMES_PER_CLIP = 8
+TEMPLATE_FILES = {"in": "in_template.jsonl", "out": "out_template.jsonl"}
+SPLIT_NAMES = ("train", "eval", "test")
+_FRAME_NAME = re.compile(r"^(\d{3}-\d{3})_(\d+)$")
+_REQUIRED = {
+    "id": str, "video_id": str, "frames": list, "frame_numbers": list, "question": str,
+    "question_type": str, "answer": str, "short_answer": str,
+}
+
+
+class AnnotationError(ValueError):
+    """One or more annotation rows are malformed; the message names every file:line and reason."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    video_id: str
+    frames: tuple[str, ...]
+    frame_numbers: tuple[int, ...]
+    question: str
+    question_type: str
+    answer: str
+    short_answer: str
+    source: str  # "file:line" the row came from, for error messages downstream
+
+    @property
+    def uid(self) -> str:
+        """Unique across videos (ids repeat between videos in the published split files)."""
+        return f"{self.video_id}/{self.id}"
+
+    @property
+    def clip_key(self) -> tuple[str, tuple[str, ...]]:
+        return (self.video_id, self.frames)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+def data_dir(cfg: Config | None = None) -> Path:
+    cfg = cfg or get_config()
+    return cfg.path(cfg.data_dir)
+
+
+def _parse_row(line: str, labels: dict[str, frozenset[str]] | None) -> tuple[dict | None, str | None]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"bad JSON ({e.msg} at column {e.colno})"
+    if not isinstance(row, dict):
+        return None, "row is not a JSON object"
+    missing = [k for k in _REQUIRED if k not in row]
+    if missing:
+        return None, f"missing field(s) {missing}"
+    wrong = [k for k, t in _REQUIRED.items() if not isinstance(row[k], t)]
+    if wrong:
+        return None, f"field(s) of the wrong type {wrong}"
+    qtype = row["question_type"]
+    if qtype not in QUESTION_TYPES:
+        return None, f"unknown question_type {qtype!r} (id {row['id']})"
+    if labels is not None and row["short_answer"] not in labels[qtype]:
+        return None, (f"short_answer {row['short_answer']!r} is not a label of {qtype} "
+                      f"{sorted(labels[qtype])} (id {row['id']})")
+    frames, numbers = row["frames"], row["frame_numbers"]
+    if len(frames) != FRAMES_PER_CLIP or len(numbers) != FRAMES_PER_CLIP:
+        return None, f"{len(frames)} frames and {len(numbers)} frame_numbers, expected {FRAMES_PER_CLIP} (id {row['id']})"
+    for name, number in zip(frames, numbers):
+        m = _FRAME_NAME.match(str(name))
+        if not m or m.group(1) != row["video_id"]:
+            return None, f"frame name {name!r} is not of video {row['video_id']} (id {row['id']})"
+        if int(m.group(2)) != number:
+            return None, f"frame name {name!r} does not match frame number {number} (id {row['id']})"
+    return row, None
+
+
+def load_annotations(path: str | Path, skip_bad: bool = False,
+                     labels: dict[str, frozenset[str]] | None = None) -> list[Sample]:
+    """Load one JSONL annotation file into validated samples.
+
+    ``labels`` (default: the label sets of the shipped templates) checks every short_answer; pass an
+    explicit mapping to validate against other label sets. With ``skip_bad`` the bad rows are dropped
+    and a warning says how many and why; otherwise any bad row raises an ``AnnotationError``.
+    """
+    path = Path(path)
+    if labels is None:
+        labels = label_sets()
+    samples, bad, seen = [], [], {}
+    with path.open() as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            row, reason = _parse_row(line, labels)
+            # ids are numbered per video in the published split files, so (video, id) is the key
+            key = (row["video_id"], row["id"]) if row is not None else None
+            if key in seen:
+                row, reason = None, f"duplicate id {key[1]} of video {key[0]} (first at line {seen[key]})"
+            if row is None:
+                bad.append(BadRow(str(path), lineno, reason))
+                continue
+            seen[key] = lineno
+            samples.append(Sample(
+                id=row["id"], video_id=row["video_id"], frames=tuple(row["frames"]),
+                frame_numbers=tuple(int(n) for n in row["frame_numbers"]), question=row["question"],
+                question_type=row["question_type"], answer=row["answer"],
+                short_answer=row["short_answer"], source=f"{path}:{lineno}"))
+    if bad and not skip_bad:
+        shown = "\n".join(map(str, bad[:20])) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise AnnotationError(f"{len(bad)} malformed row(s) in {path}:\n{shown}")
+    if bad:
+        reasons = Counter(b.reason.split(" (")[0] for b in bad)
+        log.warning("skipped %d malformed row(s) in %s: %s", len(bad), path, dict(reasons))
+    return samples
+
+
+@lru_cache(maxsize=4)
+def _template_label_sets(directory: str) -> dict[str, frozenset[str]]:
+    found: dict[str, set[str]] = defaultdict(set)
+    for name in TEMPLATE_FILES.values():
+        path = Path(directory) / name
+        with path.open() as f:
+            for lineno, line in enumerate(f, start=1):
+                row, reason = _parse_row(line, None)
+                if row is None:
+                    raise AnnotationError(f"{path}:{lineno}: {reason}")
+                found[row["question_type"]].add(row["short_answer"])
+    missing = [t for t in QUESTION_TYPES if t not in found]
+    if missing:
+        raise AnnotationError(f"question types with no rows in {directory}: {missing}")
+    return {t: frozenset(found[t]) for t in QUESTION_TYPES}
+
+
+def label_sets(cfg: Config | None = None) -> dict[str, frozenset[str]]:
+    """Label set of every question type, read from both shipped template files."""
+    return _template_label_sets(str(data_dir(cfg)))
+
+
+def candidate_labels(question_type: str, cfg: Config | None = None) -> list[str]:
+    """The answer labels of a question type in a fixed (sorted) order."""
+    sets = label_sets(cfg)
+    if question_type not in sets:
+        raise KeyError(f"unknown question type {question_type!r}; known: {sorted(sets)}")
+    return sorted(sets[question_type])
+
+
+def load_template(template: str, cfg: Config | None = None) -> list[Sample]:
+    if template not in TEMPLATE_FILES:
+        raise ValueError(f"template must be one of {sorted(TEMPLATE_FILES)}, got {template!r}")
+    return load_annotations(data_dir(cfg) / TEMPLATE_FILES[template], labels=label_sets(cfg))
+
+
+def question_wordings(template: str, cfg: Config | None = None) -> dict[str, str]:
+    """The one question wording per type of a template (checked: exactly one)."""
+    wordings: dict[str, set[str]] = defaultdict(set)
+    for s in load_template(template, cfg):
+        wordings[s.question_type].add(s.question)
+    several = {t: sorted(w) for t, w in wordings.items() if len(w) != 1}
+    if several:
+        raise AnnotationError(f"{template} template: expected one wording per type, found {several}")
+    return {t: next(iter(wordings[t])) for t in QUESTION_TYPES}
+
+
+def answer_sentences(cfg: Config | None = None) -> dict[tuple[str, str], str]:
+    """The answer sentence of every (question type, label), checked to be unique."""
+    sentences: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for template in TEMPLATE_FILES:
+        for s in load_template(template, cfg):
+            sentences[(s.question_type, s.short_answer)].add(s.answer)
+    several = {k: sorted(v) for k, v in sentences.items() if len(v) != 1}
+    if several:
+        raise AnnotationError(f"several answer sentences for one label: {several}")
+    return {k: next(iter(v)) for k, v in sentences.items()}
+
+
+def _sample_key(s: Sample) -> tuple:
+    return (s.video_id, s.frames, s.question_type)
+
+
+def _reword(samples: Sequence[Sample], template: str, cfg: Config | None) -> list[Sample]:
+    """The same rows (clip, type, label) with the question wording of ``template``."""
+    by_key = {_sample_key(s): s for s in load_template(template, cfg)}
+    out = []
+    for s in samples:
+        t = by_key.get(_sample_key(s))
+        if t is None or t.short_answer != s.short_answer:
+            raise AnnotationError(f"{s.source}: no matching row in the {template} template "
+                                  f"(video {s.video_id}, frames {s.frames[0]}.., {s.question_type})")
+        out.append(Sample(**{**s.__dict__, "question": t.question, "answer": t.answer}))
+    return out
+
+
+def published_split(template: str = "out", cfg: Config | None = None) -> dict[str, list[Sample]]:
+    """The split shipped with SurgViVQA (out-template wording), optionally reworded to ``template``."""
+    directory = data_dir(cfg) / "published_split"
+    splits = {name: load_annotations(directory / f"{name}_multivideo.jsonl", labels=label_sets(cfg))
+              for name in SPLIT_NAMES}
+    if template != "out":
+        splits = {name: _reword(rows, template, cfg) for name, rows in splits.items()}
+    return splits
+
+
+def make_split(samples: Sequence[Sample], trainval_videos: Iterable[str], test_video: str,
+               eval_fraction: float = 0.15, seed: int = 42) -> dict[str, list[Sample]]:
+    """Held-out-video split: train/eval stratified per question type, one video held out as test.
+
+    Per type, ``floor(n * eval_fraction)`` rows (at least one) go to eval, so every type is in eval.
+    Deterministic for a given seed and input order.
+    """
+    trainval_videos = set(trainval_videos)
+    if test_video in trainval_videos:
+        raise ValueError(f"test video {test_video} is also a train/eval video")
+    rng = np.random.default_rng(seed)
+    by_type: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        if s.video_id in trainval_videos:
+            by_type[s.question_type].append(s)
+    train, evaluation = [], []
+    for qtype in QUESTION_TYPES:
+        rows = by_type.get(qtype, [])
+        if len(rows) < 2:
+            raise ValueError(f"question type {qtype} has {len(rows)} train/eval rows; need at least 2")
+        order = rng.permutation(len(rows))
+        n_eval = max(1, int(len(rows) * eval_fraction))
+        evaluation += [rows[i] for i in order[:n_eval]]
+        train += [rows[i] for i in order[n_eval:]]
+    test = [s for s in samples if s.video_id == test_video]
+    train = [train[i] for i in rng.permutation(len(train))]
+    return {"train": train, "eval": evaluation, "test": test}
+
+
+def load_split(cfg: Config | None = None) -> dict[str, list[Sample]]:
+    """The split the config asks for: the published one, or a stratified one made by ``make_split``."""
+    cfg = cfg or get_config()
+    if cfg.split == "published":
+        return published_split(cfg.template, cfg)
+    return make_split(load_template(cfg.template, cfg), cfg.trainval_videos, cfg.test_video,
+                      cfg.eval_fraction, cfg.split_seed)
+
+
+# --- blind prior ---------------------------------------------------------------------------------
+
+def blind_prior(train: Sequence[Sample]) -> dict[str, str]:
+    """Train-majority answer per question type (ties broken by label order): no pixels, no audio."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for s in train:
+        counts[s.question_type][s.short_answer] += 1
+    return {t: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for t, c in counts.items()}
+
+
+def prior_predictions(prior: dict[str, str], samples: Sequence[Sample]) -> list[str]:
+    missing = sorted({s.question_type for s in samples} - set(prior))
+    if missing:
+        raise KeyError(f"the prior has no answer for question type(s) {missing} (absent from train)")
+    return [prior[s.question_type] for s in samples]
+
+
+def single_class_types(samples: Sequence[Sample]) -> list[str]:
+    """Question types whose rows in ``samples`` all carry one label (accuracy there says little)."""
+    labels: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        labels[s.question_type].add(s.short_answer)
+    return sorted(t for t, v in labels.items() if len(v) == 1)
