@@ -1,0 +1,171 @@
+"""Run the numbered notebooks headlessly with papermill, and pass metrics between them.
+
+``python -m surgvqa workbook [names...] [--preset P] [-p key=value ...]`` executes notebooks/NN-*.ipynb in
+order into reports/ (an executed .ipynb and an HTML copy each). ``-p`` sets a notebook parameter when a
+notebook declares it in its ``parameters`` cell, and otherwise a config override (passed to every
+notebook as ``overrides``); a key that is neither raises. A failing cell stops the run with a non-zero
+exit naming the notebook and the cell. Notebooks store metrics with ``store_metrics`` (JSON under
+reports/metrics/) so that tests and later notebooks can read them back with ``read_metrics``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_PRESET, REPO_ROOT, Config, parse_overrides
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+KERNEL_NAME = "surgvqa"
+
+
+class NotebookFailed(RuntimeError):
+    def __init__(self, notebook: str, cell: int | None, error: str):
+        self.notebook, self.cell, self.error = notebook, cell, error
+        where = f"cell {cell}" if cell is not None else "an unknown cell"
+        super().__init__(f"notebook {notebook} failed at {where}: {error}")
+
+
+def notebook_paths(names: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in order, or those named (by number '01' or stem '01-explore-data')."""
+    available = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]-*.ipynb"))
+    if not names:
+        return available
+    chosen = []
+    for name in names:
+        match = [p for p in available if p.stem == name or p.stem.split("-")[0] == name]
+        if not match:
+            raise KeyError(f"no notebook {name!r}; notebooks: {[p.stem for p in available]}")
+        chosen += match
+    return chosen
+
+
+def metrics_path(notebook: str, reports_dir: str | Path = "reports") -> Path:
+    return Config().path(str(reports_dir)) / "metrics" / f"{notebook}.json"
+
+
+def store_metrics(notebook: str, metrics: dict[str, Any], reports_dir: str | Path = "reports") -> Path:
+    """Merge ``metrics`` into reports/metrics/<notebook>.json (written atomically)."""
+    path = metrics_path(notebook, reports_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(metrics)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_metrics(notebook: str, reports_dir: str | Path = "reports") -> dict[str, Any]:
+    path = metrics_path(notebook, reports_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics stored by notebook {notebook} ({path}); run it first")
+    return json.loads(path.read_text())
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} as a metric")
+
+
+def ensure_kernel() -> str:
+    """A kernelspec that runs this very interpreter, so notebooks see the same environment."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from ipykernel.kernelspec import install
+
+    specs = KernelSpecManager().find_kernel_specs()
+    if KERNEL_NAME in specs:
+        spec = json.loads((Path(specs[KERNEL_NAME]) / "kernel.json").read_text())
+        if spec["argv"][0] == sys.executable:
+            return KERNEL_NAME
+    install(kernel_name=KERNEL_NAME, display_name="surgvqa", prefix=sys.prefix)
+    return KERNEL_NAME
+
+
+def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
+                 params: dict[str, Any] | None = None, reports_dir: str | Path = "reports",
+                 html: bool = True, log=print) -> list[Path]:
+    """Execute notebooks into ``reports_dir``; raise ``NotebookFailed`` at the first failing cell."""
+    import papermill as pm
+
+    params = dict(params or {})
+    paths = notebook_paths(names)
+    declared = {p.stem: set(pm.inspect_notebook(str(p))) for p in paths}
+    every = set().union(*declared.values()) if declared else set()
+    config_keys = set(Config.__dataclass_fields__)
+    unknown = sorted(k for k in params if k not in every and k not in config_keys)
+    if unknown:
+        raise KeyError(f"unknown parameter(s) {unknown}: neither a notebook parameter "
+                       f"({sorted(every)}) nor a config key")
+    overrides = {k: v for k, v in params.items() if k not in every}
+    parse_overrides([f"{k}={json.dumps(v)}" for k, v in overrides.items()])  # validate early
+    out_dir = Config().path(str(reports_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kernel = ensure_kernel()
+    written = []
+    for path in paths:
+        given = {"preset": preset, "overrides": overrides, "reports_dir": str(out_dir)}
+        given.update({k: v for k, v in params.items() if k in declared[path.stem]})
+        given = {k: v for k, v in given.items() if k in declared[path.stem]}
+        target = out_dir / path.name
+        start = time.time()
+        log(f"[workbook] {path.stem}: running with {given}")
+        try:
+            pm.execute_notebook(str(path), str(target), parameters=given, kernel_name=kernel,
+                                cwd=str(NOTEBOOKS_DIR), progress_bar=False)
+        except pm.PapermillExecutionError as e:
+            raise NotebookFailed(path.stem, e.cell_index, f"{e.ename}: {e.evalue}") from None
+        if html:
+            _write_html(target)
+        log(f"[workbook] {path.stem}: done in {time.time() - start:.1f} s -> {target}")
+        written.append(target)
+    return written
+
+
+def _write_html(executed: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(executed), as_version=4))
+    out = executed.with_suffix(".html")
+    out.write_text(body)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m surgvqa workbook", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="notebooks to run (default: all, in order)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reports-dir", default="reports")
+    parser.add_argument("--no-html", action="store_true")
+    args = parser.parse_args(argv)
+    params = {}
+    for pair in args.param:
+        if "=" not in pair:
+            parser.error(f"-p {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    try:
+        run_workbook(args.names, args.preset, params, args.reports_dir, html=not args.no_html)
+    except NotebookFailed as e:
+        print(f"[workbook] FAILED: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:
+        print(f"[workbook] {e.args[0]}", file=sys.stderr)
+        return 2
+    return 0
