@@ -29,6 +29,7 @@ QUESTION_TYPES: tuple[str, ...] = (
     "lesion_screen_position", "lesion_motion_direction",
 )
 FRAMES_PER_CLIP = 8
+YES_NO = frozenset({"yes", "no"})
 TEMPLATE_FILES = {"in": "in_template.jsonl", "out": "out_template.jsonl"}
 SPLIT_NAMES = ("train", "eval", "test")
 _FRAME_NAME = re.compile(r"^(\d{3}-\d{3})_(\d+)$")
@@ -163,7 +164,9 @@ def _template_label_sets(directory: str) -> dict[str, frozenset[str]]:
     missing = [t for t in QUESTION_TYPES if t not in found]
     if missing:
         raise AnnotationError(f"question types with no rows in {directory}: {missing}")
-    return {t: frozenset(found[t]) for t in QUESTION_TYPES}
+    # A yes/no question can be answered either way even when the data only ever says one of them
+    # (blue_dye_presence is always "no"): its label set is {yes, no}, so chance is 50 %, not 100 %.
+    return {t: frozenset(YES_NO if found[t] <= YES_NO else found[t]) for t in QUESTION_TYPES}
 
 
 def label_sets(cfg: Config | None = None) -> dict[str, frozenset[str]]:

@@ -124,12 +124,22 @@ def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
             pm.execute_notebook(str(path), str(target), parameters=given, kernel_name=kernel,
                                 cwd=str(NOTEBOOKS_DIR), progress_bar=False)
         except pm.PapermillExecutionError as e:
-            raise NotebookFailed(path.stem, e.cell_index, f"{e.ename}: {e.evalue}") from None
+            raise NotebookFailed(path.stem, _source_cell_index(target, e.cell_index),
+                                 f"{e.ename}: {e.evalue}") from None
         if html:
             _write_html(target)
         log(f"[workbook] {path.stem}: done in {time.time() - start:.1f} s -> {target}")
         written.append(target)
     return written
+
+
+def _source_cell_index(executed: Path, index: int) -> int:
+    """Cell index in the source notebook: papermill inserts a cell for the injected parameters."""
+    import nbformat
+
+    cells = nbformat.read(str(executed), as_version=4).cells
+    injected = [i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", [])]
+    return index - 1 if injected and injected[0] < index else index
 
 
 def _write_html(executed: Path) -> Path:

@@ -1,0 +1,113 @@
+import json
+from collections import Counter
+
+import pytest
+
+from surgvqa import data, evaluate
+
+GOOD = json.loads((data.data_dir() / "out_template.jsonl").open().readline())
+
+
+def write_rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_label_sets_come_from_the_data_and_match_the_facts():
+    sets = data.label_sets()
+    assert len(sets) == 20
+    assert sets["tool_identification"] == {"catheter", "forceps", "snare"}
+    assert sets["lesion_motion_direction"] == {"up", "down", "left", "right", "stable"}
+    assert sets["lesion_size_range"] == {"<5"} and sets["lighting_mode"] == {"NBI"}
+    assert sum(v == {"yes", "no"} for v in sets.values()) == 11
+    assert sets["blue_dye_presence"] == {"yes", "no"}  # the data only says "no"; the question allows both
+    assert len(data.answer_sentences()) == 45
+
+
+def test_one_wording_per_type_per_template():
+    for template in ("in", "out"):
+        wordings = data.question_wordings(template)
+        assert len(wordings) == 20 and len(set(wordings.values())) == 20
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda r: "{not json", "bad JSON"),
+    (lambda r: {k: v for k, v in r.items() if k != "answer"}, "missing field(s) ['answer']"),
+    (lambda r: {**r, "question_type": "polyp_colour"}, "unknown question_type 'polyp_colour'"),
+    (lambda r: {**r, "short_answer": "maybe"}, "short_answer 'maybe' is not a label of mucosa_visibility"),
+    (lambda r: {**r, "frames": r["frames"][:7], "frame_numbers": r["frame_numbers"][:7]}, "7 frames"),
+    (lambda r: {**r, "frames": ["002-001_3806"] + r["frames"][1:]}, "is not of video 002-003"),
+    (lambda r: {**r, "frame_numbers": [1] + r["frame_numbers"][1:]}, "does not match frame number 1"),
+])
+def test_each_malformed_row_is_reported_with_file_and_line(tmp_path, mutate, reason):
+    path = write_rows(tmp_path / "rows.jsonl", [GOOD, mutate(dict(GOOD)), {**GOOD, "id": "qa_9"}])
+    with pytest.raises(data.AnnotationError) as err:
+        data.load_annotations(path)
+    assert f"{path}:2: " in str(err.value) and reason in str(err.value)
+    assert "1 malformed row" in str(err.value)
+
+
+def test_skipping_bad_rows_says_how_many_and_why(tmp_path, caplog):
+    path = write_rows(tmp_path / "rows.jsonl", [GOOD, "{oops", {**GOOD, "question_type": "x", "id": "q2"}, GOOD])
+    samples = data.load_annotations(path, skip_bad=True)
+    assert [s.id for s in samples] == [GOOD["id"]]  # the repeated id on line 4 is skipped too
+    assert "skipped 3 malformed row(s)" in caplog.text
+    assert "bad JSON" in caplog.text and "unknown question_type" in caplog.text and "duplicate id" in caplog.text
+
+
+def test_samples_are_typed_and_carry_their_source():
+    s = data.load_template("in")[0]
+    assert isinstance(s.frames, tuple) and len(s.frames) == 8 and all(isinstance(n, int) for n in s.frame_numbers)
+    assert s.source.endswith("in_template.jsonl:1") and s.uid == f"{s.video_id}/{s.id}"
+
+
+def test_published_split_counts_videos_and_rewording():
+    splits = data.published_split()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 2302, "eval": 398, "test": 1000}
+    assert {s.video_id for s in splits["test"]} == {"002-004"}
+    assert {s.video_id for s in splits["train"] + splits["eval"]} == {"002-001", "002-002", "002-003"}
+    reworded = data.published_split("in")
+    wordings = data.question_wordings("in")
+    assert all(s.question == wordings[s.question_type] for s in reworded["test"])
+    assert [s.short_answer for s in reworded["test"]] == [s.short_answer for s in splits["test"]]
+
+
+def test_make_split_with_the_original_settings_reproduces_the_published_shape():
+    rows = data.load_template("out")
+    ours = data.make_split(rows, ("002-001", "002-002", "002-003"), "002-004", 0.15, seed=42)
+    published = data.published_split()
+    assert {k: len(v) for k, v in ours.items()} == {k: len(v) for k, v in published.items()}
+    for name in ("train", "eval", "test"):
+        assert Counter(s.question_type for s in ours[name]) == Counter(s.question_type for s in published[name])
+    assert len({s.question_type for s in ours["eval"]}) == 20
+    # the held-out video is the same rows; train/eval membership differs (the original seed is unknown)
+    key = lambda s: (s.video_id, s.frames, s.question_type)
+    assert {key(s) for s in ours["test"]} == {key(s) for s in published["test"]}
+    ours_again = data.make_split(rows, ("002-001", "002-002", "002-003"), "002-004", 0.15, seed=42)
+    assert [s.uid for s in ours_again["eval"]] == [s.uid for s in ours["eval"]]
+    other_seed = data.make_split(rows, ("002-001", "002-002", "002-003"), "002-004", 0.15, seed=7)
+    assert {s.uid for s in other_seed["eval"]} != {s.uid for s in ours["eval"]}
+
+
+def test_make_split_refuses_test_video_in_training():
+    with pytest.raises(ValueError, match="also a train/eval video"):
+        data.make_split(data.load_template("out"), ("002-004",), "002-004")
+
+
+def test_blind_prior_matches_the_published_numbers():
+    splits = data.published_split()
+    prior = data.blind_prior(splits["train"])
+    for name, expected in (("test", 0.573), ("eval", 0.530)):
+        table = evaluate.accuracy_table(splits[name], data.prior_predictions(prior, splits[name]), splits["train"])
+        assert table.loc["overall", "accuracy"] == pytest.approx(expected, abs=5e-4)
+        assert table.loc["overall", "blind_prior"] == table.loc["overall", "accuracy"]
+    assert data.single_class_types(splits["test"]) == [
+        "blue_dye_presence", "endoscope_visibility", "lesion_histology_extended", "lesion_size_range",
+        "lighting_mode", "tool_catheter_check", "tool_identification"]
+
+
+def test_prior_refuses_a_type_it_never_saw():
+    splits = data.published_split()
+    train = [s for s in splits["train"] if s.question_type != "lesion_site"]
+    with pytest.raises(KeyError, match="lesion_site"):
+        data.prior_predictions(data.blind_prior(train), splits["test"])

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from surgvqa import workbook
+
+
+def test_notebook_01_runs_headless_and_stores_its_metrics(tmp_path):
+    written = workbook.run_workbook(["01"], reports_dir=tmp_path, log=lambda *_: None)
+    assert written == [tmp_path / "01-explore-data.ipynb"]
+    assert (tmp_path / "01-explore-data.html").stat().st_size > 10_000
+    metrics = workbook.read_metrics("01-explore-data", tmp_path)
+    assert metrics["n"] == {"train": 2302, "eval": 398, "test": 1000}
+    assert metrics["blind_prior_accuracy"]["test"] == pytest.approx(0.573)
+    assert metrics["blind_prior_accuracy"]["eval"] == pytest.approx(0.530, abs=5e-4)
+    assert "tool_identification" in metrics["single_class_test_types"]
+    assert (tmp_path / "figures" / "01-test-answer-balance.png").exists()
+
+
+def test_notebooks_follow_the_house_rules():
+    for path in workbook.notebook_paths():
+        nb = nbformat.read(str(path), as_version=4)
+        assert "parameters" in nb.cells[0].metadata.get("tags", []) or \
+            "parameters" in nb.cells[1].metadata.get("tags", []), path
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs, f"{path} has committed outputs"
+                assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), path
+
+
+def test_a_failing_cell_names_the_notebook_and_cell(tmp_path, monkeypatch):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('reports_dir = "x"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, str(tmp_path / "nbs" / "09-broken.ipynb"))
+    monkeypatch.setattr(workbook, "NOTEBOOKS_DIR", tmp_path / "nbs")
+    with pytest.raises(workbook.NotebookFailed) as err:
+        workbook.run_workbook(["09"], reports_dir=tmp_path / "out", log=lambda *_: None)
+    assert err.value.notebook == "09-broken" and err.value.cell == 2
+    assert "ValueError: broken on purpose" in str(err.value)
+
+
+def test_cli_exit_codes_for_unknown_notebook_and_parameter(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "surgvqa", "workbook", *a, "--reports-dir", str(tmp_path)],
+                                    capture_output=True, text=True)
+    bad = run("99")
+    assert bad.returncode == 2 and "no notebook '99'" in bad.stderr
+    bad = run("01", "-p", "not_a_key=1")
+    assert bad.returncode == 2 and "not_a_key" in bad.stderr
+
+
+def test_metrics_merge_and_missing_metrics_error(tmp_path):
+    workbook.store_metrics("nb", {"a": 1}, tmp_path)
+    workbook.store_metrics("nb", {"b": [1, 2]}, tmp_path)
+    assert json.loads((tmp_path / "metrics" / "nb.json").read_text()) == {"a": 1, "b": [1, 2]}
+    with pytest.raises(FileNotFoundError, match="run it first"):
+        workbook.read_metrics("other", tmp_path)
