@@ -1,0 +1,266 @@
+"""Collation: chat prompt with placeholders, placeholder expansion, answer-only loss, batching.
+
+One item is ``(Sample, frames, waveform)``: frames are uint8 ``(8, H, W, 3)``, the waveform is float32 mono
+at 16 kHz (``None`` allowed in the ``text`` question mode only). The prompt is built with the tokenizer's
+chat template (Qwen2-VL's), then every placeholder is expanded to the number of rows that will replace it
+(as ``Qwen2VLProcessor`` does): ``<|video_pad|>`` / ``<|image_pad|>`` to the vision tokens of the clip and
+``<|audio_pad|>`` to the projected Whisper frames of the question. The model checks those counts again.
+
+Question modes: ``audio`` (the question is heard only; its text appears nowhere in the prompt),
+``text`` (written question, no audio), ``both``.
+
+Training batches are right-padded and carry ``labels`` (-100 everywhere except the answer tokens and the
+end-of-turn token); generation batches are left-padded, end with the assistant header and carry no labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import FRAMES_PER_CLIP, Sample
+
+IGNORE_INDEX = -100  # label value that carries no loss (torch cross_entropy's default ignore_index)
+
+# Qwen2-VL's special tokens; the tiny tokenizer defines the same ones, and AUDIO_TOKEN is added to both.
+IM_END = "<|im_end|>"
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+AUDIO_TOKEN = "<|audio_pad|>"
+
+# CLIP normalisation, as Qwen2-VL's image processor uses (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Whisper: 160 waveform samples per mel frame (10 ms at 16 kHz), two mel frames per encoder frame (conv2
+# stride 2), and a 30 s window (3000 mel frames) that positions cannot exceed.
+SAMPLE_RATE = 16000
+HOP_LENGTH = 160
+MEL_FRAMES_PER_ENCODER_FRAME = 2
+WHISPER_WINDOW_S = 30.0
+
+# Prompt wording. In the audio mode nothing of the question is written: only where the audio goes.
+SPOKEN_QUESTION = "Spoken question: " + AUDIO_TOKEN
+WRITTEN_QUESTION = "Question: {question}"
+INSTRUCTION = "Answer the question about this colonoscopy clip in one sentence."
+
+
+class CollateError(ValueError):
+    """An item cannot be collated; the message names the sample (uid and annotation source)."""
+
+
+def audio_token_count(mel_frames: int, audio_pool: int) -> int:
+    """Audio rows the projector yields for ``mel_frames`` log-mel frames (a multiple of 2 * pool)."""
+    per_token = MEL_FRAMES_PER_ENCODER_FRAME * audio_pool
+    if mel_frames <= 0 or mel_frames % per_token:
+        raise ValueError(f"{mel_frames} mel frames: expected a positive multiple of {per_token}")
+    return mel_frames // per_token
+
+
+def patch_grid_side(side: int, patch_size: int, merge_size: int) -> int:
+    """The nearest multiple of patch_size * merge_size (at least one), as Qwen2-VL's smart_resize rounds."""
+    unit = patch_size * merge_size
+    return max(unit, int(round(side / unit)) * unit)
+
+
+def frames_to_patches(frames: np.ndarray, frames_as: str, frame_size: int, patch_size: int = 14,
+                      temporal_patch_size: int = 2, merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened, CLIP-normalised vision patches of one clip, laid out exactly as Qwen2-VL expects.
+
+    The longer side is resized to ``frame_size`` and both sides are rounded to a multiple of
+    patch_size * merge_size. ``video``: one clip of T/2 temporal patches (grid (T/2, h, w));
+    ``images``: T images, each repeated over the temporal patch (grid (1, h, w) each), which is what
+    Qwen2VLImageProcessor does, so the video layout has half the vision tokens.
+    Returns ``(patches (N, 3 * temporal * patch * patch), grid_thw (n_visuals, 3))``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    scale = frame_size / max(h, w)
+    out_h = patch_grid_side(h * scale, patch_size, merge_size)
+    out_w = patch_grid_side(w * scale, patch_size, merge_size)
+    if (out_h, out_w) != (h, w):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)  # back on the uint8 grid, as a resized image would be
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = (x / 255.0 - mean) / std
+    if frames_as == "video":
+        if x.shape[0] % temporal_patch_size:
+            raise ValueError(f"{x.shape[0]} frames is not a multiple of the temporal patch {temporal_patch_size}")
+        clips = [x]
+    else:
+        clips = [frame.unsqueeze(0).expand(temporal_patch_size, -1, -1, -1) for frame in x]
+    patches, grids = [], []
+    for clip in clips:
+        grid_t, grid_h, grid_w = clip.shape[0] // temporal_patch_size, out_h // patch_size, out_w // patch_size
+        p = clip.reshape(grid_t, temporal_patch_size, 3, grid_h // merge_size, merge_size, patch_size,
+                         grid_w // merge_size, merge_size, patch_size)
+        # (t, h-blocks, w-blocks, h-in-block, w-in-block, channel, temporal, patch-row, patch-col): merged
+        # 2x2 neighbours end up consecutive, which the vision merger relies on.
+        p = p.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        patches.append(p.reshape(grid_t * grid_h * grid_w, 3 * temporal_patch_size * patch_size * patch_size))
+        grids.append((grid_t, grid_h, grid_w))
+    return torch.cat(patches), torch.tensor(grids, dtype=torch.long)
+
+
+@dataclass
+class Collator:
+    """Turns ``(Sample, frames, waveform)`` items into model batches; see the module docstring."""
+
+    tokenizer: Any  # a PreTrainedTokenizerFast with Qwen2-VL's special tokens, AUDIO_TOKEN and chat template
+    feature_extractor: Any  # a WhisperFeatureExtractor (log-mel features)
+    question_mode: str = "audio"
+    frames_as: str = "video"
+    frame_size: int = 224
+    audio_pool: int = 2
+    min_audio_s: float = 0.3
+    max_audio_s: float = 15.0
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer: Any, feature_extractor: Any, **vision: int) -> "Collator":
+        return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, frames_as=cfg.frames_as,
+                   frame_size=cfg.frame_size, audio_pool=cfg.audio_pool, min_audio_s=cfg.min_audio_s,
+                   max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), **vision)
+
+    def __post_init__(self) -> None:
+        if self.question_mode not in ("audio", "text", "both"):
+            raise ValueError(f"question_mode {self.question_mode!r}: must be audio, text or both")
+        if self.frames_as not in ("video", "images"):
+            raise ValueError(f"frames_as {self.frames_as!r}: must be video or images")
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in (IM_END, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN) if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the special token(s) {missing}")
+        self.token_ids = {t: vocab[t] for t in (IM_END, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)}
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token")
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.question_mode in ("audio", "both")
+
+    # --- pieces of one item ---------------------------------------------------------------------------
+
+    def messages(self, sample: Sample) -> list[dict]:
+        """The user turn: the clip first, then the question (heard, written or both), then the instruction."""
+        visual = [{"type": "video"}] if self.frames_as == "video" else [{"type": "image"}] * FRAMES_PER_CLIP
+        question = {
+            "audio": SPOKEN_QUESTION,
+            "text": WRITTEN_QUESTION.format(question=sample.question),
+            "both": SPOKEN_QUESTION + "\n" + WRITTEN_QUESTION.format(question=sample.question),
+        }[self.question_mode]
+        return [{"role": "user", "content": visual + [{"type": "text", "text": question + "\n" + INSTRUCTION}]}]
+
+    def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int) -> str:
+        """The chat prompt up to the assistant header, with every placeholder expanded to its row count."""
+        text = self.tokenizer.apply_chat_template(self.messages(sample), tokenize=False, add_generation_prompt=True)
+        vision_token = VIDEO_TOKEN if self.frames_as == "video" else IMAGE_TOKEN
+        text = text.replace(vision_token, vision_token * vision_tokens_each)
+        n_audio = text.count(AUDIO_TOKEN)
+        if n_audio != (1 if self.uses_audio else 0):
+            raise CollateError(f"sample {sample.uid}: the prompt holds {n_audio} audio placeholders")
+        return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * audio_tokens)
+
+    def check_frames(self, sample: Sample, frames: Any) -> np.ndarray:
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
+                or frames.shape[0] != FRAMES_PER_CLIP or frames.shape[-1] != 3:
+            got = f"{type(frames).__name__} {getattr(frames, 'dtype', '')} {getattr(frames, 'shape', '')}"
+            raise CollateError(f"sample {sample.uid} ({sample.source}): frames must be uint8 "
+                               f"({FRAMES_PER_CLIP}, H, W, 3), got {got}")
+        return frames
+
+    def log_mel(self, sample: Sample, waveform: Any) -> torch.Tensor:
+        """Log-mel features of the real length of the question, (n_mels, T) with T a multiple of 2 * pool.
+
+        The waveform is zero-padded to a whole number of projected audio tokens, never to Whisper's 30 s.
+        """
+        if waveform is None:
+            raise CollateError(f"sample {sample.uid} ({sample.source}): no question audio, and the "
+                               f"{self.question_mode!r} question mode needs it")
+        wave = np.asarray(waveform)
+        if wave.ndim != 1 or wave.dtype != np.float32 or not np.isfinite(wave).all():
+            raise CollateError(f"sample {sample.uid}: the waveform must be finite mono float32, got "
+                               f"{wave.dtype} {wave.shape}")
+        seconds = len(wave) / SAMPLE_RATE
+        if not self.min_audio_s <= seconds <= self.max_audio_s:
+            raise CollateError(f"sample {sample.uid}: question audio of {seconds:.2f} s is outside "
+                               f"[{self.min_audio_s}, {self.max_audio_s}] s (is it 16 kHz?)")
+        per_token = HOP_LENGTH * MEL_FRAMES_PER_ENCODER_FRAME * self.audio_pool
+        wave = np.pad(wave, (0, -len(wave) % per_token))
+        features = self.feature_extractor(wave, sampling_rate=SAMPLE_RATE, padding="do_not_pad",
+                                          return_tensors="pt")["input_features"][0]
+        return features
+
+    # --- the batch ------------------------------------------------------------------------------------
+
+    def __call__(self, items: Sequence[tuple[Sample, np.ndarray, np.ndarray | None]],
+                 for_generation: bool = False) -> dict[str, Any]:
+        """Collate items into a batch: right-padded with labels, or left-padded prompts for generation."""
+        if not items:
+            raise CollateError("cannot collate an empty list of items")
+        rows, label_rows, pixel_list, grid_list, mels = [], [], [], [], []
+        im_end = self.token_ids[IM_END]
+        for item in items:
+            if len(item) != 3:
+                raise CollateError(f"an item must be (Sample, frames, waveform), got {len(item)} fields")
+            sample, frames, waveform = item
+            patches, grid = frames_to_patches(self.check_frames(sample, frames), self.frames_as, self.frame_size,
+                                              self.patch_size, self.temporal_patch_size, self.merge_size)
+            pixel_list.append(patches)
+            grid_list.append(grid)
+            vision_tokens_each = int(grid[0].prod()) // self.merge_size ** 2
+            audio_tokens = 0
+            if self.uses_audio:
+                mel = self.log_mel(sample, waveform)
+                mels.append(mel)
+                audio_tokens = audio_token_count(mel.shape[-1], self.audio_pool)
+            prompt_ids = self.tokenizer(self.prompt(sample, vision_tokens_each, audio_tokens),
+                                        add_special_tokens=False)["input_ids"]
+            if for_generation:
+                rows.append(prompt_ids)
+                continue
+            # The answer is tokenised on its own so that its tokens are the same ones generation and
+            # candidate scoring see after the assistant header.
+            answer_ids = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [im_end]
+            rows.append(prompt_ids + answer_ids)
+            label_rows.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+
+        batch: dict[str, Any] = {}
+        input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_token_id, left=for_generation)
+        batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
+        if not for_generation:
+            batch["labels"] = pad_rows(label_rows, IGNORE_INDEX, left=False)[0]
+        mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+        mm_token_type_ids[input_ids == self.token_ids[IMAGE_TOKEN]] = 1
+        mm_token_type_ids[input_ids == self.token_ids[VIDEO_TOKEN]] = 2
+        batch["mm_token_type_ids"] = mm_token_type_ids
+        prefix = "pixel_values_videos" if self.frames_as == "video" else "pixel_values"
+        grid_key = "video_grid_thw" if self.frames_as == "video" else "image_grid_thw"
+        batch[prefix], batch[grid_key] = torch.cat(pixel_list), torch.cat(grid_list)
+        if self.uses_audio:
+            lengths = torch.tensor([m.shape[-1] for m in mels], dtype=torch.long)
+            features = torch.zeros(len(mels), mels[0].shape[0], int(lengths.max()))
+            for i, mel in enumerate(mels):
+                features[i, :, : mel.shape[-1]] = mel
+            batch["audio_features"], batch["audio_lengths"] = features, lengths
+        batch["samples"] = [item[0] for item in items]
+        return batch
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token rows to one length on the left or the right; returns (ids, attention mask)."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

@@ -1,0 +1,555 @@
+"""The graft: a frozen Whisper encoder, a trainable projector and a stock Qwen2-VL, composed.
+
+Shaped like transformers' Qwen2-Audio: the collator expands one ``<|audio_pad|>`` placeholder per projected
+audio frame before the model; here the audio rows replace those placeholders with ``masked_scatter`` after
+a count check, and Qwen2-VL itself puts the vision rows in. Both ``input_ids`` and ``inputs_embeds`` go to
+Qwen2-VL: the ids drive its image/video masks and M-RoPE positions (with embeds alone M-RoPE silently falls
+back to 1-D positions), the embeds carry the audio rows. Logits are computed only where labels exist
+(a 152k vocabulary would otherwise dominate a small model's step).
+
+Whisper runs on the real length of each question: it refuses anything but 30 s of mel frames, so for the
+call its ``max_source_positions`` is shrunk and its position table sliced to the question's length
+(identical to a manual forward), instead of padding to 30 s (10x slower, and attention sees the padding).
+
+Public API: ``build_model(cfg)``, ``AudioGraftedQwen2VL`` (``model(**batch).loss``), ``collator(model)``,
+``parameter_groups(model)``, ``generate``, ``score_candidates``, ``save_checkpoint`` / ``load_checkpoint``,
+``merge_for_export``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, WhisperFeatureExtractor)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from . import data
+from .collate import AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, SPOKEN_QUESTION, WRITTEN_QUESTION, Collator
+from .config import Config
+
+# Qwen2-VL's chat template (Qwen/Qwen2-VL-7B-Instruct), given to the tiny tokenizer so that both presets
+# build prompts the same way.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2-VL's special tokens, in its order, then the audio placeholder this project adds.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", AUDIO_TOKEN)
+TINY_VOCAB_SIZE = 1024
+
+# LoRA goes on every linear layer of the language model and nowhere else (the vision tower stays frozen).
+LM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# Kept in full precision when loading in 4 bit (bitsandbytes matches these as full module-name prefixes).
+NOT_QUANTIZED = ["model.visual", "lm_head"]
+
+
+class AudioTokenMismatch(ValueError):
+    """The audio placeholders of a sample do not match the rows its question audio projects to."""
+
+
+# --- the module ------------------------------------------------------------------------------------------
+
+class AudioProjector(nn.Module):
+    """Whisper frames -> language-model rows: average pooling over time (1, 2 or 4 frames) then linear."""
+
+    def __init__(self, whisper_dim: int, hidden_size: int, pool: int):
+        super().__init__()
+        self.pool = pool
+        self.linear = nn.Linear(whisper_dim, hidden_size)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # (batch, time, whisper_dim)
+        if self.pool > 1:
+            frames = F.avg_pool1d(frames.transpose(1, 2), self.pool, self.pool).transpose(1, 2)
+        return self.linear(frames)
+
+
+@dataclass
+class GraftOutput:
+    loss: torch.Tensor | None
+    # With labels: logits at the positions that predict a label, (n_label_tokens, vocab), in batch order.
+    # Without: the logits of each row's last position, (batch, vocab).
+    logits: torch.Tensor
+
+
+class AudioGraftedQwen2VL(nn.Module):
+    def __init__(self, vlm: nn.Module, whisper: WhisperEncoder, tokenizer: Any,
+                 feature_extractor: WhisperFeatureExtractor, cfg: Config, whisper_from_cfg: bool):
+        super().__init__()
+        self.vlm = vlm  # Qwen2VLForConditionalGeneration, or a peft PeftModel around it
+        self.whisper = whisper.requires_grad_(False).eval()
+        self.projector = AudioProjector(whisper.config.d_model, self.base_vlm.config.text_config.hidden_size,
+                                        cfg.audio_pool).to(self.base_vlm.device)
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.cfg = cfg
+        # False when the encoder was handed in rather than loaded from cfg.whisper: checkpoints then carry it.
+        self.whisper_from_cfg = whisper_from_cfg
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
+
+    @property
+    def base_vlm(self) -> Qwen2VLForConditionalGeneration:
+        """The Qwen2-VL model itself (LoRA layers, when any, are injected into it in place)."""
+        return self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
+
+    def train(self, mode: bool = True) -> "AudioGraftedQwen2VL":
+        super().train(mode)
+        self.whisper.eval()  # frozen: its dropout stays off while the rest trains
+        return self
+
+    # --- audio ---
+
+    @torch.no_grad()
+    def _whisper_frames(self, mel: torch.Tensor) -> torch.Tensor:
+        """Whisper on mel frames of one length (batch, n_mels, T): (batch, T/2, d_model), no 30 s padding."""
+        enc = self.whisper
+        n_positions = mel.shape[-1] // 2
+        full_table, full_positions = enc.embed_positions, enc.config.max_source_positions
+        if n_positions > full_table.num_embeddings:
+            raise ValueError(f"{mel.shape[-1]} mel frames exceed Whisper's {2 * full_table.num_embeddings}")
+        enc.embed_positions = nn.Embedding.from_pretrained(full_table.weight[:n_positions], freeze=True)
+        enc.config.max_source_positions = n_positions
+        try:
+            return enc(mel.to(full_table.weight.dtype)).last_hidden_state
+        finally:
+            enc.embed_positions, enc.config.max_source_positions = full_table, full_positions
+
+    def audio_rows(self, features: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Projected audio rows of each sample, (n_i, hidden) each.
+
+        Whisper has no attention mask, so samples are encoded in groups of equal length: padding never
+        enters another sample's attention.
+        """
+        rows: list[torch.Tensor | None] = [None] * len(lengths)
+        for length in lengths.unique().tolist():
+            index = (lengths == length).nonzero().flatten()
+            frames = self._whisper_frames(features[index, :, :length])
+            projected = self.projector(frames.to(self.projector.linear.weight.dtype))
+            for i, r in zip(index.tolist(), projected):
+                rows[i] = r
+        return rows
+
+    def embed(self, input_ids: torch.Tensor, audio_features: torch.Tensor | None = None,
+              audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None
+              ) -> torch.Tensor:
+        """Token embeddings with the audio placeholders replaced by projected Whisper rows."""
+        embeds = self.base_vlm.get_input_embeddings()(input_ids)
+        audio_mask = input_ids == self.audio_token_id
+        placeholders = audio_mask.sum(dim=1).tolist()
+        names = [s.uid for s in samples] if samples else [f"row {i}" for i in range(len(input_ids))]
+        if audio_features is None:
+            if any(placeholders):
+                bad = [n for n, c in zip(names, placeholders) if c]
+                raise AudioTokenMismatch(f"audio placeholders but no audio features, sample(s) {bad}")
+            return embeds
+        rows = self.audio_rows(audio_features.to(embeds.device), audio_lengths.to(embeds.device))
+        for name, count, r, length in zip(names, placeholders, rows, audio_lengths.tolist()):
+            if count != len(r):
+                raise AudioTokenMismatch(
+                    f"sample {name}: {count} audio placeholder tokens but its question audio ({length} mel "
+                    f"frames, pool {self.projector.pool}) projects to {len(r)} rows")
+        return embeds.masked_scatter(audio_mask.unsqueeze(-1), torch.cat(rows).to(embeds.dtype))
+
+    # --- forward ---
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
+                audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None
+                ) -> GraftOutput:
+        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput."""
+        base = self.base_vlm
+        inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples)
+        hidden = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
+                            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                            video_grid_thw=video_grid_thw, use_cache=False).last_hidden_state
+        if labels is None:
+            return GraftOutput(loss=None, logits=base.lm_head(hidden[:, -1]).float())
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not keep.any():
+            raise ValueError("no label tokens in the batch (a generation batch was given for training?)")
+        logits = base.lm_head(hidden[:, :-1][keep]).float()
+        return GraftOutput(loss=F.cross_entropy(logits, targets[keep]), logits=logits)
+
+
+# --- building ------------------------------------------------------------------------------------------
+
+def build_tiny_tokenizer(cfg: Config | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the task's own text, with Qwen2-VL's special tokens and chat template.
+
+    The corpus is every question wording of both templates, every answer sentence and the prompt
+    wording, so the tiny preset needs a vocabulary of ~1k instead of Qwen's 152k. Byte-level BPE decodes
+    back to the exact text (answers, newlines) and still encodes any other text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = sorted(set(data.question_wordings("in", cfg).values()) | set(data.question_wordings("out", cfg).values())
+                    | set(data.answer_sentences(cfg).values()))
+    corpus += [INSTRUCTION, SPOKEN_QUESTION.replace(AUDIO_TOKEN, ""), WRITTEN_QUESTION.format(question=""),
+               "system\nYou are a helpful assistant.", "user\n", "assistant\n"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+                                   chat_template=QWEN2_VL_CHAT_TEMPLATE)
+
+
+def tiny_vlm_config(tokenizer: Any) -> Qwen2VLConfig:
+    """A Qwen2-VL of the real architecture and small dimensions (~1 M parameters)."""
+    ids = tokenizer.get_vocab()
+    hidden, heads = 128, 4  # head_dim 32: mrope_section must sum to head_dim / 2 = 16
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+
+def _torch_dtype(cfg: Config) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+
+
+def _local_dir(name_or_path: str, cfg: Config) -> Path | None:
+    """A local model folder named by ``name_or_path`` (absolute or repo-relative), or None for a hub id."""
+    for candidate in (Path(name_or_path), cfg.path(name_or_path)):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _load_vlm(name_or_path: str, cfg: Config) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL from a local folder (never touching the network) or a hub id; 4-bit nf4 when asked."""
+    local = _local_dir(name_or_path, cfg)
+    quantization = None
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                          llm_int8_skip_modules=NOT_QUANTIZED)
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        str(local or name_or_path), dtype=_torch_dtype(cfg), quantization_config=quantization,
+        local_files_only=local is not None)
+
+
+def _load_tokenizer(name_or_path: str | Path, cfg: Config) -> Any:
+    local = _local_dir(str(name_or_path), cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), local_files_only=local is not None)
+    if AUDIO_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]},
+                                     replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def _whisper_encoder(whisper: nn.Module) -> WhisperEncoder:
+    if isinstance(whisper, WhisperEncoder):
+        return whisper
+    if hasattr(whisper, "get_encoder"):  # WhisperModel / WhisperForConditionalGeneration
+        return whisper.get_encoder()
+    raise TypeError(f"expected a Whisper model or encoder, got {type(whisper).__name__}")
+
+
+def _load_whisper_from_cfg(cfg: Config) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
+    try:
+        from .audio import load_whisper
+    except ImportError as e:
+        raise ImportError(f"cannot load Whisper {cfg.whisper!r}: surgvqa.audio is not available ({e}); "
+                          f"pass whisper=(encoder, feature_extractor) explicitly") from e
+    whisper, processor = load_whisper(cfg.whisper, cfg)
+    return _whisper_encoder(whisper), processor.feature_extractor
+
+
+def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> nn.Module:
+    """LoRA on every language-model linear layer (all else frozen), or the whole VLM trainable."""
+    if not cfg.lora:
+        if cfg.load_in_4bit:
+            raise ValueError("4-bit weights cannot be trained directly: set lora=True with load_in_4bit")
+        return vlm.requires_grad_(True)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.load_in_4bit:
+        vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=False)
+    vlm.requires_grad_(False)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=LM_LINEAR_LAYERS, bias="none")
+    return get_peft_model(vlm, lora)
+
+
+def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] | None = None
+                ) -> AudioGraftedQwen2VL:
+    """The graft for a config.
+
+    ``cfg.vlm == "tiny"``: a random-init small Qwen2-VL with the task tokenizer (``vlm_from_scratch``
+    must be set: there are no pretrained tiny weights to fall back on; a saved tiny model is loaded by
+    pointing ``vlm`` at its folder). Otherwise Qwen2-VL is loaded from ``cfg.vlm`` (a local folder or a
+    hub id), in 4-bit nf4 when ``load_in_4bit``. Whisper comes from ``surgvqa.audio`` unless ``whisper``
+    gives ``(model or encoder, feature_extractor)``.
+    """
+    if whisper is None:
+        encoder, feature_extractor = _load_whisper_from_cfg(cfg)
+    else:
+        encoder, feature_extractor = _whisper_encoder(whisper[0]), whisper[1]
+    encoder = encoder.to(_torch_dtype(cfg))
+    if cfg.vlm == "tiny":
+        if not cfg.vlm_from_scratch:
+            raise ValueError("preset vlm='tiny' builds a random-init model: set vlm_from_scratch=True, or point "
+                             "vlm at the folder of a saved tiny model")
+        if cfg.load_in_4bit:
+            raise ValueError("4-bit loading needs saved weights: save the tiny model and point vlm at it")
+        tokenizer = build_tiny_tokenizer(cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            vlm = Qwen2VLForConditionalGeneration(tiny_vlm_config(tokenizer)).to(_torch_dtype(cfg))
+    else:
+        tokenizer = _load_tokenizer(cfg.vlm, cfg)
+        vlm = _load_vlm(cfg.vlm, cfg)
+    if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
+        vlm.resize_token_embeddings(len(tokenizer))
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = AudioGraftedQwen2VL(_apply_training_setup(vlm, cfg), encoder, tokenizer, feature_extractor,
+                                    cfg, whisper_from_cfg=whisper is None)
+    return model
+
+
+def collator(model: AudioGraftedQwen2VL) -> Collator:
+    """The collator that matches a model: its tokenizer, feature extractor, config and vision patching."""
+    vision = model.base_vlm.config.vision_config
+    return Collator.from_config(model.cfg, model.tokenizer, model.feature_extractor,
+                                patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                merge_size=vision.spatial_merge_size)
+
+
+def parameter_groups(model: AudioGraftedQwen2VL) -> list[dict[str, Any]]:
+    """Optimizer groups: the projector at cfg.projector_lr, every other trainable weight at cfg.lr."""
+    projector = [p for p in model.projector.parameters() if p.requires_grad]
+    others = [p for p in model.vlm.parameters() if p.requires_grad]
+    if any(p.requires_grad for p in model.whisper.parameters()):
+        raise RuntimeError("Whisper must stay frozen")
+    return [{"params": projector, "lr": model.cfg.projector_lr}, {"params": others, "lr": model.cfg.lr}]
+
+
+# --- inference -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_generation_batch(batch: dict[str, Any]) -> None:
+    if "labels" in batch or not bool(batch["attention_mask"][:, -1].all()):
+        raise ValueError("expected a generation batch (collate with for_generation=True: left-padded, "
+                         "no answer, no labels)")
+
+
+def _vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:
+    """Greedy free-text answers of a left-padded generation batch, one string per sample."""
+    _check_generation_batch(batch)
+    base = model.base_vlm
+    batch = _on_device(batch, base.device)
+    with _evaluating(model):
+        embeds = model.embed(batch["input_ids"], batch.get("audio_features"), batch.get("audio_lengths"),
+                             batch.get("samples"))
+        out = base.generate(input_ids=batch["input_ids"], inputs_embeds=embeds,
+                            attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
+                            **_vision_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
+                            eos_token_id=model.im_end_id, pad_token_id=model.tokenizer.pad_token_id)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return [t.strip() for t in model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+@dataclass
+class CandidateScores:
+    uid: str
+    label: str  # the most likely label of the question type
+    probabilities: dict[str, float]  # over the type's label set (softmax of the log-likelihoods)
+    log_likelihoods: dict[str, float]  # of each label's answer sentence + end-of-turn
+
+
+def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
+    """Rank the label set of each sample's question type by the likelihood of its answer SENTENCE.
+
+    The candidate text is the answer sentence the model is trained to produce (data.answer_sentences),
+    followed by the end-of-turn token, so a candidate is the whole answer, not a prefix of it. The prompt
+    of each sample runs once; its key/value cache is then repeated for that sample's candidates and all
+    candidates of the batch are scored in one more forward.
+    """
+    _check_generation_batch(batch)
+    base = model.base_vlm
+    batch = _on_device(batch, base.device)
+    samples = batch["samples"]
+    owners, labels, rows = [], [], []
+    for i, s in enumerate(samples):
+        texts, complete = data.candidate_answers(s.question_type, model.cfg)
+        for label, text in texts.items():
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            owners.append(i)
+            labels.append(label)
+            rows.append(ids + [model.im_end_id] if complete else ids)
+    with _evaluating(model):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions, rope_deltas = base.model.get_rope_index(
+            ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
+        embeds = model.embed(ids, batch.get("audio_features"), batch.get("audio_lengths"), samples)
+        prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                            mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **_vision_inputs(batch))
+        first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
+
+        owner = torch.tensor(owners, device=ids.device)
+        cache = prefix.cache
+        cache.batch_select_indices(owner)
+        # Feed every candidate token but the last; the prompt's last position already predicted the first.
+        length = max(len(r) for r in rows) - 1
+        feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=ids.device)
+        feed_mask = torch.zeros_like(feed)
+        for r, row in enumerate(rows):
+            feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=ids.device)
+            feed_mask[r, : len(row) - 1] = 1
+        # Text positions continue after the prompt's last M-RoPE position (rope_deltas shift past the vision grid).
+        start = (mask.sum(dim=1, keepdim=True) + rope_deltas)[owner]
+        text_positions = (start + torch.arange(length, device=ids.device)).unsqueeze(0).expand(3, -1, -1)
+        cont = base.model(input_ids=feed, attention_mask=torch.cat([mask[owner], feed_mask], dim=1),
+                          position_ids=text_positions, cache=cache, use_cache=True)
+        logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
+
+    totals = []
+    for r, row in enumerate(rows):
+        total = first[owners[r], row[0]]
+        if len(row) > 1:
+            total = total + logp[r, torch.arange(len(row) - 1), torch.tensor(row[1:])].sum()
+        totals.append(float(total))
+    results = []
+    for i, s in enumerate(samples):
+        mine = [r for r, o in enumerate(owners) if o == i]
+        ll = {labels[r]: totals[r] for r in mine}
+        probs = torch.softmax(torch.tensor(list(ll.values()), dtype=torch.float64), dim=0).tolist()
+        results.append(CandidateScores(uid=s.uid, label=max(ll, key=ll.get), probabilities=dict(zip(ll, probs)),
+                                       log_likelihoods=ll))
+    return results
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def save_checkpoint(model: AudioGraftedQwen2VL, directory: str | Path, cfg: Config | None = None) -> Path:
+    """One folder: config.json, tokenizer, feature extractor, projector, and the VLM weights that matter.
+
+    With LoRA: ``adapter/`` only, plus ``vlm/`` base weights when they cannot be loaded from cfg.vlm (the
+    tiny random-init model). Without LoRA: ``vlm/`` in full (it was trained). ``vlm/`` is a standalone
+    Qwen2-VL folder with its tokenizer, so ``vlm=<dir>/vlm`` loads it (4-bit included). ``whisper/`` is
+    written only when the encoder was handed in rather than loaded from cfg.whisper.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = cfg or model.cfg
+    cfg.save(directory)
+    model.tokenizer.save_pretrained(directory)
+    model.feature_extractor.save_pretrained(directory)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
+              str(directory / PROJECTOR_FILE))
+    if cfg.lora:
+        model.vlm.save_pretrained(directory / "adapter")
+    if not cfg.lora or cfg.vlm == "tiny":
+        base = model.base_vlm
+        # Under LoRA the base layers sit at '<name>.base_layer'; write them under their stock names.
+        state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        base.save_pretrained(directory / "vlm", state_dict=state)
+        model.tokenizer.save_pretrained(directory / "vlm")
+    if not model.whisper_from_cfg:
+        model.whisper.save_pretrained(directory / "whisper")
+    return directory
+
+
+def load_checkpoint(directory: str | Path, trainable: bool = False, **overrides: Any) -> AudioGraftedQwen2VL:
+    """The model saved by save_checkpoint (same logits); ``overrides`` change the config (e.g. load_in_4bit)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint (no config.json)")
+    cfg = Config.load(directory).replace(**overrides)
+    tokenizer = _load_tokenizer(directory, cfg)
+    if (directory / "whisper").is_dir():
+        encoder = WhisperEncoder.from_pretrained(str(directory / "whisper"), local_files_only=True)
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(str(directory), local_files_only=True)
+    else:
+        encoder, feature_extractor = _load_whisper_from_cfg(cfg)
+    encoder = encoder.to(_torch_dtype(cfg))
+    vlm = _load_vlm(str(directory / "vlm") if (directory / "vlm").is_dir() else cfg.vlm, cfg)
+    if cfg.lora:
+        if cfg.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=False)
+        vlm.requires_grad_(False)
+        vlm = PeftModel.from_pretrained(vlm, str(directory / "adapter"), is_trainable=trainable)
+    else:
+        vlm.requires_grad_(trainable)
+    model = AudioGraftedQwen2VL(vlm, encoder, tokenizer, feature_extractor, cfg,
+                                whisper_from_cfg=not (directory / "whisper").is_dir())
+    model.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
+    model.projector.requires_grad_(trainable)
+    return model
+
+
+def merge_for_export(model: AudioGraftedQwen2VL) -> AudioGraftedQwen2VL:
+    """Fold the LoRA adapter into the base weights (in place); save_checkpoint then writes the full VLM."""
+    if not model.cfg.lora:
+        raise ValueError("the model has no LoRA adapter to merge")
+    if model.cfg.load_in_4bit:
+        raise ValueError("merging into 4-bit weights loses precision: reload with load_in_4bit=False, then merge")
+    model.vlm = model.vlm.merge_and_unload()
+    model.cfg = model.cfg.replace(lora=False)
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,191 @@
+"""Collation: vision patches, placeholder counts, answer-only labels, padding sides, question modes."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+
+from surgvqa.collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, CollateError, Collator, audio_token_count,
+                             frames_to_patches)
+from surgvqa.data import load_template
+from surgvqa.model import build_tiny_tokenizer
+
+FRAME_SIZE = 56  # a 4x4 patch grid: 4 vision tokens per image, 16 per 8-frame video
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def feature_extractor():
+    return WhisperFeatureExtractor(feature_size=80)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rows = load_template("out")
+    # different question types, so prompts and answers differ in length
+    by_type = {}
+    for s in rows:
+        by_type.setdefault(s.question_type, s)
+    return [by_type["mucosa_visibility"], by_type["lesion_motion_direction"], by_type["tool_identification"]]
+
+
+def make_items(samples, size=FRAME_SIZE, seconds=(1.0, 1.7, 2.3), seed=0):
+    rng = np.random.default_rng(seed)
+    return [(s, rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8),
+             (0.1 * rng.standard_normal(int(sec * 16000))).astype(np.float32))
+            for s, sec in zip(samples, seconds)]
+
+
+def make_collator(tokenizer, feature_extractor, **kw):
+    return Collator(tokenizer, feature_extractor, **{"frame_size": FRAME_SIZE, **kw})
+
+
+def test_image_patches_match_the_stock_qwen2vl_image_processor():
+    frames = np.random.default_rng(1).integers(0, 256, (8, 56, 84, 3), dtype=np.uint8)
+    patches, grid = frames_to_patches(frames, "images", frame_size=84)
+    stock = Qwen2VLImageProcessorPil()(images=list(frames), do_resize=False, return_tensors="pt")
+    assert torch.equal(grid, stock["image_grid_thw"])
+    torch.testing.assert_close(patches, stock["pixel_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_video_patches_pair_frames_over_the_temporal_patch():
+    # A video whose frames come in equal pairs is, patch for patch, the images of one frame per pair.
+    single = np.random.default_rng(2).integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)
+    video, video_grid = frames_to_patches(np.repeat(single, 2, axis=0), "video", frame_size=56)
+    images, _ = frames_to_patches(np.concatenate([single, single]), "images", frame_size=56)
+    assert video_grid.tolist() == [[4, 4, 4]]
+    torch.testing.assert_close(video, images[: len(video)])
+
+
+def test_frames_are_resized_to_the_patch_grid():
+    frames = np.zeros((8, 100, 100, 3), dtype=np.uint8)
+    _, grid = frames_to_patches(frames, "video", frame_size=64)  # 64 px rounds to 56: 4x4 patches
+    assert grid.tolist() == [[4, 4, 4]]
+
+
+def test_eight_images_have_twice_the_vision_tokens_of_one_video(tokenizer, feature_extractor, samples):
+    items = make_items(samples)
+    as_video = make_collator(tokenizer, feature_extractor, frames_as="video")(items)
+    as_images = make_collator(tokenizer, feature_extractor, frames_as="images")(items)
+    video_id, image_id = tokenizer.convert_tokens_to_ids(["<|video_pad|>", "<|image_pad|>"])
+    n_video = (as_video["input_ids"] == video_id).sum(dim=1)
+    n_image = (as_images["input_ids"] == image_id).sum(dim=1)
+    assert n_video.tolist() == [16] * 3 and n_image.tolist() == [32] * 3
+    assert (as_video["mm_token_type_ids"] == 2).sum(dim=1).tolist() == n_video.tolist()
+    assert (as_images["mm_token_type_ids"] == 1).sum(dim=1).tolist() == n_image.tolist()
+    assert as_video["video_grid_thw"].tolist() == [[4, 4, 4]] * 3 and "pixel_values" not in as_video
+    assert as_images["image_grid_thw"].tolist() == [[1, 4, 4]] * 24 and "pixel_values_videos" not in as_images
+    assert as_video["pixel_values_videos"].shape == (3 * 64, 3 * 2 * 14 * 14)
+
+
+@pytest.mark.parametrize("pool", [1, 2, 4])
+def test_audio_placeholders_match_the_real_length_of_the_question(tokenizer, feature_extractor, samples, pool):
+    batch = make_collator(tokenizer, feature_extractor, audio_pool=pool)(make_items(samples))
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    lengths = batch["audio_lengths"].tolist()
+    # 1.0 s is 100 mel frames, padded up to a whole number of projected tokens; never 3000 (30 s)
+    assert lengths[0] == -(-100 // (2 * pool)) * 2 * pool and max(lengths) < 300
+    expected = [audio_token_count(n, pool) for n in lengths]
+    assert (batch["input_ids"] == audio_id).sum(dim=1).tolist() == expected
+    assert batch["audio_features"].shape == (3, 80, max(lengths))
+
+
+def test_only_the_answer_and_end_of_turn_carry_loss(tokenizer, feature_extractor, samples):
+    batch = make_collator(tokenizer, feature_extractor)(make_items(samples))
+    for i, s in enumerate(samples):
+        kept = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
+        assert tokenizer.decode(kept) == s.answer + IM_END
+        # the supervised tokens are the last real tokens of the row (right padding after them)
+        n_real = int(batch["attention_mask"][i].sum())
+        assert torch.equal(batch["input_ids"][i, n_real - len(kept): n_real], kept)
+        assert (batch["labels"][i, n_real:] == IGNORE_INDEX).all()
+    assert bool(batch["attention_mask"][:, 0].all()), "training batches are right-padded"
+    assert not bool(batch["attention_mask"][:, -1].all())
+
+
+def test_generation_batch_is_left_padded_and_ends_with_the_assistant_header(tokenizer, feature_extractor,
+                                                                            samples):
+    batch = make_collator(tokenizer, feature_extractor)(make_items(samples), for_generation=True)
+    assert "labels" not in batch
+    assert bool(batch["attention_mask"][:, -1].all()) and not bool(batch["attention_mask"][:, 0].all())
+    for i, s in enumerate(samples):
+        text = tokenizer.decode(batch["input_ids"][i][batch["attention_mask"][i].bool()])
+        assert text.endswith("<|im_start|>assistant\n") and s.answer not in text
+
+
+def _contains(row: list[int], part: list[int]) -> bool:
+    return any(row[i:i + len(part)] == part for i in range(len(row) - len(part) + 1))
+
+
+@pytest.mark.parametrize("mode", ["audio", "text", "both"])
+def test_question_modes(tokenizer, feature_extractor, samples, mode):
+    items = make_items(samples)
+    if mode == "text":
+        items = [(s, f, None) for s, f, _ in items]  # the text mode needs no audio
+    batch = make_collator(tokenizer, feature_extractor, question_mode=mode)(items)
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    for i, s in enumerate(samples):
+        row = batch["input_ids"][i].tolist()
+        question_ids = tokenizer(s.question, add_special_tokens=False)["input_ids"]
+        text = tokenizer.decode(row)
+        written = s.question in text and _contains(row, question_ids)
+        assert written == (mode != "audio")
+        assert (audio_id in row) == (mode != "text")
+    if mode == "audio":
+        # Beyond the question's own tokens: with the audio placeholders collapsed, every sample's prompt is
+        # the same text, so nothing in it can tell the questions apart.
+        prompts = set()
+        for i in range(len(samples)):
+            prompt = batch["input_ids"][i][(batch["labels"][i] == IGNORE_INDEX) & batch["attention_mask"][i].bool()]
+            text = tokenizer.decode(prompt)
+            prompts.add(text.replace(AUDIO_TOKEN * text.count(AUDIO_TOKEN), AUDIO_TOKEN))
+        assert len(prompts) == 1
+    assert ("audio_features" in batch) == (mode != "text")
+
+
+def test_missing_audio_names_the_sample(tokenizer, feature_extractor, samples):
+    items = make_items(samples)
+    items[1] = (items[1][0], items[1][1], None)
+    with pytest.raises(CollateError, match=samples[1].uid):
+        make_collator(tokenizer, feature_extractor)(items)
+
+
+@pytest.mark.parametrize("bad", ["float_frames", "seven_frames", "stereo", "too_long", "float64"])
+def test_bad_input_names_the_sample(tokenizer, feature_extractor, samples, bad):
+    s, frames, wave = make_items(samples[:1])[0]
+    if bad == "float_frames":
+        frames = frames.astype(np.float32)
+    elif bad == "seven_frames":
+        frames = frames[:7]
+    elif bad == "stereo":
+        wave = np.stack([wave, wave])
+    elif bad == "too_long":
+        wave = np.zeros(16000 * 16, dtype=np.float32)
+    else:
+        wave = wave.astype(np.float64)
+    with pytest.raises(CollateError, match=s.uid):
+        make_collator(tokenizer, feature_extractor)([(s, frames, wave)])
+
+
+def test_collator_rejects_a_tokenizer_without_the_audio_token(feature_extractor):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0}, unk_token="a")),
+                                    pad_token="a")
+    with pytest.raises(ValueError, match="special token"):
+        Collator(plain, feature_extractor)
+
+
+def test_answer_text_is_taken_from_the_sample(tokenizer, feature_extractor, samples):
+    s = dataclasses.replace(samples[0], answer="Yes, the snare is visible.")
+    batch = make_collator(tokenizer, feature_extractor)(make_items([s]))
+    kept = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert tokenizer.decode(kept) == "Yes, the snare is visible." + IM_END

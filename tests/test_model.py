@@ -1,0 +1,251 @@
+"""The graft on a tiny random Qwen2-VL and a tiny random Whisper encoder (real architectures, CPU)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from surgvqa import model as M
+from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX
+from surgvqa.config import get_config
+from surgvqa.data import answer_sentences, candidate_labels, load_template
+
+from test_collate import make_items
+
+FRAME_SIZE = 56
+
+
+def tiny_whisper(max_source_positions: int = 1500) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
+    config = WhisperConfig(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
+                           num_mel_bins=80, max_source_positions=max_source_positions, decoder_layers=1,
+                           decoder_attention_heads=4, decoder_ffn_dim=64)
+    torch.manual_seed(0)
+    return WhisperEncoder(config).eval(), WhisperFeatureExtractor(feature_size=80)
+
+
+def tiny_config(**overrides):
+    values = dict(vlm_from_scratch=True, frame_size=FRAME_SIZE, lora=True, lora_r=8, lora_alpha=16,
+                  lora_dropout=0.0)
+    return get_config("tiny", **{**values, **overrides})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # The tiny matrices gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
+    # spin against other processes: measured 40 ms a linear layer with 2 threads vs 0.8 ms with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return tiny_whisper()
+
+
+@pytest.fixture(scope="module")
+def model(whisper):
+    return M.build_model(tiny_config(), whisper=whisper)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    by_type = {}
+    for s in load_template("out"):
+        by_type.setdefault(s.question_type, s)
+    # 2, 5 and 3 candidate labels; prompts and answers of different lengths
+    return [by_type["mucosa_visibility"], by_type["lesion_motion_direction"], by_type["tool_identification"]]
+
+
+@pytest.fixture(scope="module")
+def items(samples):
+    return make_items(samples, size=FRAME_SIZE)
+
+
+def test_forward_shapes_and_loss(model, items):
+    batch = M.collator(model)(items)
+    out = model(**batch)
+    n_label_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert out.logits.shape == (n_label_tokens, len(model.tokenizer))
+    assert torch.isfinite(out.loss) and out.loss.ndim == 0
+    # a random model is near the uniform loss over its small vocabulary
+    assert abs(out.loss.item() - torch.log(torch.tensor(float(len(model.tokenizer))))) < 1.0
+
+
+def test_a_sample_scores_the_same_alone_and_in_a_padded_batch(model, items):
+    col = M.collator(model)
+    with torch.no_grad():
+        together = model(**col(items)).logits
+        alone = [model(**col([item])).logits for item in items]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+
+def test_whisper_runs_on_the_real_length_like_a_whisper_built_for_it(model, whisper, items):
+    batch = M.collator(model)(items[:1])
+    n_mel = int(batch["audio_lengths"][0])
+    encoder, _ = whisper
+    short, _ = tiny_whisper(max_source_positions=n_mel // 2)
+    state = dict(encoder.state_dict())
+    state["embed_positions.weight"] = state["embed_positions.weight"][: n_mel // 2]
+    short.load_state_dict(state)
+    with torch.no_grad():
+        expected = short(batch["audio_features"][:, :, :n_mel]).last_hidden_state
+    torch.testing.assert_close(model._whisper_frames(batch["audio_features"][:, :, :n_mel]), expected)
+    # the shared encoder is left as it was
+    assert model.whisper.config.max_source_positions == 1500
+    assert model.whisper.embed_positions.num_embeddings == 1500
+
+
+def test_placeholder_count_mismatch_names_the_sample(model, samples, items):
+    batch = M.collator(model)(items)
+    audio_id = model.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    first_audio = int((batch["input_ids"][1] == audio_id).nonzero()[0])
+    batch["input_ids"][1, first_audio] = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    with pytest.raises(M.AudioTokenMismatch, match=f"sample {samples[1].uid}: .* placeholder tokens"):
+        model(**batch)
+    batch = M.collator(model)(items)
+    del batch["audio_features"], batch["audio_lengths"]
+    with pytest.raises(M.AudioTokenMismatch, match="no audio features"):
+        model(**batch)
+
+
+def test_text_mode_runs_without_audio(whisper, items):
+    text_model = M.build_model(tiny_config(question_mode="text"), whisper=whisper)
+    batch = M.collator(text_model)([(s, f, None) for s, f, _ in items])
+    assert "audio_features" not in batch
+    assert torch.isfinite(text_model(**batch).loss)
+
+
+def test_gradients_reach_projector_and_lora_not_whisper_or_vision(whisper, items):
+    model = M.build_model(tiny_config(), whisper=whisper)
+    model.train()
+    model(**M.collator(model)(items)).loss.backward()
+    named = dict(model.named_parameters())
+    lora = {n: p for n, p in named.items() if "lora_" in n}
+    assert lora and all("language_model" in n for n in lora)
+    # LoRA B starts at zero, so A gets no gradient on the first step; B does, on every layer
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.whisper.parameters())
+    assert all(p.grad is None for n, p in named.items() if ".visual." in n)
+    assert all(p.grad is None for n, p in named.items() if "lora_" not in n and not n.startswith("projector"))
+    groups = M.parameter_groups(model)
+    assert [g["lr"] for g in groups] == [model.cfg.projector_lr, model.cfg.lr]
+    assert sum(p.numel() for g in groups for p in g["params"]) == M.count_parameters(model, trainable_only=True)
+
+
+def _label_logits(model, items):
+    with torch.no_grad():
+        return model(**M.collator(model)(items)).logits
+
+
+def _perturb_trainables(model):
+    # LoRA B is zero at init: perturb every trainable weight so a reload that drops one would show
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_save_and_reload_give_identical_logits(whisper, items, tmp_path, lora):
+    model = M.build_model(tiny_config(lora=lora), whisper=whisper)
+    _perturb_trainables(model)
+    model.eval()
+    before = _label_logits(model, items)
+    M.save_checkpoint(model, tmp_path)
+    assert {"config.json", "projector.safetensors", "tokenizer.json", "preprocessor_config.json"} <= \
+        {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "adapter").is_dir() == lora and (tmp_path / "whisper").is_dir()
+    reloaded = M.load_checkpoint(tmp_path).eval()
+    assert reloaded.cfg == model.cfg
+    assert torch.equal(_label_logits(reloaded, items), before)
+
+
+def test_merge_for_export_keeps_the_logits(whisper, items, tmp_path):
+    model = M.build_model(tiny_config(), whisper=whisper)
+    _perturb_trainables(model)
+    model.eval()
+    before = _label_logits(model, items)
+    merged = M.merge_for_export(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_label_logits(merged, items), before, atol=1e-4, rtol=1e-4)
+    M.save_checkpoint(merged, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+    torch.testing.assert_close(_label_logits(M.load_checkpoint(tmp_path).eval(), items), before,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_4bit_load_of_a_saved_tiny_model(whisper, items, tmp_path):
+    import bitsandbytes as bnb
+
+    saved = M.build_model(tiny_config(lora=False), whisper=whisper)
+    M.save_checkpoint(saved, tmp_path)
+    cfg = tiny_config(vlm=str(tmp_path / "vlm"), load_in_4bit=True, lora_dropout=0.05)
+    quantized = M.build_model(cfg, whisper=whisper)
+    layers = dict(quantized.base_vlm.named_modules())
+    assert isinstance(layers["model.language_model.layers.0.mlp.down_proj"].base_layer, bnb.nn.Linear4bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in layers.items()
+                   if n.startswith(("model.visual", "lm_head")))
+    out = quantized(**M.collator(quantized)(items[:2]))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in quantized.named_parameters() if "lora_B" in n)
+
+
+def test_score_candidates_matches_teacher_forced_likelihoods(model, samples, items):
+    col = M.collator(model)
+    scores = M.score_candidates(model, col(items, for_generation=True))
+    sentences = answer_sentences()
+    for s, item, result in zip(samples, items, scores):
+        labels = candidate_labels(s.question_type)
+        assert result.uid == s.uid and list(result.probabilities) == labels
+        assert abs(sum(result.probabilities.values()) - 1) < 1e-6
+        assert result.label == max(result.probabilities, key=result.probabilities.get)
+        for label in labels:
+            answered = dataclasses.replace(s, answer=sentences[(s.question_type, label)])
+            batch = col([(answered, item[1], item[2])])
+            with torch.no_grad():
+                logits = model(**batch).logits
+            targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX]
+            expected = torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
+            assert abs(result.log_likelihoods[label] - expected.item()) < 1e-3, (s.uid, label)
+
+
+def test_generate_is_greedy_decoding_of_the_forward(model, items):
+    col = M.collator(model)
+    answers = M.generate(model, col(items, for_generation=True), max_new_tokens=4)
+    assert len(answers) == len(items)
+    for item, answer in zip(items, answers):
+        batch = col([item], for_generation=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        greedy = []
+        with torch.no_grad():
+            for _ in range(4):
+                step = {**batch, "input_ids": ids, "attention_mask": mask,
+                        "mm_token_type_ids": torch.nn.functional.pad(batch["mm_token_type_ids"],
+                                                                     (0, ids.shape[1] - batch["input_ids"].shape[1]))}
+                token = model(**step).logits.argmax(-1)
+                greedy.append(int(token))
+                if int(token) == model.im_end_id:
+                    break
+                ids = torch.cat([ids, token[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        assert answer == model.tokenizer.decode(greedy, skip_special_tokens=True).strip()
+
+
+def test_generation_helpers_refuse_a_training_batch(model, items):
+    batch = M.collator(model)(items)
+    with pytest.raises(ValueError, match="generation batch"):
+        M.generate(model, batch)
+    with pytest.raises(ValueError, match="generation batch"):
+        M.score_candidates(model, batch)
+
+
+def test_tiny_preset_refuses_to_invent_pretrained_weights(whisper):
+    with pytest.raises(ValueError, match="vlm_from_scratch"):
+        M.build_model(get_config("tiny", vlm_from_scratch=False), whisper=whisper)
