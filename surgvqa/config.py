@@ -48,7 +48,7 @@ class Config:
 
     # --- model ------------------------------------------------------------------------------------
     vlm: str = "tiny"  # "tiny" (built locally) or a local folder / hub id of a Qwen2-VL checkpoint
-    vlm_from_scratch: bool = False  # tiny only: random init instead of the phantom-pretrained weights
+    vlm_from_scratch: bool = True  # tiny only: random init (no phantom-pretrained tiny weights ship yet)
     question_mode: str = "audio"  # "audio" (heard only), "text", "both"
     audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2 or 4
     lora: bool = False
@@ -75,6 +75,7 @@ class Config:
     num_workers: int = 0
     limit_train: int = 0  # 0: all training rows (a smoke run uses a few)
     limit_test: int = 0
+    wandb: bool = False  # also log to Weights & Biases (must be installed)
 
     def __post_init__(self) -> None:
         self.trainval_videos = tuple(self.trainval_videos)

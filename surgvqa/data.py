@@ -211,6 +211,39 @@ def answer_sentences(cfg: Config | None = None) -> dict[tuple[str, str], str]:
     return {k: next(iter(v)) for k, v in sentences.items()}
 
 
+@lru_cache(maxsize=4)
+def _candidate_answers(directory: str) -> dict[str, tuple[dict[str, str], bool]]:
+    cfg = Config(data_dir=directory)
+    sentences, sets = answer_sentences(cfg), label_sets(cfg)
+    out = {}
+    for qtype in QUESTION_TYPES:
+        labels = sorted(sets[qtype])
+        if all((qtype, label) in sentences for label in labels):
+            out[qtype] = ({label: sentences[(qtype, label)] for label in labels}, True)
+            continue
+        # Only a yes/no type can lack a sentence for one of its labels (blue_dye_presence is never
+        # "yes" in the data). Its candidates are then the leading words every yes/no answer starts with.
+        for (t, label), sentence in sentences.items():
+            if sets[t] == YES_NO and not sentence.startswith(label.capitalize() + ","):
+                raise AnnotationError(f"yes/no answer {sentence!r} ({t}) does not start with {label.capitalize()},")
+        if sets[qtype] != YES_NO:
+            raise AnnotationError(f"no answer sentence for some label of {qtype} {labels}")
+        out[qtype] = ({label: label.capitalize() for label in labels}, False)
+    return out
+
+
+def candidate_answers(question_type: str, cfg: Config | None = None) -> tuple[dict[str, str], bool]:
+    """The texts that candidate scoring compares for a type: ``({label: text}, complete)``.
+
+    Normally each label's answer sentence (``complete``: the end-of-turn follows it). For a yes/no type
+    whose data lacks one side's sentence, the leading "Yes" / "No" of the answer (not complete).
+    """
+    table = _candidate_answers(str(data_dir(cfg)))
+    if question_type not in table:
+        raise KeyError(f"unknown question type {question_type!r}; known: {sorted(table)}")
+    return table[question_type]
+
+
 def _sample_key(s: Sample) -> tuple:
     return (s.video_id, s.frames, s.question_type)
 
