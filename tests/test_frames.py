@@ -1,0 +1,323 @@
+"""Frames: real loader errors, clip states from annotations, the phantom's cues, cache, random clips, probe."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from surgvqa import data, frames as F
+from surgvqa.config import get_config
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_config(frame_size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def annotations():
+    return data.load_template("out")
+
+
+@pytest.fixture(scope="module")
+def states(annotations, cfg):
+    return F.clip_states_from_annotations(annotations, cfg)
+
+
+def base_state(**changes) -> F.ClipState:
+    """An inside view with a lesion and nothing else going on; tests flip one attribute at a time."""
+    state = F.ClipState(clip="test:clip", outside=False, nbi=False, blue_dye=False, tool="none",
+                        endoscope_body=False, mucosa_clean=True, fluid=False, closeup=False, flushing=False,
+                        moving=False, direction="advancing", drift="stable", site="descending", lesion=True,
+                        histology="adenoma", size_mm=3, quadrant="upper-left")
+    return dataclasses.replace(state, **changes)
+
+
+def render(**changes) -> np.ndarray:
+    return F.render_phantom_clip(base_state(**changes), size=SIZE).astype(np.float32)
+
+
+def chroma(frames: np.ndarray) -> np.ndarray:
+    """Mean r, g, b chromaticity (each channel's share of the brightness)."""
+    p = frames.reshape(-1, 3)
+    return (p / (p.sum(1, keepdims=True) + 1)).mean(0)
+
+
+QUADRANT_SLICES = {"upper-left": (slice(0, SIZE // 2), slice(0, SIZE // 2)),
+                   "upper-right": (slice(0, SIZE // 2), slice(SIZE // 2, None)),
+                   "lower-left": (slice(SIZE // 2, None), slice(0, SIZE // 2)),
+                   "lower-right": (slice(SIZE // 2, None), slice(SIZE // 2, None))}
+
+
+def quadrant_change(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    diff = np.abs(a - b).mean(axis=(0, 3))
+    return {q: float(diff[s].mean()) for q, s in QUADRANT_SLICES.items()}
+
+
+# --- real frames ---------------------------------------------------------------------------------
+
+def _sample(video="002-004", start=100) -> data.Sample:
+    numbers = tuple(start + 4 * k for k in range(8))
+    return data.Sample(id="qa_1", video_id=video, frames=tuple(f"{video}_{n}" for n in numbers),
+                       frame_numbers=numbers, question="q", question_type="nbi_status", answer="a",
+                       short_answer="yes", source="test:1")
+
+
+def _write_jpeg(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((54, 62, 3), value, np.uint8)).save(path)
+
+
+def test_real_clip_reads_both_names_and_resizes(tmp_path):
+    sample = _sample()
+    for k, name in enumerate(sample.frames):
+        n = name.rsplit("_", 1)[1]
+        _write_jpeg(tmp_path / "002-004" / (f"{name}.jpg" if k % 2 else f"{n}.jpg"), 20 * k)
+    clip = F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=32))
+    assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8
+    assert [int(round(clip[k].mean())) for k in range(8)] == pytest.approx([20 * k for k in range(8)], abs=2)
+
+
+def test_missing_and_corrupt_real_frames_raise_one_error_naming_every_file(tmp_path):
+    sample = _sample()
+    for name in sample.frames[:5]:
+        _write_jpeg(tmp_path / "002-004" / f"{name}.jpg", 128)
+    (tmp_path / "002-004" / f"{sample.frames[5]}.jpg").write_bytes(b"not a jpeg")
+    cfg = get_config(frames_dir=str(tmp_path), frames_source="real")
+    with pytest.raises(F.FrameError) as err:
+        F.load_clip(sample, cfg)
+    message = str(err.value)
+    assert sample.uid in message and "3 of 8 frames" in message
+    assert f"unreadable: {tmp_path / '002-004' / sample.frames[5]}.jpg" in message
+    for name in sample.frames[6:]:
+        assert f"{tmp_path / '002-004' / name}.jpg or {tmp_path / '002-004' / name.split('_')[1]}.jpg" in message
+    for name in sample.frames[:5]:
+        assert f"{name}.jpg" not in message
+
+
+# --- clip states ---------------------------------------------------------------------------------
+
+def test_states_answer_every_annotation_row(annotations, states):
+    assert len(states) == len({s.clip_key for s in annotations})
+    wrong = [s.uid for s in annotations if states[s.clip_key].labels()[s.question_type] != s.short_answer]
+    assert wrong == []
+
+
+def test_states_obey_the_consistency_rules(states):
+    for state in states.values():
+        if state.outside:
+            assert not (state.lesion or state.fluid or state.closeup or state.flushing or state.endoscope_body)
+            assert state.tool == "none" and not state.blue_dye
+        if state.lesion or state.tool != "none" or state.endoscope_body:
+            assert not (state.fluid or state.closeup or state.outside)
+        assert not (state.fluid and state.closeup)
+        if state.drift != "stable":
+            assert state.moving
+
+
+def test_lesion_facts_of_the_video_are_used(annotations, states):
+    # 002-004 has only 1 mm hyperplastic lesions (sigma, rectum) in lesion_info.csv
+    lesion_clips = [states[s.clip_key] for s in annotations
+                    if s.video_id == "002-004" and s.question_type.startswith("lesion_")]
+    assert lesion_clips and all(st.lesion and st.size_mm == 1 and st.histology == "hyperplastic"
+                                and st.site in ("sigma", "rectum") for st in lesion_clips)
+
+
+def test_unfixed_attributes_follow_the_priors(states):
+    values = list(states.values())
+    # most clips have one row, so nbi is mostly drawn from its prior (0.4), plus the NBI rows
+    assert 0.3 < np.mean([s.nbi for s in values]) < 0.6
+    assert {s.site for s in values} == set(F.SITES)
+
+
+def test_states_are_deterministic_and_depend_on_the_seed(annotations, cfg):
+    rows = [s for s in annotations if s.video_id == "002-001"][:200]
+    a = F.clip_states_from_annotations(rows, cfg)
+    b = F.clip_states_from_annotations(rows, cfg)
+    c = F.clip_states_from_annotations(rows, cfg.replace(phantom_seed=1))
+    assert a == b and a != c
+
+
+def test_contradicting_rows_raise_naming_them():
+    rows = [("a.jsonl:1 nbi_status=yes", F.row_constraints("nbi_status", "yes")),
+            ("a.jsonl:2 nbi_status=no", F.row_constraints("nbi_status", "no"))]
+    with pytest.raises(F.ClipStateConflict, match="a.jsonl:1.*a.jsonl:2"):
+        F.solve_clip_state("v:clip", rows)
+    with pytest.raises(F.ClipStateConflict, match="outside"):
+        F.solve_clip_state("v:clip", [("r1", F.row_constraints("scope_outside", "yes")),
+                                      ("r2", F.row_constraints("lesion_site", "sigma"))])
+
+
+def test_rows_imply_what_the_answer_sentence_says():
+    state = F.solve_clip_state("v:c", [("r", F.row_constraints("scope_forward_motion", "no"))])
+    assert state.moving and state.direction == "withdrawing"
+    state = F.solve_clip_state("v:c", [("r", F.row_constraints("tool_catheter_check", "no"))])
+    assert state.tool in ("forceps", "snare")
+    state = F.solve_clip_state("v:c", [("r", F.row_constraints("mucosa_visibility", "yes"))])
+    assert state.mucosa_clean and not (state.fluid or state.closeup or state.outside)
+    with pytest.raises(ValueError, match="no phantom rendering"):
+        F.row_constraints("lesion_site", "moon")
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def test_render_is_deterministic_per_clip_and_seed():
+    state = base_state(moving=True, drift="left", tool="snare", flushing=True)
+    a = F.render_phantom_clip(state, SIZE, seed=0)
+    assert a.shape == (8, SIZE, SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, F.render_phantom_clip(state, SIZE, seed=0))
+    assert not np.array_equal(a, F.render_phantom_clip(state, SIZE, seed=1))
+    assert not np.array_equal(a, F.render_phantom_clip(dataclasses.replace(state, clip="other"), SIZE))
+    assert a.std() > 20  # never a flat or black image
+
+
+def test_lighting_dye_fluid_redout_and_room_change_the_palette():
+    base = chroma(render())
+    nbi, dye, fluid = chroma(render(nbi=True)), chroma(render(blue_dye=True)), chroma(render(fluid=True, lesion=False))
+    closeup, outside = chroma(render(closeup=True, lesion=False)), chroma(render(outside=True, lesion=False))
+    assert nbi[0] < base[0] - 0.1 and nbi[1] > base[1] + 0.05  # teal instead of pink
+    assert dye[2] > base[2] + 0.05  # blue on the mucosa
+    assert fluid[1] > base[1] + 0.08  # yellow-green murk
+    assert closeup[0] > base[0] + 0.1  # red-out
+    assert outside[0] < base[0] - 0.1 and abs(outside[0] - outside[2]) < 0.1  # grey room, no pink
+
+
+@pytest.mark.parametrize("tool", ["catheter", "forceps", "snare"])
+def test_tools_appear_at_the_working_channel_in_their_colours(tool):
+    base, with_tool = render(), render(tool=tool)
+    change = quadrant_change(base, with_tool)
+    assert change["lower-right"] > 2 and change["upper-left"] < 0.5
+    changed = np.abs(with_tool - base).max(-1) > 40
+    share = chroma(with_tool[changed])
+    if tool == "catheter":  # blue plastic
+        assert share[2] > 0.4
+    else:  # metal and white plastic: grey, unlike the pink mucosa
+        assert share[0] < 0.4 and abs(share[1] - share[2]) < 0.05
+
+
+def test_tools_differ_from_each_other():
+    shots = {t: render(tool=t)[:, SIZE // 2:, SIZE // 2:] for t in ("catheter", "forceps", "snare")}
+    assert np.abs(shots["catheter"] - shots["forceps"]).mean() > 3
+    assert np.abs(shots["forceps"] - shots["snare"]).mean() > 3
+
+
+def test_endoscope_body_debris_and_jets_change_their_pixels():
+    base = render()
+    body = render(endoscope_body=True)
+    dark_neutral = lambda f: np.mean((f.max(-1) < 60) & (f.max(-1) - f.min(-1) < 15))
+    assert dark_neutral(body) > dark_neutral(base) + 0.03
+    dirty = render(mucosa_clean=False)
+    yellowish = lambda f: np.mean(f[..., 1] / (f[..., 0] + 1) > 0.7)
+    assert yellowish(dirty) > yellowish(base) + 0.015
+    jets = render(flushing=True)
+    assert quadrant_change(base, jets)["lower-left"] > 8
+    # jets change from frame to frame: more change between frames than the still base clip
+    assert np.abs(np.diff(jets, axis=0)).mean() > np.abs(np.diff(base, axis=0)).mean() + 1
+
+
+def test_lesion_quadrant_histology_and_size():
+    without = render(lesion=False)
+    for quadrant in F.QUADRANTS:
+        change = quadrant_change(without, render(quadrant=quadrant))
+        assert max(change, key=change.get) == quadrant
+    adenoma, hyperplastic = render(histology="adenoma"), render(histology="hyperplastic")
+    region = QUADRANT_SLICES["upper-left"]
+    assert hyperplastic[:, region[0], region[1]].mean() > adenoma[:, region[0], region[1]].mean() + 5
+    assert chroma(adenoma[:, region[0], region[1]])[0] > chroma(hyperplastic[:, region[0], region[1]])[0]
+    changed = lambda mm: np.mean(np.abs(render(size_mm=mm) - without).max(-1) > 30)
+    assert changed(4) > 1.3 * changed(1)
+
+
+def test_site_changes_the_fold_spacing():
+    def fine_energy(frames):
+        gray = frames.mean(-1)
+        power = np.abs(np.fft.fft2(gray - gray.mean(axis=(1, 2), keepdims=True))) ** 2
+        f = np.fft.fftfreq(SIZE)
+        radius = np.sqrt(f[None, :] ** 2 + f[:, None] ** 2)
+        return power[:, (radius > 0.06) & (radius < 0.2)].sum() / power.sum()
+    energy = {site: fine_energy(render(site=site, lesion=False)) for site in F.SITES}
+    assert min(energy["sigma"], energy["ascending"], energy["descending"]) > energy["rectum"]
+
+
+@pytest.mark.parametrize("drift,sign", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))])
+def test_drift_moves_the_scene_that_way(drift, sign):
+    gray = render(moving=True, drift=drift, direction="advancing").mean(-1)
+    flow = F._affine_flow(_shrink(gray))
+    u, v = flow[0], flow[1]
+    assert np.sign(u) == sign[0] or sign[0] == 0
+    assert np.sign(v) == sign[1] or sign[1] == 0
+    assert max(abs(u), abs(v)) > 0.4 and min(abs(u), abs(v)) < max(abs(u), abs(v)) / 2
+
+
+def _shrink(gray):
+    gray = gray / gray.mean(axis=(1, 2), keepdims=True)
+    return np.stack([np.asarray(Image.fromarray(g.astype(np.float32)).resize((F.MOTION_SIZE,) * 2,
+                                                                           Image.Resampling.BOX)) for g in gray])
+
+
+def test_advancing_zooms_in_withdrawing_zooms_out_still_does_neither():
+    divergence = {d: F._affine_flow(_shrink(render(moving=True, direction=d).mean(-1)))[2]
+                  for d in ("advancing", "withdrawing")}
+    still = F._affine_flow(_shrink(render(moving=False).mean(-1)))[2]
+    assert divergence["advancing"] > 0.02 and divergence["withdrawing"] < -0.02
+    assert abs(still) < min(abs(v) for v in divergence.values()) / 2
+    # one frame cannot tell: the middle frames of the two directions have the same zoom on average
+    mid = F.FRAMES_PER_CLIP // 2
+    a, w = render(moving=True, direction="advancing")[mid], render(moving=True, direction="withdrawing")[mid]
+    assert np.abs(a - w).mean() < 15
+
+
+def test_render_rejects_tiny_frames():
+    with pytest.raises(ValueError, match="too small"):
+        F.render_phantom_clip(base_state(), size=8)
+
+
+# --- dataset entry point, cache, random clips ----------------------------------------------------
+
+def test_load_clip_renders_the_state_of_the_clip_and_caches_it(annotations, tmp_path):
+    sample = next(s for s in annotations if s.question_type == "tool_identification")
+    cfg = get_config(frame_size=SIZE)
+    clip = F.load_clip(sample, cfg)
+    assert np.array_equal(clip, F.render_phantom_clip(F.clip_state_of(sample, cfg), SIZE, cfg.phantom_seed))
+    cached_cfg = cfg.replace(phantom_cache_dir=str(tmp_path))
+    assert np.array_equal(F.load_clip(sample, cached_cfg), clip)
+    files = list(tmp_path.rglob("*.npy"))
+    assert len(files) == 1 and np.array_equal(np.load(files[0]), clip)
+    np.save(files[0], np.zeros((8, SIZE, SIZE, 3), np.uint8))  # a cache file is trusted by its key
+    assert F.load_clip(sample, cached_cfg).max() == 0
+
+
+def test_random_clips_carry_their_answers_in_the_template_wording():
+    pairs = F.random_clip_samples(30, template="in", seed=3)
+    again = F.random_clip_samples(30, template="in", seed=3)
+    assert [p[0] for p in pairs] == [p[0] for p in again]
+    wordings, sentences = data.question_wordings("in"), data.answer_sentences()
+    seen = set()
+    for state, samples in pairs:
+        labels = state.labels()
+        assert samples and len({s.question_type for s in samples}) == len(samples)
+        for s in samples:
+            assert s.short_answer == labels[s.question_type]
+            assert s.question == wordings[s.question_type]
+            assert s.answer == sentences[(s.question_type, s.short_answer)]
+            assert F.clip_state_of(s) == state  # the dataset finds the clip again from the sample
+            seen.add(s.question_type)
+    assert len(seen) >= 15
+
+
+# --- probe ---------------------------------------------------------------------------------------
+
+def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
+    pairs = F.random_clip_samples(140, seed=7)
+    train = [s for _, samples in pairs[:100] for s in samples]
+    test = [s for _, samples in pairs[100:] for s in samples]
+    table = F.probe_table(train, test, size=32)
+    for qtype in ("nbi_status", "scope_outside", "scope_motion"):
+        assert table.loc[qtype, "clip"] >= 0.85, table.loc[qtype]
+    assert table.loc["scope_motion_type", "frame"] <= 0.75
+    assert table.loc["scope_motion_type", "clip"] >= table.loc["scope_motion_type", "frame"]
+    assert set(table.columns) >= {"n_train", "n_test", "chance", "blind_prior", "clip", "frame", "global"}
