@@ -298,8 +298,13 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     if cfg.load_in_4bit:
         vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=False)
     vlm.requires_grad_(False)
+    # A random-init VLM's frozen output layer caps the logits (unit-RMS hidden states times 0.02-scale
+    # weights): LoRA alone stalled at 4.14 nats a token overfitting 10 samples. There the output layer is
+    # trained too (it is saved with the adapter); a pretrained lm_head stays frozen.
+    train_output_layer = cfg.vlm == "tiny"
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LM_LINEAR_LAYERS, bias="none")
+                      target_modules=LM_LINEAR_LAYERS, bias="none",
+                      modules_to_save=["lm_head"] if train_output_layer else None)
     return get_peft_model(vlm, lora)
 
 
@@ -498,8 +503,10 @@ def save_checkpoint(model: AudioGraftedQwen2VL, directory: str | Path, cfg: Conf
         model.vlm.save_pretrained(directory / "adapter")
     if not cfg.lora or cfg.vlm == "tiny":
         base = model.base_vlm
-        # Under LoRA the base layers sit at '<name>.base_layer'; write them under their stock names.
-        state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        # Under LoRA the frozen layers sit at '<name>.base_layer' / '<name>.original_module' (beside the
+        # adapter's own weights); write them under their stock names.
+        state = {k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+                 for k, v in base.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k}
         base.save_pretrained(directory / "vlm", state_dict=state)
         model.tokenizer.save_pretrained(directory / "vlm")
     if not model.whisper_from_cfg:
