@@ -563,7 +563,8 @@ class Run:
         else:
             self.eval_batches, self.train_batches = [1, 8, 32, 64], [1, 4, 8]
         self.layouts = {
-            "stock": Layout("stock: 8 images + 1500 audio tokens", "images", 1, stock_window_s),
+            "stock": Layout(f"stock: 8 images + audio padded to {stock_window_s:.0f} s",
+                            "images", 1, stock_window_s),
             "images": Layout("8 images + trimmed, pooled audio", "images", args.audio_pool, None),
             "video": Layout("1 video + trimmed, pooled audio", "video", args.audio_pool, None),
         }

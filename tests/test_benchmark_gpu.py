@@ -1,0 +1,44 @@
+"""The GPU benchmark's CPU smoke mode: every section runs at tiny shapes and its fast paths compute the
+project's function (same greedy tokens as transformers' generate, same scores as score_candidates)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("benchmark_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("benchmark")
+    returned = module.main(["--smoke", "--out", str(out)])
+    written = json.loads((out / "gpu-smoke.json").read_text())
+    assert written["summary"] == json.loads(json.dumps(returned["summary"]))
+    return written
+
+
+def test_every_section_has_positive_numbers(results):
+    assert results["errors"] == []
+    assert results["meta"]["copy_bandwidth_gb_s"] > 0 and results["meta"]["matmul_tflop_s"] > 0
+    for section, key in (("query", "query_ms"), ("eval", "samples_per_s"), ("train", "ms_per_sample")):
+        assert results[section], f"section {section} is empty"
+        assert all(row[key] > 0 for row in results[section]), section
+    assert {r["lever"].split(":")[0] for r in results["query"]} >= {"stock (original layout)", "kernels"}
+    assert any(r["lever"].startswith("stock") for r in results["train"])
+    for key in ("query_speedup", "eval_speedup", "train_speedup"):
+        assert results["summary"][key] > 0
+
+
+def test_fast_paths_match_the_project(results):
+    checks = results["checks"]
+    assert checks["static_decode_token_agreement"] == 1.0
+    assert checks["scoring_max_abs_diff"] < 1e-3 * max(1.0, checks["scoring_reference_scale"])
+
+
+def test_fewer_tokens_in_the_project_layout(results):
+    tokens = {r["lever"]: r["tokens"] for r in results["query"]}
+    assert tokens["+ video pathway"] < tokens["+ trimmed, pooled audio"] < tokens["stock (original layout)"]
