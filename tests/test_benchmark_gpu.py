@@ -36,6 +36,7 @@ def test_every_section_has_positive_numbers(results):
 def test_fast_paths_match_the_project(results):
     checks = results["checks"]
     assert checks["static_decode_token_agreement"] == 1.0
+    assert checks["clip_attention_logprob_rel_diff"] < 1e-4
     assert checks["scoring_max_abs_diff"] < 1e-3 * max(1.0, checks["scoring_reference_scale"])
 
 
