@@ -1,0 +1,375 @@
+"""Training: ``accelerate launch -m surgvqa.train --preset P [-p key=value ...] [--resume]``.
+
+One loop for any number of processes (CPU or GPU): gradient accumulation, warmup + cosine/linear
+schedule, evaluation every ``eval_every`` optimizer steps on eval loss and eval accuracy (candidate
+scoring), early stopping on ``early_stop_metric`` with ``patience``, the best checkpoint kept, and a
+resumable last state. Logs go to ``output_dir/log.csv`` and TensorBoard (``output_dir/tb``); Weights &
+Biases only when ``wandb=True`` and it is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import audio, data, frames
+from .config import Config, get_config, parse_overrides
+from .data import Sample
+from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
+
+STATE_FILE = "trainer_state.json"
+LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
+
+
+class QADataset(Dataset):
+    """``(Sample, frames uint8 (8,H,W,3), waveform float32 or None)`` items, loaded on access.
+
+    Frames come from ``frames.load_clip`` (phantom renders or real JPEGs; synthetic clips carry their
+    own clip state); audio from the split's manifest, validated by ``audio.load_question_audio``. A
+    missing file raises an error naming the sample: nothing is replaced by zeros.
+    """
+
+    def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
+                 clip_states: dict[str, Any] | None = None):
+        self.samples, self.cfg = list(samples), cfg
+        self.audio_paths = audio_paths
+        self.clip_states = clip_states or {}
+        if cfg.question_mode != "text":
+            missing = [s.uid for s in self.samples if s.uid not in (audio_paths or {})]
+            if missing:
+                raise KeyError(f"no question audio for {len(missing)} sample(s), e.g. {missing[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        s = self.samples[index]
+        state = self.clip_states.get(s.uid)
+        clip = (frames.render_phantom_clip(state, self.cfg.frame_size, self.cfg.phantom_seed)
+                if state is not None else frames.load_clip(s, self.cfg))
+        wave = None
+        if self.cfg.question_mode != "text":
+            wave = audio.load_question_audio(s.uid, self.audio_paths[s.uid], self.cfg)
+        return s, clip, wave
+
+
+def question_audio_paths(samples: Sequence[Sample], split: str, cfg: Config) -> dict[str, str]:
+    """Synthesize (or find in the cache) the spoken question of every sample: uid -> wav path."""
+    if cfg.question_mode == "text":
+        return {}
+    manifest = audio.synthesize_split(samples, split, cfg, progress=True)
+    return dict(zip(manifest["uid"], manifest["path"]))
+
+
+def limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """A seeded subset of ``limit`` rows spread over question types (all rows when limit is 0)."""
+    if not limit or limit >= len(samples):
+        return samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    by_type: dict[str, list[int]] = {}
+    for i in order:
+        by_type.setdefault(samples[i].question_type, []).append(int(i))
+    picked, rounds = [], max(len(v) for v in by_type.values())
+    for r in range(rounds):  # round-robin over types so a small subset still covers them
+        picked += [v[r] for v in by_type.values() if r < len(v)]
+    return [samples[i] for i in sorted(picked[:limit])]
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        (directory / STATE_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "TrainerState":
+        return cls(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def improved(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric.endswith("loss") else value > best
+
+
+def trainable_checksum(model) -> torch.Tensor:
+    """(sum, sum of squares, weighted sum) of every trainable weight, in float64: equal iff replicas agree."""
+    params = [p.detach().double().flatten() for p in model.parameters() if p.requires_grad]
+    flat = torch.cat(params)
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device) / flat.numel()
+    return torch.stack([flat.sum(), (flat * flat).sum(), (flat * weights).sum()]).cpu()
+
+
+def evaluate_split(model, loader: DataLoader, gen_loader: DataLoader) -> dict[str, float]:
+    """Eval loss (answer tokens) and candidate-scoring accuracy over a split."""
+    model.eval()
+    losses, weights, correct, n = [], [], 0, 0
+    with torch.no_grad():
+        for batch in loader:
+            out = model(**batch)
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            losses.append(float(out.loss) * tokens)
+            weights.append(tokens)
+        for batch in gen_loader:
+            for s, scored in zip(batch["samples"], score_candidates(model, batch)):
+                correct += scored.label == s.short_answer
+                n += 1
+    model.train()
+    return {"eval_loss": sum(losses) / max(1, sum(weights)), "eval_accuracy": correct / max(1, n)}
+
+
+class Logger:
+    """CSV + TensorBoard (+ W&B when asked) logging, main process only."""
+
+    def __init__(self, directory: Path, cfg: Config, active: bool, resume: bool):
+        self.active, self.path = active, directory / "log.csv"
+        self.writer = self.wandb = None
+        if not active:
+            return
+        if not resume and self.path.exists():
+            self.path.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(directory / "tb"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("wandb=True but the wandb package is not installed (pip install wandb)")
+            self.wandb = wandb.init(project="surgvqa", config=cfg.to_dict(), dir=str(directory))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=print) -> dict[str, Any]:
+    """Train the graft for ``cfg``; returns the final summary (also written to output_dir/summary.json).
+
+    ``stop_after`` ends the run after that many optimizer steps as if interrupted (the last state is
+    saved), which is how resuming is tested.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no")
+    main = accelerator.is_main_process
+    out = cfg.path(cfg.output_dir)
+    last_dir, best_dir = out / "last", out / "best"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out)
+    set_seed(cfg.seed)
+
+    splits = data.load_split(cfg)
+    train_rows = limited(splits["train"], cfg.limit_train, cfg.seed)
+    eval_rows = limited(splits["eval"], cfg.eval_limit, cfg.seed)
+    with accelerator.main_process_first():  # one process writes the audio cache, the others read it
+        train_audio = question_audio_paths(train_rows, "train", cfg)
+        eval_audio = question_audio_paths(eval_rows, "eval", cfg)
+    model = build_model(cfg)
+    collate = collator(model)
+    train_set = QADataset(train_rows, cfg, train_audio)
+    eval_set = QADataset(eval_rows, cfg, eval_audio)
+    if len(train_set) < cfg.batch_size:
+        raise ValueError(f"{len(train_set)} training rows is fewer than one batch of {cfg.batch_size}")
+
+    optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.0)
+    make_schedule = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    scheduler = make_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    state = TrainerState()
+    if resume:
+        if not (last_dir / STATE_FILE).exists():
+            raise FileNotFoundError(f"nothing to resume: no {last_dir / STATE_FILE}")
+        accelerator.load_state(str(last_dir))
+        state = TrainerState.load(last_dir)
+        log(f"[train] resumed at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+    logger = Logger(out, cfg, main, resume)
+
+    def epoch_loader(epoch: int) -> DataLoader:
+        # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                            collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
+                            persistent_workers=False)
+        return accelerator.prepare_data_loader(loader, device_placement=True)
+
+    eval_loader = accelerator.prepare_data_loader(
+        DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers),
+        device_placement=True)
+    eval_gen_loader = accelerator.prepare_data_loader(
+        DataLoader(eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                   collate_fn=lambda items: collate(items, for_generation=True)), device_placement=True)
+
+    def run_eval() -> dict[str, float]:
+        # the unwrapped module: scoring reaches into the graft's parts, which DDP's wrapper hides
+        metrics = evaluate_split(accelerator.unwrap_model(model), eval_loader, eval_gen_loader)
+        # every process sees its shard; average the shard results weighted equally by shard size
+        gathered = accelerator.gather_for_metrics(torch.tensor([[metrics["eval_loss"], metrics["eval_accuracy"]]],
+                                                               device=accelerator.device))
+        return {"eval_loss": float(gathered[:, 0].mean()), "eval_accuracy": float(gathered[:, 1].mean())}
+
+    def save_last() -> None:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(last_dir))
+        if main:
+            state.save(last_dir)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not main, unit="step")
+    model.train()
+    started, samples_seen, window_loss, window_n = time.time(), 0, 0.0, 0
+    while state.step < cfg.max_steps and not state.stopped_early:
+        loader = epoch_loader(state.epoch)
+        skip = state.batches_in_epoch
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batches_in_epoch += 1
+            samples_seen += len(batch["samples"]) * accelerator.num_processes
+            window_loss, window_n = window_loss + loss.item(), window_n + 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            bar.update()
+            if state.step % max(1, min(10, cfg.eval_every)) == 0 or state.step == cfg.max_steps:
+                elapsed = time.time() - started
+                logger.log(state.step, {"train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[-1],
+                                        "samples_per_s": samples_seen / elapsed})
+                bar.set_postfix(loss=f"{window_loss / window_n:.3f}")
+                window_loss, window_n = 0.0, 0
+            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+                metrics = run_eval()
+                logger.log(state.step, metrics)
+                state.history.append({"step": state.step, **metrics})
+                value = metrics[cfg.early_stop_metric]
+                if improved(cfg.early_stop_metric, value, state.best_metric):
+                    state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
+                    accelerator.wait_for_everyone()
+                    if main:
+                        save_checkpoint(accelerator.unwrap_model(model), best_dir, cfg)
+                else:
+                    state.evals_without_improvement += 1
+                    state.stopped_early = state.evals_without_improvement >= cfg.patience
+                log(f"[train] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    + (" (best)" if state.best_step == state.step else ""))
+                save_last()
+            if state.step >= cfg.max_steps or state.stopped_early:
+                break
+            if stop_after is not None and state.step >= stop_after:
+                save_last()
+                bar.close()
+                logger.close()
+                return {"interrupted_at": state.step}
+        else:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    bar.close()
+    logger.close()
+    # DDP keeps replicas identical by construction; check it rather than assume it.
+    checksums = accelerator.gather(trainable_checksum(model).to(accelerator.device).unsqueeze(0)).cpu()
+    summary = {"steps": state.step, "best_step": state.best_step, "best_" + cfg.early_stop_metric: state.best_metric,
+               "stopped_early": state.stopped_early, "history": state.history,
+               "best_checkpoint": str(best_dir), "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+               "processes": accelerator.num_processes,
+               "rank_checksums": checksums.tolist(),
+               "ranks_in_sync": bool(torch.allclose(checksums, checksums[:1].expand_as(checksums), rtol=0, atol=0)),
+               "samples_per_s": samples_seen / max(1e-9, time.time() - started)}
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def launch(preset: str | None, overrides: dict[str, Any], processes: int = 1,
+           accelerate_config: str | None = None, resume: bool = False, echo=print) -> dict[str, Any]:
+    """Run training in a subprocess (``accelerate launch`` when several processes or a config file are
+    asked for), echo its output as it comes, and return its summary. A notebook calls this so that no
+    CUDA state or process group ever lives in the notebook kernel."""
+    import subprocess
+
+    cfg = get_config(preset, **overrides)  # validate here: a typo fails before anything starts
+    args = ["-m", "surgvqa.train"] + (["--preset", preset] if preset else [])
+    for key, value in overrides.items():
+        args += ["-p", f"{key}={json.dumps(value)}"]
+    if resume:
+        args.append("--resume")
+    if processes > 1 or accelerate_config:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+        launcher += ["--config_file", accelerate_config] if accelerate_config else []
+        launcher += ["--num_processes", str(processes)] if processes > 1 else []
+        command = launcher + args
+    else:
+        command = [sys.executable] + args
+    echo("$ " + " ".join(command))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.split("\r")[-1]  # progress bars redraw with carriage returns: keep the last state
+        tail = (tail + [line])[-40:]
+        if not line.startswith(("train:", "synthesize")) or "100%" in line:
+            echo(line.rstrip())
+    if proc.wait() != 0:
+        raise RuntimeError(f"training failed (exit {proc.returncode}):\n" + "".join(tail))
+    return json.loads((cfg.path(cfg.output_dir) / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="accelerate launch -m surgvqa.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. -p lr=3e-4 -p max_steps=200")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/last")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = get_config(args.preset, **parse_overrides(args.param))
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from surgvqa import get_config
+from surgvqa.config import REPO_ROOT
+from surgvqa.model import load_checkpoint
+from surgvqa.train import limited, train
+
+SMOKE = dict(max_steps=6, eval_every=2, batch_size=4, limit_train=12, eval_limit=6, frame_size=56, patience=10)
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("audio"))
+
+
+def smoke_cfg(tmp_path, audio_dir, **overrides):
+    return get_config("smoke", **{**SMOKE, "output_dir": str(tmp_path / "run"), "audio_dir": audio_dir, **overrides})
+
+
+def test_limited_subset_covers_question_types_and_is_seeded():
+    from surgvqa import data
+    rows = data.published_split()["train"]
+    picked = limited(rows, 40, seed=3)
+    assert len(picked) == 40 and len({s.question_type for s in picked}) == 20
+    assert [s.uid for s in picked] == [s.uid for s in limited(rows, 40, seed=3)]
+    assert limited(rows, 0, seed=3) is rows
+
+
+def test_training_logs_evaluates_and_keeps_the_best_checkpoint(tmp_path, audio_dir):
+    cfg = smoke_cfg(tmp_path, audio_dir)
+    summary = train(cfg, log=lambda *_: None)
+    out = tmp_path / "run"
+    assert summary["steps"] == 6 and [h["step"] for h in summary["history"]] == [2, 4, 6]
+    assert summary["ranks_in_sync"] and summary["processes"] == 1
+    log = pd.read_csv(out / "log.csv")
+    assert {"train_loss", "eval_loss", "eval_accuracy", "samples_per_s"} <= set(log.columns)
+    assert log["train_loss"].dropna().iloc[-1] < log["train_loss"].dropna().iloc[0]
+    assert any(p.name.startswith("events.out.tfevents") for p in (out / "tb").iterdir())
+    assert json.loads((out / "config.json").read_text())["max_steps"] == 6
+    best = max(summary["history"], key=lambda h: h["eval_accuracy"])
+    assert summary["best_step"] == best["step"]
+    model = load_checkpoint(out / "best")
+    assert model.cfg.frame_size == 56
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path, audio_dir):
+    # lr 0 freezes the model: eval loss never improves after the first evaluation
+    cfg = smoke_cfg(tmp_path, audio_dir, lr=0.0, projector_lr=0.0, max_steps=20, patience=2,
+                    early_stop_metric="eval_loss")
+    summary = train(cfg, log=lambda *_: None)
+    assert summary["stopped_early"] and summary["steps"] == 6 and summary["best_step"] == 2
+
+
+def test_resume_reaches_the_same_final_metrics_as_an_uninterrupted_run(tmp_path, audio_dir):
+    whole = train(smoke_cfg(tmp_path / "a", audio_dir), log=lambda *_: None)
+    cfg_b = smoke_cfg(tmp_path / "b", audio_dir)
+    assert train(cfg_b, stop_after=3, log=lambda *_: None) == {"interrupted_at": 3}
+    resumed = train(cfg_b, resume=True, log=lambda *_: None)
+    assert resumed["steps"] == whole["steps"]
+    for a, b in zip(whole["history"], resumed["history"]):
+        assert a["step"] == b["step"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+        assert a["eval_accuracy"] == b["eval_accuracy"]
+    assert torch.tensor(whole["rank_checksums"]).allclose(torch.tensor(resumed["rank_checksums"]), rtol=1e-5)
+
+
+def test_resume_without_a_saved_state_says_so(tmp_path, audio_dir):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(smoke_cfg(tmp_path, audio_dir), resume=True)
+
+
+def test_two_process_cpu_ddp_keeps_ranks_in_sync(tmp_path, audio_dir):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO_ROOT / "configs/accelerate/cpu-2proc.yaml"), "-m", "surgvqa.train", "--preset", "smoke"]
+    for k, v in {**SMOKE, "max_steps": 4, "output_dir": str(out), "audio_dir": audio_dir}.items():
+        args += ["-p", f"{k}={v}"]
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4
+    assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"]
