@@ -1,0 +1,801 @@
+"""Stage 0: phantom pretraining of the tiny preset's Qwen2-VL, so that the offline study starts from a model
+that can see. ``python -m surgvqa pretrain --out DIR [--device cuda] [-p key=value ...] [options]``.
+
+A tiny random-init VLM trained on one question per clip stays at the answer prior (DESIGN.md, section 4):
+one vision pass buys one answer, and a thin tool line or a lesion drift gives too little gradient. Here
+every clip carries ALL of its questions as one multi-turn conversation over one set of vision tokens
+(user turn 1 = the video + question 1, then assistant answer, user question 2, ...), in a shuffled order,
+each question in a wording drawn at random from the two templates; the loss covers every answer and its
+end-of-turn token. The first turn is exactly the single-turn prompt that ``collate.Collator`` builds in
+the ``text`` question mode, so the fine-tuned model later sees the format it was pretrained on.
+
+Data: phantom clips of RANDOM clip states only (``frames.random_clip_samples``, seed ``data_seed``), never
+an annotation row. Curriculum: lesion clips are over-represented (``lesion_share`` of each batch instead
+of the prior's ~30 %) because the five lesion questions, lesion motion in particular, only exist on them
+and are the hardest to learn; every other label keeps its prior mix.
+
+Speed (the tiny model is launch-bound on a GPU, not compute-bound):
+- DataLoader workers render, tokenise and lay out whole batches, including the M-RoPE positions (every
+  clip has the same vision layout, so positions are a fixed prefix plus a text ramp: no per-sample
+  ``get_rope_index`` with its host syncs on the device); frames travel as uint8 and are patched and
+  normalised on the device (4x less to move than float patches).
+- The vision tower attends every temporal slice of every clip in ONE batched SDPA call (all slices have
+  the same size) instead of one call per slice after a ``lengths.tolist()`` host sync in every layer.
+- Rows are right-padded and run without an attention mask: causal attention never lets a real token see
+  the padding after it, and padding carries no label. Logits are computed at label positions only, by an
+  index computed in the worker (no boolean-mask host sync).
+- Metrics accumulate on the device; they are read (one sync) every ``log_every`` steps.
+
+Evaluation (``phantom_accuracy``): per-type accuracy by candidate scoring in the text mode on held-out
+random clips (another seed), on the phantom renderings of the published eval split, and the single
+repeated frame control (frame 0 eight times) that must stay near chance on the motion questions.
+
+The output folder is a ``model.save_checkpoint`` folder (``load_checkpoint(DIR)``; ``DIR/vlm`` is a
+standalone Qwen2-VL folder for ``vlm=DIR/vlm``), rewritten at every evaluation with ``metrics.json``,
+``MODEL_CARD.md``, ``curves.png``, ``train_log.csv`` and ``eval_log.csv``, so a run cut short still leaves a
+usable result.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import data, frames
+from .collate import (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IM_END, INSTRUCTION, VIDEO_TOKEN, WRITTEN_QUESTION,
+                      Collator)
+from .config import Config, get_config, parse_overrides
+from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
+from .frames import ClipState
+from .model import (AudioGraftedQwen2VL, build_model, collator, count_parameters, save_checkpoint,
+                    score_candidates)
+
+# Motion questions: a single frame cannot answer them, so the repeated-frame control stays near chance.
+MOTION_TYPES = ("lesion_motion_direction", "scope_motion_type")
+TEMPLATES = ("in", "out")
+# The name must contain "flash": only then does Qwen2-VL's vision attention hand the whole packed sequence
+# with its cu_seqlens to the attention function instead of splitting it per slice.
+EQUAL_SEGMENT_ATTENTION = "flash_equal_segments_sdpa"
+CHECKPOINT_LIMIT_MB = 25
+
+
+@dataclass
+class PretrainSettings:
+    frame_size: int = 112  # px; a multiple of 28 (patch 14 x merge 2): rendered at the size patched
+    batch_size: int = 128  # clips per step (each ~14 answers)
+    steps: int = 2000
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    num_workers: int = 4
+    data_seed: int = 1  # training clips: random_clip_samples(seed=data_seed)
+    heldout_seed: int = 2  # held-out clips: another seed, so other states and other renderings
+    heldout_clips: int = 200
+    eval_rows: int = 0  # rows of the published eval split to score (0: all)
+    eval_every: int = 500
+    eval_batch_size: int = 64
+    log_every: int = 25
+    lesion_share: float = 0.5  # share of lesion clips per batch (curriculum; 0: the prior's mix)
+    max_minutes: float = 0.0  # 0: no limit; else training stops in time for the final evaluation
+    compile: bool = False  # torch.compile the language model (static shapes: rows padded to 64 multiples)
+    # Model dimensions over model.tiny_vlm_config (None: keep its value).
+    vision_depth: int | None = None
+    vision_embed: int | None = None
+    text_layers: int | None = None
+    text_ffn: int | None = None
+
+
+# --- the conversation ----------------------------------------------------------------------------
+
+@dataclass
+class Conversation:
+    ids: list[int]
+    labels: list[int]  # IGNORE_INDEX except on answer tokens and their end-of-turn
+    answers: list[tuple[int, int, int]]  # (question type index, first label token, end) per answer
+
+
+class ConversationBuilder:
+    """Token rows of multi-turn conversations over one video, built from cached pieces.
+
+    The first user turn is ``Collator.prompt`` of the question in the text mode (placeholder expanded);
+    each later turn is the text the chat template appends for one more user message, cut out of the
+    template's own rendering; each answer is tokenised alone (as the Collator does) and ends with
+    ``<|im_end|>``. ``prefix_positions`` are the M-RoPE positions of the tokens up to the end of the video
+    (the same for every conversation); text positions then grow by one per token from ``text_start``.
+    """
+
+    def __init__(self, text_collator: Collator, vision_tokens: int, prefix_positions: torch.Tensor,
+                 text_start: int, cfg: Config):
+        if text_collator.question_mode != "text" or text_collator.frames_as != "video":
+            raise ValueError("pretraining needs a text-mode collator with frames as one video")
+        self.collator, self.tokenizer, self.vision_tokens = text_collator, text_collator.tokenizer, vision_tokens
+        self.wordings = {t: data.question_wordings(t, cfg) for t in TEMPLATES}
+        self.im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        self.video_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.prefix_positions = prefix_positions.clone()  # (3, n_prefix)
+        self.text_start = text_start
+        self._first: dict[str, list[int]] = {}
+        self._later: dict[str, list[int]] = {}
+        self._answer: dict[str, list[int]] = {}
+
+    def user_message(self, question: str, with_video: bool) -> dict:
+        sample = _text_sample(question)
+        message = self.collator.messages(sample)[0]
+        if not with_video:
+            message = {**message, "content": [c for c in message["content"] if c["type"] == "text"]}
+        return message
+
+    def first_turn(self, question: str) -> list[int]:
+        if question not in self._first:
+            text = self.collator.prompt(_text_sample(question), self.vision_tokens, 0)
+            self._first[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._first[question]
+
+    def later_turn(self, question: str) -> list[int]:
+        """What follows an answer's ``<|im_end|>`` up to the next assistant header, for this question."""
+        if question not in self._later:
+            head = [self.user_message("Q", True), {"role": "assistant", "content": "A"}]
+            done = self.tokenizer.apply_chat_template(head, tokenize=False)
+            more = self.tokenizer.apply_chat_template(head + [self.user_message(question, False)],
+                                                      tokenize=False, add_generation_prompt=True)
+            answer_end = done.rindex("A" + IM_END) + len("A" + IM_END)
+            if not more.startswith(done):
+                raise ValueError("the chat template renders earlier turns differently once a turn is added")
+            text = done[answer_end:] + more[len(done):]
+            self._later[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._later[question]
+
+    def answer(self, sentence: str) -> list[int]:
+        if sentence not in self._answer:
+            self._answer[sentence] = self.tokenizer(sentence, add_special_tokens=False)["input_ids"] + [self.im_end]
+        return self._answer[sentence]
+
+    def conversation(self, samples: Sequence[Sample], rng: np.random.Generator) -> Conversation:
+        """All questions of one clip in a shuffled order, each in a randomly chosen template's wording."""
+        ids: list[int] = []
+        labels: list[int] = []
+        answers = []
+        for turn, index in enumerate(rng.permutation(len(samples))):
+            s = samples[index]
+            question = self.wordings[TEMPLATES[rng.integers(len(TEMPLATES))]][s.question_type]
+            prompt = self.first_turn(question) if turn == 0 else self.later_turn(question)
+            answer = self.answer(s.answer)
+            ids += prompt
+            labels += [IGNORE_INDEX] * len(prompt)
+            answers.append((QUESTION_TYPES.index(s.question_type), len(ids), len(ids) + len(answer)))
+            ids += answer
+            labels += answer
+        return Conversation(ids, labels, answers)
+
+    def collate(self, conversations: Sequence[Conversation], clips: np.ndarray) -> dict[str, torch.Tensor]:
+        """A training batch: right-padded rows (length rounded up to 64, few distinct shapes), M-RoPE
+        positions, uint8 frames, and flat label indices (position p predicts token p + 1)."""
+        length = 64 * math.ceil(max(len(c.ids) for c in conversations) / 64)
+        n_rows, n_prefix = len(conversations), self.prefix_positions.shape[1]
+        input_ids = torch.full((n_rows, length), self.pad_id, dtype=torch.long)
+        label_positions, label_targets, label_answer, answer_type = [], [], [], []
+        for row, c in enumerate(conversations):
+            input_ids[row, : len(c.ids)] = torch.tensor(c.ids)
+            for qtype, start, end in c.answers:
+                label_positions += range(row * (length - 1) + start - 1, row * (length - 1) + end - 1)
+                label_targets += c.labels[start:end]
+                label_answer += [len(answer_type)] * (end - start)
+                answer_type.append(qtype)
+        if not (input_ids[:, :n_prefix] == input_ids[:1, :n_prefix]).all() or \
+                int((input_ids[:, :n_prefix] == self.video_id).sum(1).min()) != self.vision_tokens:
+            raise ValueError("conversations do not share the video prefix the positions were computed for")
+        ramp = torch.arange(length - n_prefix) + self.text_start
+        positions = torch.cat([self.prefix_positions, ramp.expand(3, -1)], dim=1)
+        return {
+            "input_ids": input_ids,
+            "mm_token_type_ids": (input_ids == self.video_id).int() * 2,
+            "position_ids": positions.unsqueeze(1).expand(3, n_rows, length).contiguous(),
+            "frames": torch.from_numpy(clips),
+            "label_positions": torch.tensor(label_positions, dtype=torch.long),
+            "label_targets": torch.tensor(label_targets, dtype=torch.long),
+            "label_answer": torch.tensor(label_answer, dtype=torch.long),
+            "answer_type": torch.tensor(answer_type, dtype=torch.long),
+        }
+
+
+def _text_sample(question: str) -> Sample:
+    """A stand-in sample carrying only a question text (prompts depend on nothing else)."""
+    return Sample(id="prompt", video_id="prompt", frames=(), frame_numbers=(), question=question,
+                  question_type="", answer="", short_answer="", source="pretrain prompt")
+
+
+def vision_token_count(frame_size: int, patch_size: int = 14, temporal_patch_size: int = 2,
+                       merge_size: int = 2) -> int:
+    side = frame_size // patch_size
+    return FRAMES_PER_CLIP // temporal_patch_size * side * side // merge_size ** 2
+
+
+def check_frame_size(frame_size: int, patch_size: int = 14, merge_size: int = 2) -> None:
+    if frame_size % (patch_size * merge_size):
+        raise ValueError(f"frame_size {frame_size}: must be a multiple of {patch_size * merge_size} so that "
+                         f"clips are rendered at the size that is patched (no resize)")
+
+
+def video_patches(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2,
+                  merge_size: int = 2) -> torch.Tensor:
+    """``collate.frames_to_patches`` (video layout, no resize) of a batch of uint8 clips (B, T, S, S, 3), on
+    whatever device the clips are: (B * t * h * w, 3 * temporal * patch * patch), CLIP-normalised."""
+    n, t, side = clips.shape[0], clips.shape[1], clips.shape[2]
+    mean = torch.tensor(CLIP_MEAN, device=clips.device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=clips.device).view(1, 1, 3, 1, 1)
+    x = (clips.permute(0, 1, 4, 2, 3).float() / 255.0 - mean) / std
+    grid_t, grid = t // temporal_patch_size, side // patch_size
+    x = x.reshape(n, grid_t, temporal_patch_size, 3, grid // merge_size, merge_size, patch_size,
+                  grid // merge_size, merge_size, patch_size)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # as frames_to_patches, with the batch in front
+    return x.reshape(n * grid_t * grid * grid, 3 * temporal_patch_size * patch_size * patch_size)
+
+
+def conversation_builder(model: AudioGraftedQwen2VL, frame_size: int) -> ConversationBuilder:
+    """The builder for a model's tokenizer and clips of ``frame_size``, with the M-RoPE positions of the
+    shared prefix computed once by Qwen2-VL's own ``get_rope_index``."""
+    check_frame_size(frame_size)
+    text_collator = dataclasses.replace(collator(model), question_mode="text", frame_size=frame_size)
+    vision = model.base_vlm.config.vision_config
+    vision_tokens = vision_token_count(frame_size, vision.patch_size, vision.temporal_patch_size,
+                                       vision.spatial_merge_size)
+    ids = torch.tensor([text_collator.tokenizer(text_collator.prompt(_text_sample("Q"), vision_tokens, 0),
+                                                add_special_tokens=False)["input_ids"]])
+    is_video = ids == text_collator.token_ids[VIDEO_TOKEN]
+    end = int(is_video[0].nonzero().max()) + 1
+    grid = frame_size // vision.patch_size
+    # Up to the first text token after the video: its position is where the text ramp starts.
+    positions, _ = model.base_vlm.model.get_rope_index(
+        ids[:, : end + 1], is_video[:, : end + 1].int() * 2,
+        video_grid_thw=torch.tensor([[FRAMES_PER_CLIP // vision.temporal_patch_size, grid, grid]]))
+    return ConversationBuilder(text_collator, vision_tokens, positions[:, 0, :end], int(positions[0, 0, end]),
+                               model.cfg)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+class PhantomConversations(IterableDataset):
+    """Endless training batches; batch ``b`` is made from random clip states ``b * K .. (b + 1) * K - 1``
+    of ``data_seed`` (K a little over the batch size when lesion clips are over-represented), whichever
+    worker makes it, so the data depend on the seed and the batch size only."""
+
+    def __init__(self, builder: ConversationBuilder, settings: PretrainSettings, cfg: Config):
+        self.builder, self.settings, self.cfg = builder, settings, cfg
+        self.candidates = int(settings.batch_size * (1 + settings.lesion_share))
+
+    def clips(self, batch_index: int) -> list[tuple[ClipState, list[Sample]]]:
+        s = self.settings
+        drawn = frames.random_clip_samples(self.candidates, seed=s.data_seed, start=batch_index * self.candidates,
+                                           cfg=self.cfg)
+        lesion = [c for c in drawn if c[0].lesion]
+        other = [c for c in drawn if not c[0].lesion]
+        n_lesion = max(min(len(lesion), round(s.lesion_share * s.batch_size)), s.batch_size - len(other))
+        return lesion[:n_lesion] + other[: s.batch_size - n_lesion]
+
+    def batch(self, batch_index: int) -> dict[str, torch.Tensor]:
+        clips = self.clips(batch_index)
+        rng = np.random.default_rng([self.settings.data_seed, batch_index])
+        rendered = np.stack([frames.render_phantom_clip(state, self.settings.frame_size, self.cfg.phantom_seed)
+                             for state, _ in clips])
+        return self.builder.collate([self.builder.conversation(samples, rng) for _, samples in clips], rendered)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = get_worker_info()
+        first, stride = (worker.id, worker.num_workers) if worker else (0, 1)
+        batch_index = first
+        while True:
+            yield self.batch(batch_index)
+            batch_index += stride
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+def equal_segment_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                            cu_seq_lens_q=None, max_length_q=None, **_):
+    """Vision attention within segments of equal length as one batched SDPA call.
+
+    query/key/value: (1, heads, total, head_dim) packed; segments by ``cu_seq_lens_q``. Returns
+    (1, total, heads, head_dim), as the flash-attention functions do. All lengths are equal iff
+    n_segments * max_length == total (every length <= max and they sum to total), checked without a sync.
+    """
+    heads, total, dim = query.shape[1:]
+    n_segments = cu_seq_lens_q.shape[0] - 1
+    if n_segments * max_length_q != total:
+        raise ValueError(f"{n_segments} vision segments of at most {max_length_q} tokens do not tile {total} "
+                         f"tokens: clips of different sizes in one batch")
+
+    def split(x):
+        return x[0].reshape(heads, n_segments, max_length_q, dim).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=scaling,
+                                         dropout_p=dropout)
+    return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
+
+
+def register_equal_segment_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(EQUAL_SEGMENT_ATTENTION, equal_segment_attention)
+
+
+@contextlib.contextmanager
+def stock_attention(model: AudioGraftedQwen2VL):
+    """The stock attention name while saving, so a saved config never names a function only we register."""
+    vision = model.base_vlm.model.visual.config
+    name = vision._attn_implementation
+    vision._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        vision._attn_implementation = name
+
+
+def build_pretrain_model(cfg: Config, settings: PretrainSettings) -> AudioGraftedQwen2VL:
+    """The tiny preset's graft, with model.tiny_vlm_config's dimensions changed where settings say so."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .model import tiny_vlm_config
+
+    model = build_model(cfg)
+    overrides = {k: getattr(settings, k) for k in ("vision_depth", "vision_embed", "text_layers", "text_ffn")}
+    if all(v is None for v in overrides.values()):
+        return model
+    config = tiny_vlm_config(model.tokenizer)
+    vision, text = config.vision_config, config.text_config
+    vision.depth = overrides["vision_depth"] or vision.depth
+    vision.embed_dim = overrides["vision_embed"] or vision.embed_dim
+    text.num_hidden_layers = overrides["text_layers"] or text.num_hidden_layers
+    text.intermediate_size = overrides["text_ffn"] or text.intermediate_size
+    if vision.embed_dim % vision.num_heads:
+        raise ValueError(f"vision_embed {vision.embed_dim} is not a multiple of {vision.num_heads} heads")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        vlm = Qwen2VLForConditionalGeneration(config).requires_grad_(True)
+    return AudioGraftedQwen2VL(vlm, model.whisper, model.tokenizer, model.feature_extractor, cfg,
+                               whisper_from_cfg=True)
+
+
+def conversation_token_losses(model: AudioGraftedQwen2VL, batch: dict[str, torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every label token of a training batch (on the model's device) and its logits."""
+    base = model.base_vlm
+    vision = base.config.vision_config
+    n_clips = batch["frames"].shape[0]
+    grid = batch["frames"].shape[2] // vision.patch_size
+    grid_thw = torch.tensor([[FRAMES_PER_CLIP // vision.temporal_patch_size, grid, grid]] * n_clips,
+                            device=batch["frames"].device)
+    patches = video_patches(batch["frames"], vision.patch_size, vision.temporal_patch_size,
+                            vision.spatial_merge_size)
+    hidden = base.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                        mm_token_type_ids=batch["mm_token_type_ids"], pixel_values_videos=patches,
+                        video_grid_thw=grid_thw, use_cache=False).last_hidden_state
+    at_labels = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch["label_positions"])
+    logits = base.lm_head(at_labels).float()
+    return F.cross_entropy(logits, batch["label_targets"], reduction="none"), logits
+
+
+class TypeStats:
+    """Per question type, on the device: token loss sum and count, answers and teacher-forced exact answers."""
+
+    def __init__(self, device: torch.device):
+        n = len(QUESTION_TYPES)
+        self.loss, self.tokens, self.answers, self.exact = (torch.zeros(n, device=device, dtype=torch.float64)
+                                                             for _ in range(4))
+
+    def add(self, batch: dict[str, torch.Tensor], token_loss: torch.Tensor, logits: torch.Tensor) -> None:
+        token_type = batch["answer_type"][batch["label_answer"]]
+        self.loss.index_add_(0, token_type, token_loss.detach().double())
+        self.tokens.index_add_(0, token_type, torch.ones_like(token_loss, dtype=torch.float64))
+        wrong = (logits.detach().argmax(-1) != batch["label_targets"]).double()
+        wrong_per_answer = torch.zeros(len(batch["answer_type"]), device=wrong.device, dtype=torch.float64)
+        wrong_per_answer.index_add_(0, batch["label_answer"], wrong)
+        self.answers.index_add_(0, batch["answer_type"], torch.ones_like(wrong_per_answer))
+        self.exact.index_add_(0, batch["answer_type"], (wrong_per_answer == 0).double())
+
+    def read(self) -> dict[str, float]:
+        loss, tokens, answers, exact = (t.cpu() for t in (self.loss, self.tokens, self.answers, self.exact))
+        out = {"train_loss": float(loss.sum() / tokens.sum().clamp(min=1))}
+        for i, t in enumerate(QUESTION_TYPES):
+            if answers[i]:
+                out[f"loss/{t}"] = float(loss[i] / tokens[i])
+                out[f"answer_exact/{t}"] = float(exact[i] / answers[i])
+        return out
+
+
+class PhaseTimer:
+    """Device time of the phases of a step, without host syncs: CUDA events read at log time (on CPU, where
+    every op is synchronous, wall clock)."""
+
+    PHASES = ("forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[list] = []
+        self.totals = defaultdict(float)
+        self.steps = 0
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add_step(self, marks: list) -> None:
+        self.pending.append(marks)
+
+    def read(self) -> dict[str, float]:
+        """Mean ms per step of each phase since the last read."""
+        if self.cuda and self.pending:
+            self.pending[-1][-1].synchronize()
+        for marks in self.pending:
+            for phase, (a, b) in zip(self.PHASES, zip(marks, marks[1:])):
+                self.totals[phase] += a.elapsed_time(b) if self.cuda else (b - a) * 1000
+            self.steps += 1
+        self.pending = []
+        out = {f"{p}_ms": self.totals[p] / max(1, self.steps) for p in self.PHASES}
+        self.totals, self.steps = defaultdict(float), 0
+        return out
+
+
+def lr_factor(step: int, settings: PretrainSettings) -> float:
+    """Linear warmup, then cosine from 1 to min_lr_ratio at the last step."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps))
+    return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_for(model: AudioGraftedQwen2VL, settings: PretrainSettings, device: torch.device):
+    params = [p for p in model.vlm.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # biases and norms
+    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr,
+                             fused=device.type == "cuda")
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=2048)
+def _rendered(state: ClipState, frame_size: int, phantom_seed: int) -> np.ndarray:
+    return frames.render_phantom_clip(state, frame_size, phantom_seed)
+
+
+def clip_frames(state: ClipState, frame_size: int, phantom_seed: int, single_frame: bool) -> np.ndarray:
+    """The clip's rendering, or its frame 0 repeated over the clip (the single-frame control)."""
+    clip = _rendered(state, frame_size, phantom_seed)
+    return np.repeat(clip[:1], FRAMES_PER_CLIP, axis=0) if single_frame else clip
+
+
+def autocast_for(device: torch.device):
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+
+
+def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
+                     frame_size: int, single_frame: bool = False, question_types: Sequence[str] | None = None,
+                     batch_size: int = 64) -> pd.DataFrame:
+    """Per question type: n, correct, accuracy and chance of candidate scoring in the text question mode
+    (the single-turn prompt) on the phantom renderings of the given clip states."""
+    text_collator = dataclasses.replace(collator(model), question_mode="text", frame_size=frame_size)
+    items = [(s, state) for state, samples in samples_with_states for s in samples
+             if question_types is None or s.question_type in question_types]
+    device = model.base_vlm.device
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for i in range(0, len(items), batch_size):
+        chunk = items[i: i + batch_size]
+        batch = text_collator([(s, clip_frames(state, frame_size, model.cfg.phantom_seed, single_frame), None)
+                               for s, state in chunk], for_generation=True)
+        with autocast_for(device):
+            scores = score_candidates(model, batch)
+        for (s, _), score in zip(chunk, scores):
+            correct[s.question_type].append(score.label == s.short_answer)
+    n_labels = {t: len(v) for t, v in data.label_sets(model.cfg).items()}
+    rows = [{"question_type": t, "n": len(correct[t]), "correct": int(sum(correct[t])),
+             "accuracy": float(np.mean(correct[t])), "chance": 1 / n_labels[t]}
+            for t in QUESTION_TYPES if correct.get(t)]
+    return pd.DataFrame(rows, columns=["question_type", "n", "correct", "accuracy", "chance"]).set_index("question_type")
+
+
+def heldout_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[ClipState, list[Sample]]]:
+    return frames.random_clip_samples(settings.heldout_clips, template="out", seed=settings.heldout_seed, cfg=cfg)
+
+
+def eval_split_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[ClipState, list[Sample]]]:
+    """The published eval split's rows grouped by clip, with the clip state their phantom rendering uses
+    (``frames.load_clip`` renders exactly ``clip_state_of``)."""
+    rows = data.published_split("out", cfg)["eval"]
+    rows = rows[: settings.eval_rows] if settings.eval_rows else rows
+    by_clip: dict[tuple, list[Sample]] = defaultdict(list)
+    for s in rows:
+        by_clip[s.clip_key].append(s)
+    return [(frames.clip_state_of(samples[0], cfg), samples) for samples in by_clip.values()]
+
+
+def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: PretrainSettings
+                 ) -> dict[str, pd.DataFrame]:
+    size, batch = settings.frame_size, settings.eval_batch_size
+    return {
+        "heldout": phantom_accuracy(model, heldout, size, batch_size=batch),
+        "eval_split": phantom_accuracy(model, eval_split, size, batch_size=batch),
+        "heldout_single_frame": phantom_accuracy(model, heldout, size, single_frame=True,
+                                                 question_types=MOTION_TYPES, batch_size=batch),
+    }
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+def per_type_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    out = pd.DataFrame(index=[t for t in QUESTION_TYPES if t in tables["heldout"].index or t in tables["eval_split"].index])
+    for name, table in tables.items():
+        out[f"{name}_n"] = table["n"]
+        out[f"{name}_accuracy"] = table["accuracy"]
+    out["chance"] = pd.concat([t["chance"] for t in tables.values()]).groupby(level=0).first()
+    return out
+
+
+def write_curves(directory: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_log = pd.read_csv(directory / "train_log.csv")
+    eval_log = pd.read_csv(directory / "eval_log.csv")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    axes[0].plot(train_log["step"], train_log["train_loss"])
+    axes[0].set(xlabel="step", ylabel="answer-token loss", yscale="log", title="training loss")
+    for ax, name in zip(axes[1:], ("heldout", "eval_split")):
+        part = eval_log[eval_log["set"] == name]
+        for qtype, rows in part.groupby("question_type"):
+            ax.plot(rows["step"], rows["accuracy"], marker=".", label=qtype)
+        ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=f"{name} (text mode)")
+    axes[2].legend(fontsize=6, loc="lower right", ncol=2)
+    fig.tight_layout()
+    path = directory / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A pipe table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+    def cell(v):
+        return "" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else \
+            str(int(v)) if isinstance(v, float) else str(v)
+
+    header = [table.index.name or "question_type", *table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(i), *map(cell, row)]) + " |" for i, row in zip(table.index, table.values)]
+    return "\n".join(lines)
+
+
+def write_model_card(directory: Path, metrics: dict[str, Any], table: pd.DataFrame) -> Path:
+    s = metrics["settings"]
+    lines = [
+        "# Tiny Qwen2-VL pretrained on phantom colonoscopy clips (surgvqa stage 0)",
+        "",
+        f"Training command: `{metrics['command']}`",
+        "",
+        f"- steps: {metrics['steps']} of {s['steps']} ({metrics['stopped_by']}), wall time "
+        f"{metrics['wall_minutes']:.1f} min on {metrics['device']}, {metrics['clips_seen']} clips, "
+        f"{metrics['answers_seen']} answers",
+        f"- data: random phantom clip states only, data seed {s['data_seed']}, held-out seed {s['heldout_seed']}; "
+        f"frames {s['frame_size']} px as one video; lesion share {s['lesion_share']}",
+        f"- model: {metrics['parameters']:,} parameters ({json.dumps(metrics['model_dims'])}); "
+        f"batch {s['batch_size']} clips, AdamW lr {s['lr']}, warmup {s['warmup_steps']} + cosine to "
+        f"{s['min_lr_ratio']} x lr",
+        "- supervision: every clip's questions as one multi-turn conversation over one set of vision tokens, "
+        "shuffled order, wording drawn from both templates per turn; loss on every answer and its end-of-turn",
+        f"- step time: {json.dumps(metrics['step_time_ms'])} (ms per step)",
+        "",
+        "Per-type accuracy by candidate scoring with the single-turn text prompt (`heldout`: random clips of the "
+        "held-out seed; `eval_split`: phantom renderings of the published eval split; "
+        "`heldout_single_frame`: frame 0 repeated 8 times, motion questions only, should stay near chance):",
+        "",
+        markdown_table(table),
+        "",
+        "Curves: `curves.png`. Logs: `train_log.csv`, `eval_log.csv`. Metrics: `metrics.json`.",
+        "",
+        "Load with `surgvqa.model.load_checkpoint(DIR)`, or as the tiny VLM of any config with `vlm=DIR/vlm`.",
+        "",
+    ]
+    path = directory / "MODEL_CARD.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def folder_megabytes(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and p.suffix != ".png") / 2 ** 20
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: str = "cpu",
+             command: str = "", log=print) -> tuple[AudioGraftedQwen2VL, dict[str, Any]]:
+    """Pretrain, evaluating every ``eval_every`` steps and at the end (each time rewriting the output
+    folder); the trained model and the final metrics."""
+    started = time.time()
+    check_frame_size(settings.frame_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(question_mode="text", frames_as="video", frame_size=settings.frame_size)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(device)
+    register_equal_segment_attention()
+    model = build_pretrain_model(cfg, settings).to(dev).train()
+    model.base_vlm.model.visual.config._attn_implementation = EQUAL_SEGMENT_ATTENTION
+    if settings.compile:
+        model.base_vlm.model.language_model.compile()
+
+    builder = conversation_builder(model, settings.frame_size)
+    loader = DataLoader(PhantomConversations(builder, settings, cfg), batch_size=None,
+                        num_workers=settings.num_workers, pin_memory=dev.type == "cuda",
+                        prefetch_factor=4 if settings.num_workers else None,
+                        persistent_workers=False)
+    heldout, eval_split = heldout_clips(settings, cfg), eval_split_clips(settings, cfg)
+    optimizer = optimizer_for(model, settings, dev)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, settings))
+    log(f"pretraining {count_parameters(model.vlm):,} parameters on {dev}: {settings.steps} steps of "
+        f"{settings.batch_size} clips at {settings.frame_size} px, {settings.num_workers} workers -> {out}")
+
+    train_log_path, eval_log_path = out / "train_log.csv", out / "eval_log.csv"
+    train_writer = eval_writer = None
+    stats, timer = TypeStats(dev), PhaseTimer(dev)
+    data_wait = clips_seen = answers_seen = 0
+    logged_step = 0
+    step, stopped_by, eval_seconds = 0, "steps", 0.0
+    interval_started = time.perf_counter()
+    history: list[dict[str, Any]] = []
+    step_time: dict[str, float] = {}
+    deadline = started + settings.max_minutes * 60 if settings.max_minutes else math.inf
+
+    def evaluate_and_save() -> dict[str, Any]:
+        nonlocal eval_writer, eval_seconds
+        t0 = time.time()
+        model.eval()
+        tables = evaluate_all(model, heldout, eval_split, settings)
+        model.train()
+        with stock_attention(model):
+            save_checkpoint(model, out, cfg)
+        eval_seconds = time.time() - t0
+        with eval_log_path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            if eval_writer is None:
+                writer.writerow(["step", "set", "question_type", "n", "accuracy", "chance"])
+                eval_writer = True
+            for name, table in tables.items():
+                for qtype, row in table.iterrows():
+                    writer.writerow([step, name, qtype, int(row["n"]), f"{row['accuracy']:.4f}", f"{row['chance']:.4f}"])
+        table = per_type_table(tables)
+        minimum = {name: float(t["accuracy"].min()) for name, t in tables.items() if name != "heldout_single_frame"}
+        config = model.base_vlm.config
+        metrics = {
+            "command": command, "device": str(dev), "steps": step, "stopped_by": stopped_by,
+            "wall_minutes": (time.time() - started) / 60, "clips_seen": clips_seen, "answers_seen": answers_seen,
+            "parameters": count_parameters(model.vlm),
+            "model_dims": {"hidden": config.text_config.hidden_size, "text_layers": config.text_config.num_hidden_layers,
+                           "text_ffn": config.text_config.intermediate_size,
+                           "vision_depth": config.vision_config.depth, "vision_embed": config.vision_config.embed_dim},
+            "settings": dataclasses.asdict(settings), "config": cfg.to_dict(), "step_time_ms": step_time,
+            "min_accuracy": minimum, "eval_seconds": eval_seconds,
+            "per_type": json.loads(table.to_json(orient="index")),
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if train_log_path.exists():
+            metrics["curves"] = str(write_curves(out))
+        write_model_card(out, metrics, table)
+        size = folder_megabytes(out)
+        if size > CHECKPOINT_LIMIT_MB:
+            log(f"warning: the checkpoint folder holds {size:.1f} MB, over {CHECKPOINT_LIMIT_MB} MB")
+        log(f"step {step}: min accuracy {minimum}, single frame on motion "
+            f"{tables['heldout_single_frame']['accuracy'].round(3).to_dict()} ({eval_seconds:.0f} s)")
+        history.append({"step": step, **minimum})
+        return metrics
+
+    from tqdm.auto import tqdm
+
+    batches = iter(loader)
+    progress = tqdm(total=settings.steps, desc="pretrain", disable=None)
+    while step < settings.steps:
+        # Stop in time for the final evaluation (as long as the last one took, plus a margin).
+        if time.time() + 1.2 * eval_seconds + 10 > deadline:
+            stopped_by = "max_minutes"
+            break
+        waited = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - waited
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        marks = [timer.mark()]
+        with autocast_for(dev):
+            token_loss, logits = conversation_token_losses(model, batch)
+        loss = token_loss.mean()
+        marks.append(timer.mark())
+        loss.backward()
+        marks.append(timer.mark())
+        torch.nn.utils.clip_grad_norm_(model.vlm.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        marks.append(timer.mark())
+        timer.add_step(marks)
+        stats.add(batch, token_loss, logits)
+        clips_seen += batch["frames"].shape[0]
+        answers_seen += batch["answer_type"].shape[0]
+        step += 1
+        progress.update(1)
+        if step % settings.log_every == 0 or step == settings.steps:
+            train_values = stats.read()
+            stats = TypeStats(dev)
+            elapsed = time.perf_counter() - interval_started
+            n_steps = step - logged_step
+            logged_step = step
+            step_time = {"step_wall": elapsed / n_steps * 1000, "data_wait": data_wait / n_steps * 1000,
+                         **timer.read()}
+            row = {"step": step, "elapsed_s": round(time.time() - started, 1), "lr": schedule.get_last_lr()[0],
+                   **{f"{k}_ms": round(v, 2) for k, v in step_time.items() if not k.endswith("_ms")},
+                   **{k: round(v, 2) for k, v in step_time.items() if k.endswith("_ms")}, **train_values}
+            with train_log_path.open("a", newline="") as f:
+                if train_writer is None:
+                    train_writer = list(row)
+                    csv.writer(f).writerow(train_writer)
+                csv.writer(f).writerow([row.get(k, "") for k in train_writer])
+            progress.set_postfix(loss=f"{train_values['train_loss']:.3f}", ms=f"{step_time['step_wall']:.0f}")
+            data_wait, interval_started = 0.0, time.perf_counter()
+        if step % settings.eval_every == 0 and step < settings.steps:
+            evaluate_and_save()
+    progress.close()
+    return model, evaluate_and_save()
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PretrainSettings]:
+    parser = argparse.ArgumentParser(prog="python -m surgvqa pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (the checkpoint, logs and model card)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override of the tiny preset (e.g. seed=0, phantom_seed=0)")
+    defaults = PretrainSettings()
+    for f in dataclasses.fields(PretrainSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+        else:
+            kind = {"int": int, "float": float, "int | None": int}[str(f.type)]
+            parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
+    args = parser.parse_args(argv)
+    settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings)})
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, settings = parse_args(argv)
+    cfg = get_config("tiny", **parse_overrides(args.param))
+    command = "python -m surgvqa pretrain " + shlex.join(argv)
+    _, metrics = pretrain(cfg, settings, args.out, device=args.device, command=command)
+    print(json.dumps({"steps": metrics["steps"], "min_accuracy": metrics["min_accuracy"],
+                      "wall_minutes": round(metrics["wall_minutes"], 2)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
