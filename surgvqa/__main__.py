@@ -7,7 +7,6 @@ import sys
 # command -> "module:function"; the function takes the remaining argv and returns an exit code.
 COMMANDS = {
     "workbook": "surgvqa.workbook:main",
-    "pretrain": "surgvqa.pretrain:main",
     "synthesize": "surgvqa.audio:main",
     "score": "surgvqa.evaluate:main",
     "pretrain": "surgvqa.pretrain:main",
