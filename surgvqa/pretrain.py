@@ -364,6 +364,8 @@ def build_pretrain_model(cfg: Config, settings: PretrainSettings) -> AudioGrafte
     vision.depth = overrides["vision_depth"] or vision.depth
     vision.embed_dim = overrides["vision_embed"] or vision.embed_dim
     text.num_hidden_layers = overrides["text_layers"] or text.num_hidden_layers
+    # layer_types is derived from the layer count when the config is made: keep it one entry per layer
+    text.layer_types = [text.layer_types[0]] * text.num_hidden_layers
     text.intermediate_size = overrides["text_ffn"] or text.intermediate_size
     if vision.embed_dim % vision.num_heads:
         raise ValueError(f"vision_embed {vision.embed_dim} is not a multiple of {vision.num_heads} heads")
