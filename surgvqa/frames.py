@@ -38,7 +38,7 @@ from .data import (FRAMES_PER_CLIP, QUESTION_TYPES, Sample, answer_sentences, da
 log = logging.getLogger(__name__)
 
 # Bump whenever the renderer's output changes: it is part of every on-disk cache key.
-RENDERER_VERSION = 1
+RENDERER_VERSION = 2
 PHANTOM_VIDEO = "phantom"  # video_id of the extra random clips made by ``random_clip_samples``
 _PHANTOM_FRAME = re.compile(r"^phantom_(\d+)_(\d+)_\d+$")
 
@@ -408,7 +408,7 @@ def random_clip_samples(n: int, template: str = "out", seed: int = 0, start: int
 
 # --- rendering -----------------------------------------------------------------------------------
 
-CANVAS_EXTENT = 1.35  # the scene canvas spans [-1.35, 1.35]; a frame at zoom 1 sees [-1, 1]
+CANVAS_EXTENT = 1.4  # the scene canvas spans [-1.4, 1.4]; a frame at zoom 1 sees [-1, 1]
 ZOOM_RANGE = 0.25  # a moving scope changes the zoom by 25 % over the clip
 DRIFT_DISTANCE = 0.36  # a drifting scene moves 18 % of the frame width over the clip
 JITTER = 0.012  # camera shake per frame, in frame half-widths
@@ -539,20 +539,24 @@ def _closeup(rng, c: _Canvas, texture) -> None:
 
 
 def _lesion(rng, state, c: _Canvas, cx: float, cy: float) -> None:
-    """A small polyp: size by radius; adenoma red-brown with tubular pits, hyperplastic pale with dots."""
-    r = 0.11 + 0.02 * min(state.size_mm, 10)
-    where = c.window(cx, cy, 1.3 * r)
+    """A small polyp: size by radius, a shadow at its base; adenoma red-brown with tubular pits (stripes),
+    hyperplastic pale with round pits (dots). Even a 1 mm polyp is drawn ~10 % of the frame wide, as it
+    looks up close, so that colour and pattern can be seen at 64 px."""
+    r = 0.15 + 0.015 * min(state.size_mm, 10)
+    where = c.window(cx, cy, 1.6 * r)
     x, y = c.x[where] - cx, c.y[where] - cy
     d = np.sqrt(x ** 2 + y ** 2) / (1 + 0.08 * np.sin(5 * np.arctan2(y, x) + rng.uniform(0, 6.3)))
-    mask = np.clip((r - d) / (0.25 * r), 0, 1)
+    c.paint(0.45 * np.clip((1.45 * r - d) / (0.5 * r), 0, 1), _rgb(0.25, 0.06, 0.05), where)  # base shadow
+    mask = np.clip((r - d) / (0.2 * r), 0, 1)
     dome = np.clip(1 - (d / r) ** 2, 0, 1)
     angle = rng.uniform(0, np.pi)
+    period = r / 2.2  # pits scale with the polyp, so the pattern shows at any size
     if state.histology == "adenoma":
         colour = _rgb(0.72, 0.1, 0.24) + rng.normal(0, 0.02, 3).astype(np.float32)
-        pattern = 0.75 + 0.25 * np.cos(2 * np.pi / 0.035 * (x * np.cos(angle) + y * np.sin(angle)))
+        pattern = 0.7 + 0.3 * np.cos(2 * np.pi / period * (x * np.cos(angle) + y * np.sin(angle)))
     else:
         colour = _rgb(0.95, 0.83, 0.74) + rng.normal(0, 0.02, 3).astype(np.float32)
-        pattern = 1 - 0.2 * (np.cos(2 * np.pi / 0.03 * x) * np.cos(2 * np.pi / 0.03 * y) > 0.6)
+        pattern = 1 - 0.25 * (np.cos(2 * np.pi / period * x) * np.cos(2 * np.pi / period * y) > 0.5)
     c.paint(mask, ((0.8 + 0.25 * dome) * pattern)[..., None] * colour, where)
     c.disc(cx - 0.3 * r, cy - 0.3 * r, 0.18 * r, _rgb(1, 1, 1), soft=1.0, strength=0.7)
 
@@ -569,10 +573,21 @@ def _endoscope_body(rng, c: _Canvas, lumen: tuple[float, float]) -> None:
     c.paint(mask, (shine * (1 - marks) + 0.85 * marks)[..., None] * np.ones(3, np.float32))
 
 
-def _tool_layer(rng, tool: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _aim(rng, x0: float, y0: float, spread: float, away_from: tuple[float, float] | None) -> float:
+    """The screen angle of something entering at (x0, y0) and pointing at the centre, turned by up to
+    ``spread`` radians; turned away from the point ``away_from`` (the lesion), so that it never hides it."""
+    if away_from is None:
+        return float(np.arctan2(-y0, -x0) + rng.uniform(-spread, spread))
+    lx, ly = away_from[0] - x0, away_from[1] - y0
+    side = np.sign(-x0 * ly + y0 * lx) or 1.0  # > 0: the point lies at a larger angle than the centre
+    return float(np.arctan2(-y0, -x0) - side * rng.uniform(0.6, 1.0) * spread)
+
+
+def _tool_layer(rng, tool: str, x: np.ndarray, y: np.ndarray, away_from: tuple[float, float] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """A tool out of the working channel at the lower right, fixed on screen: colour and alpha."""
     x0, y0 = 1.05 + rng.uniform(-0.05, 0.05), 1.05 + rng.uniform(-0.05, 0.05)
-    angle = np.arctan2(-y0, -x0) + rng.uniform(-0.25, 0.25)
+    angle = _aim(rng, x0, y0, 0.3, away_from)
     ux, uy = np.cos(angle), np.sin(angle)
     colour = np.zeros(x.shape + (3,), np.float32)
     if tool == "catheter":  # a blue plastic tube
@@ -609,10 +624,11 @@ def _tool_layer(rng, tool: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
     return colour, alpha.astype(np.float32)
 
 
-def _jets(rng, x: np.ndarray, y: np.ndarray, frames: int) -> np.ndarray:
+def _jets(rng, x: np.ndarray, y: np.ndarray, frames: int, away_from: tuple[float, float] | None = None
+          ) -> np.ndarray:
     """Water jets from the nozzle at the lower left, changing length and angle from frame to frame."""
     x0, y0 = -1.0 + rng.uniform(-0.08, 0.08), 1.0 + rng.uniform(-0.08, 0.08)
-    angles = np.arctan2(-y0, -x0) + rng.uniform(-0.2, 0.2) + rng.normal(0, 0.12, frames)
+    angles = _aim(rng, x0, y0, 0.3, away_from) + rng.normal(0, 0.08, frames)
     lengths = rng.uniform(0.7, 1.5, frames)
     widths = rng.uniform(0.05, 0.09, frames)
     alpha = np.empty((frames,) + x.shape, np.float32)
@@ -645,14 +661,15 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
 
     # The view of every frame: zoom, and the scene point at the screen centre.
     t = np.linspace(0, 1, FRAMES_PER_CLIP)
-    zoom = np.full(FRAMES_PER_CLIP, rng.uniform(0.95, 1.1))
-    if state.moving:
-        zoom *= 1 + ZOOM_RANGE * (t if state.direction == "advancing" else 1 - t)
+    zoom = np.full(FRAMES_PER_CLIP, rng.uniform(1.02, 1.2))
+    if state.moving:  # geometric about the middle frame, which then looks like a still clip's frame
+        zoom *= (1 + ZOOM_RANGE) ** ((t - 0.5) * (1 if state.direction == "advancing" else -1))
     step = {"stable": (0, 0), "up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[state.drift]
     # the scene moves on screen by +drift, so the view centre moves the other way
     centre = -np.outer(t - 0.5, step) * DRIFT_DISTANCE * rng.uniform(0.9, 1.1) / zoom[:, None]
     centre += rng.normal(0, JITTER, (FRAMES_PER_CLIP, 2))
 
+    lesion_on_screen = None  # where the lesion is in the middle frame, in frame half-widths
     if state.outside:
         _outside(stream("room"), c, texture)
     elif state.closeup:
@@ -664,15 +681,22 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
                     _rgb(0.2, 0.25, 0.7) * (0.5 + 0.5 * c.rgb.mean(-1, keepdims=True)))
         if not state.mucosa_clean:
             debris = stream("debris")
-            for _ in range(debris.integers(18, 30)):  # stool residue
-                c.disc(*debris.uniform(-1.25, 1.25, 2), debris.uniform(0.04, 0.11),
-                       _rgb(0.72, 0.56, 0.2) + debris.normal(0, 0.04, 3).astype(np.float32), soft=0.5)
+            for _ in range(debris.integers(18, 30)):  # stool residue: brown clumps with a yellow core, which
+                # stay darker than the mucosa under NBI too
+                bx, by, br = *debris.uniform(-1.25, 1.25, 2), debris.uniform(0.05, 0.11)
+                c.disc(bx, by, br, _rgb(0.42, 0.27, 0.06) + debris.normal(0, 0.03, 3).astype(np.float32), soft=0.3)
+                c.disc(bx, by, 0.5 * br, _rgb(0.8, 0.62, 0.16) + debris.normal(0, 0.04, 3).astype(np.float32),
+                       soft=0.5)
         if state.endoscope_body:
             _endoscope_body(stream("body"), c, lumen)
         if state.lesion:  # the quadrant is where the lesion sits in the middle of the clip
             lesion = stream("lesion")
-            qx = lesion.uniform(0.3, 0.6) * (1 if state.quadrant.endswith("right") else -1)
-            qy = lesion.uniform(0.3, 0.6) * (-1 if state.quadrant.startswith("upper") else 1)
+            # off the quadrant's diagonal, where the tool (lower right) and the jets (lower left) point
+            near, far = lesion.uniform(0.25, 0.36), lesion.uniform(0.48, 0.62)
+            qx, qy = (near, far) if lesion.random() < 0.5 else (far, near)
+            qx *= 1 if state.quadrant.endswith("right") else -1
+            qy *= -1 if state.quadrant.startswith("upper") else 1
+            lesion_on_screen = (qx, qy)
             mid = FRAMES_PER_CLIP // 2
             _lesion(lesion, state, c, centre[mid, 0] + qx / zoom[mid], centre[mid, 1] + qy / zoom[mid])
         glints = stream("specular")
@@ -695,11 +719,11 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
     sx, sy = _grid(size, 1.0)
     tool_alpha = tool_paint = jets = None
     if state.tool != "none":
-        colour, tool_alpha = _tool_layer(stream("tool"), state.tool, sx, sy)
+        colour, tool_alpha = _tool_layer(stream("tool"), state.tool, sx, sy, lesion_on_screen)
         tool_paint = tool_alpha[..., None] * 255 * (colour @ NBI_MATRIX.T if state.nbi else colour)
         tool_alpha = 1 - tool_alpha[..., None]
     if state.flushing:
-        jets = _jets(stream("jets"), sx, sy, FRAMES_PER_CLIP)[..., None]
+        jets = _jets(stream("jets"), sx, sy, FRAMES_PER_CLIP, lesion_on_screen)[..., None]
         water = 255 * _rgb(0.85, 0.93, 1.0)
         water = water @ NBI_MATRIX.T if state.nbi else water
     camera = stream("camera")
@@ -710,8 +734,9 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
     px_per_unit = n / (2 * CANVAS_EXTENT)
     out = np.empty((FRAMES_PER_CLIP, size, size, 3), np.uint8)
     for f in range(FRAMES_PER_CLIP):
-        x0, y0 = (centre[f] - 1 / zoom[f] + CANVAS_EXTENT) * px_per_unit
         span = 2 / zoom[f] * px_per_unit
+        # the widest view (withdrawn, drifted, shaken) fits the canvas; the clip keeps a far jitter tail in
+        x0, y0 = np.clip((centre[f] - 1 / zoom[f] + CANVAS_EXTENT) * px_per_unit, 0, n - span)
         frame = np.asarray(canvas.resize((size, size), Image.Resampling.BILINEAR,
                                          box=(x0, y0, x0 + span, y0 + span)), np.float32)
         if tool_alpha is not None:
@@ -877,25 +902,89 @@ def _affine_flow(gray: np.ndarray) -> np.ndarray:
     return np.array([u, v, xx + yy, yx - xy, xx - yy, xy + yx])
 
 
+GRID = 4  # the layout features split a frame into GRID x GRID cells (a quadrant is 2 x 2 cells)
+# Candidate scale changes between two frames of a clip: a moving scope zooms by ~25 % over the clip.
+ZOOM_SCALES = np.geomspace(0.72, 1 / 0.72, 13)
+
+
+def _cell_statistics(frame: np.ndarray) -> np.ndarray:
+    """Per cell of a GRID x GRID layout of one frame: mean and spread of each channel, and the strongest
+    bright and dark local contrast per channel (a pixel against its blurred surroundings, which picks out
+    small blobs and thin shapes: a polyp, debris, a wire). The frame is first divided by its mean
+    brightness, so that exposure does not move every cell at once."""
+    size = frame.shape[0] - frame.shape[0] % GRID
+    f = frame[:size, :size].astype(np.float32)
+    f /= f.mean() + 1e-6
+    surroundings = np.stack([np.asarray(Image.fromarray(f[..., k], mode="F").resize(
+        (max(2, size // 8),) * 2, Image.Resampling.BOX).resize((size, size), Image.Resampling.BILINEAR))
+        for k in range(3)], -1)
+    contrast = f - surroundings
+    cell = size // GRID
+    cells = lambda a: a.reshape(GRID, cell, GRID, cell, 3).transpose(0, 2, 1, 3, 4).reshape(GRID * GRID, -1, 3)
+    pixels, local = cells(f), cells(contrast)
+    return np.concatenate([pixels.mean(1), pixels.std(1), local.max(1), local.min(1)], 1).ravel()
+
+
+def _zoom_about_centre(image: np.ndarray, scale: float) -> np.ndarray:
+    """``image`` magnified by ``scale`` about its centre (a scale below 1 shrinks it); outside is the mean."""
+    size = image.shape[0]
+    offset = size / 2 * (1 - 1 / scale)
+    out = Image.fromarray(image, mode="F").transform(
+        (size, size), Image.Transform.AFFINE, (1 / scale, 0, offset, 0, 1 / scale, offset),
+        Image.Resampling.BILINEAR, fillcolor=float(image.mean()))
+    return np.asarray(out)
+
+
+@lru_cache(maxsize=4)
+def _hann(size: int) -> np.ndarray:
+    w = np.hanning(size).astype(np.float32)
+    return np.outer(w, w)
+
+
+def _similarity_motion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How the scene moved from gray frame ``a`` to ``b``: phase correlation of ``a`` with ``b`` brought back
+    by each candidate scale of ZOOM_SCALES. Returns the peak height per scale (how well that zoom explains
+    the change), the best scale's log, and the shift (right, down) at the best scale in frame widths."""
+    size = a.shape[0]
+    window = _hann(size)
+    spectrum_a = np.fft.fft2((a - a.mean()) * window)
+    peaks, shifts = [], []
+    for scale in ZOOM_SCALES:
+        back = _zoom_about_centre(b, 1 / scale)
+        cross = np.conj(spectrum_a) * np.fft.fft2((back - back.mean()) * window)
+        surface = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-6)))
+        peak = np.unravel_index(int(np.argmax(surface)), surface.shape)
+        peaks.append(surface[peak])
+        shifts.append([((p + size // 2) % size - size // 2) / size for p in (peak[1], peak[0])])
+    best = int(np.argmax(peaks))
+    return np.array([*peaks, np.log(ZOOM_SCALES[best]), *shifts[best]], np.float32)
+
+
 def clip_features(frames: np.ndarray) -> np.ndarray:
     """Generic features of a clip (uint8 (T, S, S, 3)): colour histograms of the clip and of each screen
-    quadrant, a texture spectrum, global affine motion and temporal-change energy per quadrant.
+    quadrant, a texture spectrum, a GRID x GRID layout of colour and local-contrast statistics of the first,
+    middle and last frames, global affine motion, zoom-and-shift estimates between the first, middle and
+    last frames, and temporal-change energy per quadrant.
 
     Nothing here knows about labels: they are the statistics any image probe would start from."""
     frames = np.asarray(frames)
     t, size = frames.shape[0], frames.shape[1]
     h = size // 2
     quadrants = [frames[:, :h, :h], frames[:, :h, h:], frames[:, h:, :h], frames[:, h:, h:]]
+    key = (0, t // 2, t - 1)
     gray = frames.astype(np.float32).mean(-1)
     gray /= gray.mean(axis=(1, 2), keepdims=True) + 1e-6  # exposure flicker is not motion
     small = np.stack([np.asarray(Image.fromarray(g).resize((MOTION_SIZE, MOTION_SIZE), Image.Resampling.BOX))
                       for g in gray])
     flow = _affine_flow(small)
+    zoom_shift = [_similarity_motion(small[i], small[j]) for i, j in ((key[0], key[2]), (key[0], key[1]),
+                                                                      (key[1], key[2]))]
     change = np.abs(np.diff(small, axis=0)).mean(0) if t > 1 else np.zeros_like(small[0])
     m = MOTION_SIZE // 2
     change_energy = [change[:m, :m].mean(), change[:m, m:].mean(), change[m:, :m].mean(), change[m:, m:].mean()]
     return np.concatenate([_colour_histogram(frames), *[_colour_histogram(q) for q in quadrants],
-                           _spectrum(gray), flow, np.abs(flow), change_energy]).astype(np.float32)
+                           _spectrum(gray), *[_cell_statistics(frames[k]) for k in key], flow, np.abs(flow),
+                           *zoom_shift, *[np.abs(z[-2:]) for z in zoom_shift], change_energy]).astype(np.float32)
 
 
 def global_statistics(frames: np.ndarray) -> np.ndarray:
@@ -935,16 +1024,25 @@ def fit_probe(features: np.ndarray, labels: Sequence[str]):
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000)).fit(features, labels)
 
 
-def probe_table(train: Sequence[Sample], test: Sequence[Sample], cfg: Config | None = None, size: int = 64):
+def probe_table(train: Sequence[Sample], test: Sequence[Sample], cfg: Config | None = None, size: int = 64,
+                probe_clips: int = 0):
     """Per question type: test accuracy of probes trained on the phantom renderings of ``train`` and
     tested on those of ``test``, on the whole clip, on one frame, and on global colour statistics;
-    with the chance level (1 / labels of the type) and the blind prior (train-majority answer)."""
+    with the chance level (1 / labels of the type) and the blind prior (train-majority answer).
+
+    ``probe_clips`` adds that many new random clips (``random_clip_samples``, every question each clip
+    answers) to the training rows: the annotated train rows alone give some types a few dozen examples.
+    The test rows are always the given ones."""
     import pandas as pd
 
     from .data import blind_prior, label_sets
 
+    cfg = cfg or get_config()
+    extra = [s for _, samples in random_clip_samples(probe_clips, cfg.template, seed=cfg.phantom_seed, cfg=cfg)
+             for s in samples] if probe_clips else []
+    prior = blind_prior(train)  # of the annotated rows: the prior a model without pixels would learn
+    train = [*train, *extra]
     views_train, views_test = probe_views(train, cfg, size), probe_views(test, cfg, size)
-    prior = blind_prior(train)
     n_labels = {t: len(v) for t, v in label_sets(cfg).items()}
     rows = []
     for qtype in QUESTION_TYPES:
