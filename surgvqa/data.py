@@ -185,7 +185,14 @@ def candidate_labels(question_type: str, cfg: Config | None = None) -> list[str]
 def load_template(template: str, cfg: Config | None = None) -> list[Sample]:
     if template not in TEMPLATE_FILES:
         raise ValueError(f"template must be one of {sorted(TEMPLATE_FILES)}, got {template!r}")
-    return load_annotations(data_dir(cfg) / TEMPLATE_FILES[template], labels=label_sets(cfg))
+    return list(_load_template(template, str(data_dir(cfg))))
+
+
+@lru_cache(maxsize=8)
+def _load_template(template: str, directory: str) -> tuple[Sample, ...]:
+    # Renderers and scorers ask for wordings and sentences per clip; parsing 5,200 rows once is enough.
+    return tuple(load_annotations(Path(directory) / TEMPLATE_FILES[template],
+                                  labels=_template_label_sets(directory)))
 
 
 def question_wordings(template: str, cfg: Config | None = None) -> dict[str, str]:
