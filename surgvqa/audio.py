@@ -286,6 +286,9 @@ def render(text: str, spec: VoiceSpec, sample_rate: int = 16000) -> np.ndarray:
     engine = {"espeak-ng": _espeak, "piper": _piper, "edge-tts": _edge_tts}[spec.engine]
     audio, rate = engine(text, spec)
     audio = resample_audio(audio, rate, sample_rate)
+    peak = float(np.abs(audio).max()) if audio.size else 0.0
+    if peak > 0.99:  # resampling can overshoot full scale, and 16-bit PCM would then clip or wrap
+        audio = audio * np.float32(0.99 / peak)
     if audio.size == 0 or _rms(audio) < SILENCE_RMS:
         raise TTSError(f"{spec} produced silence for {text!r}")
     return audio
@@ -677,12 +680,13 @@ def whisper_encode(encoder, input_features: "torch.Tensor") -> "torch.Tensor":
 
 
 def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: int = 8,
-               sample_rate: int = 16000, max_new_tokens: int = 64, tail_s: float = 1.0) -> list[str]:
+               sample_rate: int = 16000, tokens_per_s: float = 6.0, tail_s: float = 1.0) -> list[str]:
     """Greedy English transcription of 16 kHz mono waveforms, in batches.
 
     Each batch is encoded over its longest waveform plus ``tail_s`` of silence instead of Whisper's
     30 s window: several times faster on a CPU, and on the synthetic questions it also transcribes
-    better (attention is not spread over 27 s of padding).
+    better (attention is not spread over 27 s of padding). Output is capped at ``tokens_per_s`` tokens
+    per second of audio (speech is about 4), so a decoder stuck repeating itself stops early.
     """
     import torch
     from transformers.modeling_outputs import BaseModelOutput
@@ -693,7 +697,8 @@ def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: in
     texts = []
     for start in range(0, len(waveforms), batch_size):
         batch = [np.asarray(w, dtype=np.float32) for w in waveforms[start:start + batch_size]]
-        length = min(window, max(len(w) for w in batch) + int(tail_s * sample_rate))
+        longest = max(len(w) for w in batch)
+        length = min(window, longest + int(tail_s * sample_rate))
         features = processor.feature_extractor(batch, sampling_rate=sample_rate, return_tensors="pt",
                                                padding="max_length", max_length=length,
                                                truncation=True).input_features
@@ -701,7 +706,7 @@ def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: in
         with torch.inference_mode():
             encoded = BaseModelOutput(last_hidden_state=whisper_encode(model.model.encoder, features))
             ids = model.generate(encoder_outputs=encoded, do_sample=False, num_beams=1,
-                                 max_new_tokens=max_new_tokens, **language)
+                                 max_new_tokens=int(tokens_per_s * longest / sample_rate) + 4, **language)
         texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return texts
 
