@@ -408,7 +408,7 @@ def random_clip_samples(n: int, template: str = "out", seed: int = 0, start: int
 
 # --- rendering -----------------------------------------------------------------------------------
 
-CANVAS_EXTENT = 1.4  # the scene canvas spans [-1.4, 1.4]; a frame at zoom 1 sees [-1, 1]
+CANVAS_EXTENT = 1.35  # the scene canvas spans [-1.35, 1.35]; a frame at zoom 1 sees [-1, 1]
 ZOOM_RANGE = 0.25  # a moving scope changes the zoom by 25 % over the clip
 DRIFT_DISTANCE = 0.36  # a drifting scene moves 18 % of the frame width over the clip
 JITTER = 0.012  # camera shake per frame, in frame half-widths
@@ -661,7 +661,7 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
 
     # The view of every frame: zoom, and the scene point at the screen centre.
     t = np.linspace(0, 1, FRAMES_PER_CLIP)
-    zoom = np.full(FRAMES_PER_CLIP, rng.uniform(1.02, 1.2))
+    zoom = np.full(FRAMES_PER_CLIP, rng.uniform(1.05, 1.2))
     if state.moving:  # geometric about the middle frame, which then looks like a still clip's frame
         zoom *= (1 + ZOOM_RANGE) ** ((t - 0.5) * (1 if state.direction == "advancing" else -1))
     step = {"stable": (0, 0), "up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[state.drift]

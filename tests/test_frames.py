@@ -340,10 +340,10 @@ def test_random_clips_carry_their_answers_in_the_template_wording():
 # --- probe ---------------------------------------------------------------------------------------
 
 def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
-    pairs = F.random_clip_samples(140, seed=7)
+    pairs = F.random_clip_samples(160, seed=7)
     train = [s for _, samples in pairs[:40] for s in samples]
-    test = [s for _, samples in pairs[100:] for s in samples]
-    table = F.probe_table(train, test, size=32, probe_clips=60)
+    test = [s for _, samples in pairs[40:] for s in samples]
+    table = F.probe_table(train, test, size=32, probe_clips=120)
     for qtype in ("nbi_status", "scope_outside", "scope_motion", "scope_motion_type"):
         assert table.loc[qtype, "clip"] >= 0.85, table.loc[qtype]
     assert table.loc["scope_motion_type", "frame"] <= 0.75
@@ -351,7 +351,7 @@ def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
     assert set(table.columns) >= {"n_train", "n_test", "chance", "blind_prior", "clip", "frame", "global"}
     # the extra random clips add training rows; the test rows are the given ones
     n_given = {t: sum(s.question_type == t for s in train) for t in table.index}
-    extra = {t: sum(s.question_type == t for _, samples in F.random_clip_samples(60) for s in samples)
+    extra = {t: sum(s.question_type == t for _, samples in F.random_clip_samples(120) for s in samples)
              for t in table.index}
     assert all(table.loc[t, "n_train"] == n_given[t] + extra[t] for t in table.index)
     assert all(table.loc[t, "n_test"] == sum(s.question_type == t for s in test) for t in table.index)
