@@ -7,7 +7,9 @@ chat template (Qwen2-VL's), then every placeholder is expanded to the number of 
 ``<|audio_pad|>`` to the projected Whisper frames of the question. The model checks those counts again.
 
 Question modes: ``audio`` (the question is heard only; its text appears nowhere in the prompt),
-``text`` (written question, no audio), ``both``.
+``text`` (written question, no audio), ``both``, and ``mixed`` for training: each item draws one of the
+three (seeded), so one set of weights can be evaluated under every mode. In a batch only the items that
+hear their question carry audio rows; ``audio_rows`` lists them.
 
 Training batches are right-padded and carry ``labels`` (-100 everywhere except the answer tokens and the
 end-of-turn token); generation batches are left-padded, end with the assistant header and carry no labels.
@@ -47,6 +49,7 @@ WHISPER_WINDOW_S = 30.0
 SPOKEN_QUESTION = "Spoken question: " + AUDIO_TOKEN
 WRITTEN_QUESTION = "Question: {question}"
 INSTRUCTION = "Answer the question about this colonoscopy clip in one sentence."
+ITEM_MODES = ("audio", "text", "both")
 
 
 class CollateError(ValueError):
@@ -114,6 +117,7 @@ class Collator:
     tokenizer: Any  # a PreTrainedTokenizerFast with Qwen2-VL's special tokens, AUDIO_TOKEN and chat template
     feature_extractor: Any  # a WhisperFeatureExtractor (log-mel features)
     question_mode: str = "audio"
+    mode_seed: int = 0  # seeds the per-item draw of the mixed mode
     frames_as: str = "video"
     frame_size: int = 224
     audio_pool: int = 2
@@ -125,13 +129,15 @@ class Collator:
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, feature_extractor: Any, **vision: int) -> "Collator":
-        return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, frames_as=cfg.frames_as,
+        return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, mode_seed=cfg.seed,
+                   frames_as=cfg.frames_as,
                    frame_size=cfg.frame_size, audio_pool=cfg.audio_pool, min_audio_s=cfg.min_audio_s,
                    max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), **vision)
 
     def __post_init__(self) -> None:
-        if self.question_mode not in ("audio", "text", "both"):
-            raise ValueError(f"question_mode {self.question_mode!r}: must be audio, text or both")
+        if self.question_mode not in (*ITEM_MODES, "mixed"):
+            raise ValueError(f"question_mode {self.question_mode!r}: must be audio, text, both or mixed")
+        self.mode_rng = np.random.default_rng(self.mode_seed)
         if self.frames_as not in ("video", "images"):
             raise ValueError(f"frames_as {self.frames_as!r}: must be video or images")
         vocab = self.tokenizer.get_vocab()
@@ -144,27 +150,36 @@ class Collator:
 
     @property
     def uses_audio(self) -> bool:
-        return self.question_mode in ("audio", "both")
+        """Whether any item may need its question audio."""
+        return self.question_mode != "text"
+
+    def item_mode(self) -> str:
+        """The question mode of the next item: the collator's own, or a seeded draw when ``mixed``."""
+        if self.question_mode != "mixed":
+            return self.question_mode
+        return ITEM_MODES[int(self.mode_rng.integers(len(ITEM_MODES)))]
 
     # --- pieces of one item ---------------------------------------------------------------------------
 
-    def messages(self, sample: Sample) -> list[dict]:
+    def messages(self, sample: Sample, mode: str | None = None) -> list[dict]:
         """The user turn: the clip first, then the question (heard, written or both), then the instruction."""
         visual = [{"type": "video"}] if self.frames_as == "video" else [{"type": "image"}] * FRAMES_PER_CLIP
         question = {
             "audio": SPOKEN_QUESTION,
             "text": WRITTEN_QUESTION.format(question=sample.question),
             "both": SPOKEN_QUESTION + "\n" + WRITTEN_QUESTION.format(question=sample.question),
-        }[self.question_mode]
+        }[mode or self.question_mode]
         return [{"role": "user", "content": visual + [{"type": "text", "text": question + "\n" + INSTRUCTION}]}]
 
-    def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int) -> str:
+    def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int, mode: str | None = None) -> str:
         """The chat prompt up to the assistant header, with every placeholder expanded to its row count."""
-        text = self.tokenizer.apply_chat_template(self.messages(sample), tokenize=False, add_generation_prompt=True)
+        mode = mode or self.question_mode
+        text = self.tokenizer.apply_chat_template(self.messages(sample, mode), tokenize=False,
+                                                  add_generation_prompt=True)
         vision_token = VIDEO_TOKEN if self.frames_as == "video" else IMAGE_TOKEN
         text = text.replace(vision_token, vision_token * vision_tokens_each)
         n_audio = text.count(AUDIO_TOKEN)
-        if n_audio != (1 if self.uses_audio else 0):
+        if n_audio != (1 if mode in ("audio", "both") else 0):
             raise CollateError(f"sample {sample.uid}: the prompt holds {n_audio} audio placeholders")
         return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * audio_tokens)
 
@@ -205,9 +220,9 @@ class Collator:
         """Collate items into a batch: right-padded with labels, or left-padded prompts for generation."""
         if not items:
             raise CollateError("cannot collate an empty list of items")
-        rows, label_rows, pixel_list, grid_list, mels = [], [], [], [], []
+        rows, label_rows, pixel_list, grid_list, mels, audio_rows = [], [], [], [], [], []
         im_end = self.token_ids[IM_END]
-        for item in items:
+        for index, item in enumerate(items):
             if len(item) != 3:
                 raise CollateError(f"an item must be (Sample, frames, waveform), got {len(item)} fields")
             sample, frames, waveform = item
@@ -216,12 +231,13 @@ class Collator:
             pixel_list.append(patches)
             grid_list.append(grid)
             vision_tokens_each = int(grid[0].prod()) // self.merge_size ** 2
-            audio_tokens = 0
-            if self.uses_audio:
+            audio_tokens, mode = 0, self.item_mode()
+            if mode in ("audio", "both"):
                 mel = self.log_mel(sample, waveform)
                 mels.append(mel)
+                audio_rows.append(index)
                 audio_tokens = audio_token_count(mel.shape[-1], self.audio_pool)
-            prompt_ids = self.tokenizer(self.prompt(sample, vision_tokens_each, audio_tokens),
+            prompt_ids = self.tokenizer(self.prompt(sample, vision_tokens_each, audio_tokens, mode),
                                         add_special_tokens=False)["input_ids"]
             if for_generation:
                 rows.append(prompt_ids)
@@ -244,12 +260,13 @@ class Collator:
         prefix = "pixel_values_videos" if self.frames_as == "video" else "pixel_values"
         grid_key = "video_grid_thw" if self.frames_as == "video" else "image_grid_thw"
         batch[prefix], batch[grid_key] = torch.cat(pixel_list), torch.cat(grid_list)
-        if self.uses_audio:
+        if mels:
             lengths = torch.tensor([m.shape[-1] for m in mels], dtype=torch.long)
             features = torch.zeros(len(mels), mels[0].shape[0], int(lengths.max()))
             for i, mel in enumerate(mels):
                 features[i, :, : mel.shape[-1]] = mel
             batch["audio_features"], batch["audio_lengths"] = features, lengths
+            batch["audio_rows"] = torch.tensor(audio_rows, dtype=torch.long)
         batch["samples"] = [item[0] for item in items]
         return batch
 

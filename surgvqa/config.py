@@ -49,7 +49,9 @@ class Config:
     # --- model ------------------------------------------------------------------------------------
     vlm: str = "tiny"  # "tiny" (built locally) or a local folder / hub id of a Qwen2-VL checkpoint
     vlm_from_scratch: bool = True  # tiny only: random init (no phantom-pretrained tiny weights ship yet)
-    question_mode: str = "audio"  # "audio" (heard only), "text", "both"
+    # "audio" (heard only), "text", "both"; "mixed" trains on all three (drawn per item) so that one model
+    # is evaluated under each mode
+    question_mode: str = "audio"
     audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2 or 4
     lora: bool = False
     lora_r: int = 64
@@ -84,7 +86,7 @@ class Config:
             "split": ("published", "stratified"),
             "frames_source": ("phantom", "real"),
             "frames_as": ("video", "images"),
-            "question_mode": ("audio", "text", "both"),
+            "question_mode": ("audio", "text", "both", "mixed"),
             "audio_pool": (1, 2, 4),
             "dtype": ("float32", "bfloat16"),
             "schedule": ("cosine", "linear"),

@@ -147,9 +147,13 @@ class AudioGraftedQwen2VL(nn.Module):
         return rows
 
     def embed(self, input_ids: torch.Tensor, audio_features: torch.Tensor | None = None,
-              audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None
-              ) -> torch.Tensor:
-        """Token embeddings with the audio placeholders replaced by projected Whisper rows."""
+              audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
+              audio_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the audio placeholders replaced by projected Whisper rows.
+
+        ``audio_rows`` (ascending batch indices) says which rows the audio features belong to when not
+        every row hears its question (the mixed mode); every other row must hold no audio placeholder.
+        """
         embeds = self.base_vlm.get_input_embeddings()(input_ids)
         audio_mask = input_ids == self.audio_token_id
         placeholders = audio_mask.sum(dim=1).tolist()
@@ -160,11 +164,17 @@ class AudioGraftedQwen2VL(nn.Module):
                 raise AudioTokenMismatch(f"audio placeholders but no audio features, sample(s) {bad}")
             return embeds
         rows = self.audio_rows(audio_features.to(embeds.device), audio_lengths.to(embeds.device))
-        for name, count, r, length in zip(names, placeholders, rows, audio_lengths.tolist()):
-            if count != len(r):
+        owners = audio_rows.tolist() if audio_rows is not None else list(range(len(input_ids)))
+        if len(owners) != len(rows) or owners != sorted(set(owners)):
+            raise AudioTokenMismatch(f"audio rows {owners} do not match the {len(rows)} audio features")
+        expected, lengths = [0] * len(input_ids), [0] * len(input_ids)
+        for owner, r, length in zip(owners, rows, audio_lengths.tolist()):
+            expected[owner], lengths[owner] = len(r), length
+        for name, count, n_rows, length in zip(names, placeholders, expected, lengths):
+            if count != n_rows:
                 raise AudioTokenMismatch(
                     f"sample {name}: {count} audio placeholder tokens but its question audio ({length} mel "
-                    f"frames, pool {self.projector.pool}) projects to {len(r)} rows")
+                    f"frames, pool {self.projector.pool}) projects to {n_rows} rows")
         return embeds.masked_scatter(audio_mask.unsqueeze(-1), torch.cat(rows).to(embeds.dtype))
 
     # --- forward ---
@@ -173,11 +183,11 @@ class AudioGraftedQwen2VL(nn.Module):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
-                audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None
-                ) -> GraftOutput:
+                audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
+                audio_rows: torch.Tensor | None = None) -> GraftOutput:
         """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput."""
         base = self.base_vlm
-        inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples)
+        inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows)
         hidden = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
@@ -397,7 +407,7 @@ def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: 
     batch = _on_device(batch, base.device)
     with _evaluating(model):
         embeds = model.embed(batch["input_ids"], batch.get("audio_features"), batch.get("audio_lengths"),
-                             batch.get("samples"))
+                             batch.get("samples"), batch.get("audio_rows"))
         out = base.generate(input_ids=batch["input_ids"], inputs_embeds=embeds,
                             attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
                             **_vision_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
@@ -438,7 +448,8 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions, rope_deltas = base.model.get_rope_index(
             ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
-        embeds = model.embed(ids, batch.get("audio_features"), batch.get("audio_lengths"), samples)
+        embeds = model.embed(ids, batch.get("audio_features"), batch.get("audio_lengths"), samples,
+                             batch.get("audio_rows"))
         prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                             mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **_vision_inputs(batch))
         first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)

@@ -189,3 +189,20 @@ def test_answer_text_is_taken_from_the_sample(tokenizer, feature_extractor, samp
     batch = make_collator(tokenizer, feature_extractor)(make_items([s]))
     kept = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
     assert tokenizer.decode(kept) == "Yes, the snare is visible." + IM_END
+
+
+def test_mixed_mode_draws_a_mode_per_item_and_lists_the_rows_that_hear(tokenizer, feature_extractor, samples):
+    items = make_items(samples * 4, seconds=(1.0, 1.7, 2.3) * 4)
+    collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3)
+    batch = collate(items)
+    audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    hears = [bool((row == audio_id).any()) for row in batch["input_ids"]]
+    assert batch["audio_rows"].tolist() == [i for i, h in enumerate(hears) if h]
+    assert 0 < sum(hears) < len(items)  # both kinds of item in one batch of 12
+    assert len(batch["audio_features"]) == sum(hears)
+    again = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3)(items)
+    assert torch.equal(again["input_ids"], batch["input_ids"])  # the draw is seeded
+    for row, s, h in zip(batch["input_ids"], samples * 4, hears):
+        text = tokenizer.decode(row)
+        # an item that hears its question may also read it ("both"); one that does not must read it
+        assert h or s.question in text

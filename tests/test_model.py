@@ -253,3 +253,19 @@ def test_generation_helpers_refuse_a_training_batch(model, items):
 def test_tiny_preset_refuses_to_invent_pretrained_weights(whisper):
     with pytest.raises(ValueError, match="vlm_from_scratch"):
         M.build_model(get_config("tiny", vlm_from_scratch=False), whisper=whisper)
+
+
+
+def test_mixed_batches_take_audio_only_where_the_prompt_hears_it(model, items):
+    import dataclasses
+    mixed = dataclasses.replace(M.collator(model), question_mode="mixed", mode_seed=1)
+    batch = mixed(items * 3)
+    assert 0 < len(batch["audio_rows"]) < len(items) * 3
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    # candidate scoring runs on a mixed generation batch too; audio rows that point at the wrong items fail
+    scores = M.score_candidates(model, mixed(items * 3, for_generation=True))
+    assert len(scores) == len(items) * 3
+    shifted = dict(batch, audio_rows=batch["audio_rows"].flip(0))
+    with pytest.raises(M.AudioTokenMismatch):
+        model(**shifted)
