@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import (QUESTION_TYPES, YES_NO, AnnotationError, Sample, blind_prior, candidate_labels,
+from .data import (QUESTION_TYPES, YES_NO, AnnotationError, Sample, blind_prior, candidate_answers, candidate_labels,
                    load_annotations, load_split, published_split)
 
 UNPARSEABLE = "unparseable"
@@ -510,6 +510,82 @@ def reliability_figure(table: pd.DataFrame, ax=None, title: str = "Reliability o
 
 
 # --- summary and command line --------------------------------------------------------------------
+
+# --- running a model --------------------------------------------------------------------------------
+
+def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd.DataFrame | None = None,
+            questions: dict[str, str] | None = None, batch_size: int = 16, generate_answers: bool = True,
+            max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
+    """Answer ``samples`` under a question mode; one record per sample in the predictions schema.
+
+    ``mode`` is audio, text or both (the prompt the model gets), whatever the mode it was trained in.
+    ``questions`` (uid -> text) replaces the written question, e.g. by an ASR transcript. The free-text
+    answer (greedy ``generate``) is what the strict scorer reads; candidate probabilities come from
+    ``score_candidates``. ``latency_ms`` is the model time of the batch divided by its size.
+    """
+    import dataclasses
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from . import model as graft
+    from .train import QADataset
+
+    if mode not in ("audio", "text", "both"):
+        raise ValueError(f"mode {mode!r}: must be audio, text or both")
+    rows = list(samples)
+    if questions is not None:
+        missing = [s.uid for s in rows if s.uid not in questions]
+        if missing:
+            raise KeyError(f"no replacement question for {len(missing)} sample(s), e.g. {missing[:3]}")
+        rows = [dataclasses.replace(s, question=questions[s.uid]) for s in rows]
+    audio_info = {}
+    if audio_manifest is not None:
+        audio_info = audio_manifest.set_index("uid")[["path", "voice", "duration_s"]].to_dict("index")
+    mode_cfg = cfg.replace(question_mode=mode)
+    collate = dataclasses.replace(graft.collator(model), question_mode=mode, frame_size=cfg.frame_size)
+    dataset = QADataset(rows, mode_cfg, {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
+                        collate_fn=lambda items: collate(items, for_generation=True))
+    records = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=f"predict ({mode})", disable=not progress, unit="batch"):
+            started = time.perf_counter()
+            scored = graft.score_candidates(model, batch)
+            texts = (graft.generate(model, batch, max_new_tokens=max_new_tokens) if generate_answers
+                     else [None] * len(scored))
+            per_sample_ms = 1000 * (time.perf_counter() - started) / len(scored)
+            for s, sc, text in zip(batch["samples"], scored, texts):
+                info = audio_info.get(s.uid, {})
+                records.append({
+                    "id": s.id, "uid": s.uid, "question_type": s.question_type, "short_answer": s.short_answer,
+                    # without generation the answer is the sentence of the most likely candidate
+                    "prediction": text if text is not None else data_answer(s.question_type, sc.label),
+                    "probabilities": sc.probabilities, "candidate_label": sc.label,
+                    "latency_ms": per_sample_ms, "mode": mode, "voice": info.get("voice"),
+                    "audio_duration_s": info.get("duration_s"), "template": cfg.template,
+                })
+    return records
+
+
+def data_answer(question_type: str, label: str) -> str:
+    texts, _ = candidate_answers(question_type)
+    return texts[label]
+
+
+def baseline_row(name: str, frame: pd.DataFrame, train: Sequence[Sample], ms_per_query: float) -> dict:
+    """One line of the baselines table: strict accuracy with CI, candidate accuracy, chance, prior, speed."""
+    table = type_accuracy(frame, train)
+    overall = table.loc["overall"]
+    candidate = float(frame["prob_correct"].astype(float).mean()) if frame["prob_correct"].notna().all() else math.nan
+    return {"baseline": name, "n": int(overall["n"]), "accuracy": float(overall["accuracy"]),
+            "ci_low": float(overall["ci_low"]), "ci_high": float(overall["ci_high"]),
+            "candidate_accuracy": candidate, "chance": float(overall["chance"]),
+            "blind_prior": float(overall["blind_prior"]), "ms_per_query": ms_per_query,
+            "samples_per_s": 1000 / ms_per_query if ms_per_query else math.nan}
+
 
 def _table_json(table: pd.DataFrame) -> dict:
     return {str(k): {c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}

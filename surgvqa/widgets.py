@@ -200,3 +200,38 @@ class Demo:
         self.result.value = (f"heard: {html.escape(source)}<br>answer: <b>{html.escape(label)}</b> "
                              f"(confidence {confidence:.2f}) — {html.escape(text)}")
         return label, probabilities, text
+
+
+def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray], max_new_tokens: int = 32
+                   ) -> Callable[[Sample, np.ndarray], tuple[str, dict[str, float], str]]:
+    """``answer(sample, waveform)`` for ``Demo``: the model hears the waveform (audio-only prompt) about the
+    sample's clip; returns the most likely label, the candidate probabilities and the free-text answer."""
+    import dataclasses
+
+    from .model import collator, generate, score_candidates
+
+    collate = dataclasses.replace(collator(model), question_mode="audio", frame_size=cfg.frame_size)
+
+    def answer(sample: Sample, waveform: np.ndarray) -> tuple[str, dict[str, float], str]:
+        batch = collate([(sample, load_frames(sample), waveform)], for_generation=True)
+        scored = score_candidates(model, batch)[0]
+        return scored.label, scored.probabilities, generate(model, batch, max_new_tokens)[0]
+
+    return answer
+
+
+def wav_reader(cfg) -> Callable[[bytes, str], np.ndarray]:
+    """``read_wav(content, name)`` for ``Demo``: an uploaded WAV checked like any question audio (exists,
+    decodes, not silent, duration bounds); other sample rates and stereo are converted, since an upload
+    comes from anywhere."""
+    import tempfile
+
+    from .audio import load_question_audio
+
+    def read_wav(content: bytes, name: str) -> np.ndarray:
+        with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+            f.write(content)
+            f.flush()
+            return load_question_audio(f"upload {name}", f.name, cfg, resample=True)
+
+    return read_wav
