@@ -1,0 +1,57 @@
+"""The whole workbook, 01 to 07, with the smoke preset: every notebook runs headless and each hands its
+stored metrics to the next."""
+from pathlib import Path
+
+import pytest
+
+from surgvqa import workbook
+
+SMOKE_PARAMS = {
+    "probe_size": 32, "probe_rows": 100, "probe_clips": 100, "gallery_size": 48,  # 01
+    "limit": 3, "players": 1, "wer_voices": 1, "wer_per_voice": 2,  # 02
+    "n_samples": 4,  # 03
+    "batch_size": 8, "demo_clips": 4,  # 05, 07
+}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workbook")
+    params = {**SMOKE_PARAMS, "audio_dir": str(root / "audio"), "output_dir": str(root / "run")}
+    workbook.run_workbook(None, preset="smoke", params=params, reports_dir=root / "reports", html=False,
+                          log=lambda *_: None)
+    return root / "reports"
+
+
+def test_every_notebook_ran_and_stored_metrics(reports):
+    names = [p.stem for p in workbook.notebook_paths()]
+    assert names[:7] == ["01-explore-data", "02-synthesize-audio", "03-feasibility-overfit", "04-train",
+                         "05-evaluate", "06-error-analysis", "07-demo"]
+    for name in names:
+        assert (reports / f"{name}.ipynb").exists()
+        assert workbook.read_metrics(name, reports)
+
+
+def test_metrics_chain_from_training_to_the_demo(reports):
+    trained = workbook.read_metrics("04-train", reports)
+    evaluated = workbook.read_metrics("05-evaluate", reports)
+    assert Path(trained["best_checkpoint"]).is_dir()
+    assert evaluated["checkpoint"] == trained["best_checkpoint"]
+    assert evaluated["n_test"] == 16
+    assert set(evaluated["baselines"]) == {"blind prior", "audio-only (headline)", "text-only", "audio + text",
+                                           "Whisper ASR -> text"}
+    for row in evaluated["baselines"].values():
+        assert row["n"] == 16 and 0 <= row["accuracy"] <= 1 and row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+    prior = evaluated["baselines"]["blind prior"]
+    assert prior["accuracy"] == prior["blind_prior"]
+    analysed = workbook.read_metrics("06-error-analysis", reports)
+    assert analysed["n"] == evaluated["n_test"] and 0 <= analysed["expected_calibration_error"] <= 1
+    demo = workbook.read_metrics("07-demo", reports)
+    assert demo["inspected"] == evaluated["n_test"]
+
+
+def test_data_and_audio_notebooks_report_real_numbers(reports):
+    explored = workbook.read_metrics("01-explore-data", reports)
+    assert explored["blind_prior_accuracy"]["test"] == pytest.approx(0.573)
+    audio = workbook.read_metrics("02-synthesize-audio", reports)
+    assert audio
