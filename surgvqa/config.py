@@ -48,7 +48,7 @@ class Config:
 
     # --- model ------------------------------------------------------------------------------------
     vlm: str = "tiny"  # "tiny" (built locally) or a local folder / hub id of a Qwen2-VL checkpoint
-    vlm_from_scratch: bool = True  # tiny only: random init (no phantom-pretrained tiny weights ship yet)
+    vlm_from_scratch: bool = False  # tiny only: random init instead of the shipped phantom-pretrained weights
     # "audio" (heard only), "text", "both"; "mixed" trains on all three (drawn per item) so that one model
     # is evaluated under each mode
     question_mode: str = "audio"

@@ -31,7 +31,10 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from . import data
 from .collate import AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, SPOKEN_QUESTION, WRITTEN_QUESTION, Collator
-from .config import Config
+from .config import REPO_ROOT, Config
+
+# The tiny preset's vision-language model, pretrained on phantom clips by ``python -m surgvqa pretrain``.
+TINY_PRETRAINED_DIR = REPO_ROOT / "checkpoints" / "tiny-phantom" / "vlm"
 
 # Qwen2-VL's chat template (Qwen/Qwen2-VL-7B-Instruct), given to the tiny tokenizer so that both presets
 # build prompts the same way.
@@ -311,7 +314,7 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     # A random-init VLM's frozen output layer caps the logits (unit-RMS hidden states times 0.02-scale
     # weights): LoRA alone stalled at 4.14 nats a token overfitting 10 samples. There the output layer is
     # trained too (it is saved with the adapter); a pretrained lm_head stays frozen.
-    train_output_layer = cfg.vlm == "tiny"
+    train_output_layer = cfg.vlm == "tiny" and cfg.vlm_from_scratch
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LM_LINEAR_LAYERS, bias="none",
                       modules_to_save=["lm_head"] if train_output_layer else None)
@@ -322,9 +325,9 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
                 ) -> AudioGraftedQwen2VL:
     """The graft for a config.
 
-    ``cfg.vlm == "tiny"``: a random-init small Qwen2-VL with the task tokenizer (``vlm_from_scratch``
-    must be set: there are no pretrained tiny weights to fall back on; a saved tiny model is loaded by
-    pointing ``vlm`` at its folder). Otherwise Qwen2-VL is loaded from ``cfg.vlm`` (a local folder or a
+    ``cfg.vlm == "tiny"``: the small Qwen2-VL pretrained on phantom clips that ships in
+    ``checkpoints/tiny-phantom`` (see its MODEL_CARD.md), or, with ``vlm_from_scratch``, a random-init one
+    of the same architecture with the task tokenizer. Otherwise Qwen2-VL is loaded from ``cfg.vlm`` (a local folder or a
     hub id), in 4-bit nf4 when ``load_in_4bit``. Whisper comes from ``surgvqa.audio`` unless ``whisper``
     gives ``(model or encoder, feature_extractor)``.
     """
@@ -333,10 +336,7 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     else:
         encoder, feature_extractor = _whisper_encoder(whisper[0]), whisper[1]
     encoder = encoder.to(_torch_dtype(cfg))
-    if cfg.vlm == "tiny":
-        if not cfg.vlm_from_scratch:
-            raise ValueError("preset vlm='tiny' builds a random-init model: set vlm_from_scratch=True, or point "
-                             "vlm at the folder of a saved tiny model")
+    if cfg.vlm == "tiny" and cfg.vlm_from_scratch:
         if cfg.load_in_4bit:
             raise ValueError("4-bit loading needs saved weights: save the tiny model and point vlm at it")
         tokenizer = build_tiny_tokenizer(cfg)
@@ -344,8 +344,12 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
             torch.manual_seed(cfg.seed)
             vlm = Qwen2VLForConditionalGeneration(tiny_vlm_config(tokenizer)).to(_torch_dtype(cfg))
     else:
-        tokenizer = _load_tokenizer(cfg.vlm, cfg)
-        vlm = _load_vlm(cfg.vlm, cfg)
+        source = str(TINY_PRETRAINED_DIR) if cfg.vlm == "tiny" else cfg.vlm
+        if cfg.vlm == "tiny" and not (TINY_PRETRAINED_DIR / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the phantom-pretrained tiny VLM is missing ({TINY_PRETRAINED_DIR}); "
+                                    "restore checkpoints/ from git, or set vlm_from_scratch=True")
+        tokenizer = _load_tokenizer(source, cfg)
+        vlm = _load_vlm(source, cfg)
     if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
         vlm.resize_token_embeddings(len(tokenizer))
     with torch.random.fork_rng():

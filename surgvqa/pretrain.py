@@ -836,7 +836,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PretrainSettings]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
-    cfg = get_config("tiny", **parse_overrides(args.param))
+    # Pretraining starts from random init unless asked to continue (-p vlm_from_scratch=false or -p vlm=DIR).
+    cfg = get_config("tiny", **{"vlm_from_scratch": True, **parse_overrides(args.param)})
     command = "python -m surgvqa pretrain " + shlex.join(argv)
     _, metrics = pretrain(cfg, settings, args.out, device=args.device, command=command)
     print(json.dumps({"steps": metrics["steps"], "min_accuracy": metrics["min_accuracy"],

@@ -250,9 +250,18 @@ def test_generation_helpers_refuse_a_training_batch(model, items):
         M.score_candidates(model, batch)
 
 
-def test_tiny_preset_refuses_to_invent_pretrained_weights(whisper):
-    with pytest.raises(ValueError, match="vlm_from_scratch"):
-        M.build_model(get_config("tiny", vlm_from_scratch=False), whisper=whisper)
+def test_tiny_preset_loads_the_shipped_phantom_pretrained_weights(whisper):
+    from safetensors.torch import load_file
+    pretrained = M.build_model(get_config("tiny"), whisper=whisper)
+    shipped = load_file(str(M.TINY_PRETRAINED_DIR / "model.safetensors"))
+    name = next(k for k in shipped if k.endswith("embed_tokens.weight"))
+    loaded = dict(pretrained.base_vlm.named_parameters())
+    weight = next(v for k, v in loaded.items() if k.endswith("embed_tokens.weight"))
+    assert torch.equal(weight[: len(shipped[name])], shipped[name])
+    scratch = M.build_model(get_config("tiny", vlm_from_scratch=True), whisper=whisper)
+    assert scratch.base_vlm.config.text_config.num_hidden_layers != 0
+    assert not torch.equal(dict(scratch.base_vlm.named_parameters())[next(
+        k for k in loaded if k.endswith("embed_tokens.weight"))][: len(shipped[name])], shipped[name])
 
 
 

@@ -24,7 +24,7 @@ TOY = PretrainSettings(frame_size=SIZE, batch_size=4, steps=6, lr=3e-3, warmup_s
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(get_config(question_mode="text", frame_size=SIZE))
+    return build_model(get_config(question_mode="text", frame_size=SIZE, vlm_from_scratch=True))
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_single_frame_control_repeats_frame_zero(clips):
 
 def test_toy_pretraining_lowers_the_loss_and_saves_a_reloadable_checkpoint(tmp_path, builder):
     out = tmp_path / "pretrained"
-    trained, metrics = pretrain(get_config(), TOY, out, command="toy", log=lambda *_: None)
+    trained, metrics = pretrain(get_config(vlm_from_scratch=True), TOY, out, command="toy", log=lambda *_: None)
     log = pd.read_csv(out / "train_log.csv")
     assert len(log) == TOY.steps and log["train_loss"].iloc[-2:].mean() < log["train_loss"].iloc[:2].mean() - 0.5
     assert {"data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms", "answer_exact/nbi_status", "rows"} <= set(log.columns)
@@ -193,7 +193,7 @@ def test_a_pixel_only_cue_is_learned_from_single_turn_rows(tmp_path):
                                    question_types="nbi_status", heldout_seed=4, heldout_clips=60, eval_rows=1,
                                    eval_every=1000)
     started = time.time()
-    _, metrics = pretrain(get_config(), settings, tmp_path / "nbi", command="toy nbi", log=lambda *_: None)
+    _, metrics = pretrain(get_config(vlm_from_scratch=True), settings, tmp_path / "nbi", command="toy nbi", log=lambda *_: None)
     row = metrics["per_type"]["nbi_status"]
     assert row["heldout_n"] == 60 and row["heldout_accuracy"] >= 0.85, row  # measured 0.98
     assert set(metrics["per_type"]) == {"nbi_status"}  # only the trained type is evaluated
