@@ -55,3 +55,11 @@ def test_data_and_audio_notebooks_report_real_numbers(reports):
     assert explored["blind_prior_accuracy"]["test"] == pytest.approx(0.573)
     audio = workbook.read_metrics("02-synthesize-audio", reports)
     assert audio
+
+
+def test_the_run_writes_a_summary_and_a_results_table(reports):
+    import json
+    summary = json.loads((reports / "summary.json").read_text())
+    assert summary["preset"] == "smoke" and "05-evaluate" in summary["notebooks"]
+    table = (reports / "README.md").read_text()
+    assert "| blind prior |" in table and "| audio-only (headline) |" in table and "n = 16" in table
