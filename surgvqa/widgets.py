@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import io
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import ipywidgets as w
@@ -89,7 +90,9 @@ class Inspector:
         self.play = w.Play(min=0, max=7, interval=int(1000 / fps), description="flipbook")
         w.jslink((self.play, "value"), (self.frame, "value"))
         self.flipbook = w.Image(format="png", layout=w.Layout(width="224px"))
-        self.audio = w.Output()
+        # an Audio widget, not IPython's Audio shown in an Output widget: that pairing can deadlock
+        # headless execution (nbclient), and the widget needs no capture at all
+        self.audio = w.Audio(format="wav", autoplay=False, controls=True)
         self.answer = w.HTML()
         for control in (self.split, self.question_type, self.outcome, self.voice):
             control.observe(lambda _: self._refilter(), names="value")
@@ -135,7 +138,7 @@ class Inspector:
         rows = self.filtered
         self.count.value = f"{min(self.position.value + 1, len(rows))} of {len(rows)}"
         row = self.current
-        self.audio.clear_output()
+        self.audio.value = b""
         if row is None:
             self.answer.value, self._frames = "<i>no prediction matches these filters</i>", None
             self.grid.value = self.flipbook.value = b""
@@ -147,10 +150,7 @@ class Inspector:
         self.answer.value = answer_html(row, sample)
         path = self.audio_path(sample.uid) if self.audio_path else None
         if path:
-            with self.audio:
-                from IPython.display import Audio, display
-
-                display(Audio(filename=str(path)))
+            self.audio.value = Path(path).read_bytes()
 
     def _show_frame(self) -> None:
         if self._frames is not None:

@@ -94,9 +94,13 @@ def ensure_kernel() -> str:
 
 def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
                  params: dict[str, Any] | None = None, reports_dir: str | Path = "reports",
-                 html: bool = True, log=print) -> list[Path]:
-    """Execute notebooks into ``reports_dir``; raise ``NotebookFailed`` at the first failing cell."""
+                 html: bool = True, cell_timeout: int | None = None, log=print) -> list[Path]:
+    """Execute notebooks into ``reports_dir``; raise ``NotebookFailed`` at the first failing cell.
+
+    ``cell_timeout`` (seconds) fails a cell that runs longer, instead of waiting for it forever.
+    """
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     params = dict(params or {})
     paths = notebook_paths(names)
@@ -122,10 +126,13 @@ def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
         log(f"[workbook] {path.stem}: running with {given}")
         try:
             pm.execute_notebook(str(path), str(target), parameters=given, kernel_name=kernel,
-                                cwd=str(NOTEBOOKS_DIR), progress_bar=False)
+                                cwd=str(NOTEBOOKS_DIR), progress_bar=False, execution_timeout=cell_timeout)
         except pm.PapermillExecutionError as e:
             raise NotebookFailed(path.stem, _source_cell_index(target, e.cell_index),
                                  f"{e.ename}: {e.evalue}") from None
+        except (CellTimeoutError, DeadKernelError) as e:
+            # nbclient's message quotes the cell's source, which names it when no index is known
+            raise NotebookFailed(path.stem, None, f"{type(e).__name__}: {e}") from None
         if html:
             _write_html(target)
         log(f"[workbook] {path.stem}: done in {time.time() - start:.1f} s -> {target}")
@@ -195,6 +202,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--reports-dir", default="reports")
     parser.add_argument("--no-html", action="store_true")
+    parser.add_argument("--cell-timeout", type=int, default=None, help="fail a cell that runs longer (seconds)")
     args = parser.parse_args(argv)
     params = {}
     for pair in args.param:
@@ -206,7 +214,8 @@ def main(argv: list[str]) -> int:
         except json.JSONDecodeError:
             params[key] = raw
     try:
-        run_workbook(args.names, args.preset, params, args.reports_dir, html=not args.no_html)
+        run_workbook(args.names, args.preset, params, args.reports_dir, html=not args.no_html,
+                     cell_timeout=args.cell_timeout)
     except NotebookFailed as e:
         print(f"[workbook] FAILED: {e}", file=sys.stderr)
         return 1

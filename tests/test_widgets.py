@@ -103,3 +103,15 @@ def test_demo_answers_and_reports_bad_audio(rows):
     demo.upload.value = ({"name": "q.wav", "content": memoryview(b"RIFF"), "type": "audio/wav", "size": 4,
                           "last_modified": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)},)
     assert demo.run() is None and "8000 Hz" in demo.result.value and len(asked) == 1
+
+
+def test_inspector_plays_the_current_samples_question(rows, tmp_path):
+    wavs = {}
+    for i, s in enumerate(rows):
+        wavs[s.uid] = tmp_path / f"{i}.wav"
+        wavs[s.uid].write_bytes(b"RIFF" + bytes([i]) * 8)
+    inspector = Inspector(predictions(rows), {s.uid: s for s in rows}, clip_of, audio_path=wavs.get)
+    assert inspector.audio.value == wavs[rows[0].uid].read_bytes()
+    inspector.next.click()
+    assert inspector.audio.value == wavs[rows[1].uid].read_bytes()
+

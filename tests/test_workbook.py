@@ -61,3 +61,18 @@ def test_metrics_merge_and_missing_metrics_error(tmp_path):
     assert json.loads((tmp_path / "metrics" / "nb.json").read_text()) == {"a": 1, "b": [1, 2]}
     with pytest.raises(FileNotFoundError, match="run it first"):
         workbook.read_metrics("other", tmp_path)
+
+
+def test_a_cell_that_runs_too_long_fails_with_its_index(tmp_path, monkeypatch):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('reports_dir = "x"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import time\ntime.sleep(60)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, str(tmp_path / "nbs" / "08-slow.ipynb"))
+    monkeypatch.setattr(workbook, "NOTEBOOKS_DIR", tmp_path / "nbs")
+    with pytest.raises(workbook.NotebookFailed) as err:
+        workbook.run_workbook(["08"], reports_dir=tmp_path / "out", cell_timeout=3, log=lambda *_: None)
+    assert err.value.notebook == "08-slow" and "CellTimeoutError" in str(err.value)
+    assert "time.sleep(60)" in str(err.value)  # the failing cell is quoted
+

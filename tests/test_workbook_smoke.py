@@ -19,7 +19,7 @@ def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("workbook")
     params = {**SMOKE_PARAMS, "audio_dir": str(root / "audio"), "output_dir": str(root / "run")}
     workbook.run_workbook(None, preset="smoke", params=params, reports_dir=root / "reports", html=False,
-                          log=lambda *_: None)
+                          cell_timeout=600, log=lambda *_: None)
     return root / "reports"
 
 
