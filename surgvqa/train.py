@@ -27,6 +27,8 @@ from .data import Sample
 from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
 
 STATE_FILE = "trainer_state.json"
+# Extra training clips come from their own seeds: not the pretraining clips (seeds 1 and 2).
+PHANTOM_EXTRA_SEED = 1000
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
 
 
@@ -68,6 +70,20 @@ def question_audio_paths(samples: Sequence[Sample], split: str, cfg: Config) -> 
         return {}
     manifest = audio.synthesize_split(samples, split, cfg, progress=True)
     return dict(zip(manifest["uid"], manifest["path"]))
+
+
+def phantom_extra(cfg: Config, epoch: int) -> tuple[list[Sample], dict[str, Any]]:
+    """``cfg.phantom_extra_per_epoch`` extra rendered clips for one epoch of training, one seeded question
+    each, with their clip states (uid -> state). New clips every epoch; never used for eval or test."""
+    n = cfg.phantom_extra_per_epoch
+    clips = frames.random_clip_samples(n, cfg.template, seed=PHANTOM_EXTRA_SEED + cfg.seed, start=epoch * n, cfg=cfg)
+    rng = np.random.default_rng([cfg.seed, epoch])
+    chosen, states = [], {}
+    for state, samples in clips:
+        sample = samples[int(rng.integers(len(samples)))]
+        chosen.append(sample)
+        states[sample.uid] = state
+    return chosen, states
 
 
 def limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
@@ -227,7 +243,13 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     def epoch_loader(epoch: int) -> DataLoader:
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        epoch_set = train_set
+        if cfg.phantom_extra_per_epoch:
+            with accelerator.main_process_first():
+                extra, states = phantom_extra(cfg, epoch)
+                extra_audio = question_audio_paths(extra, "train", cfg)
+            epoch_set = QADataset(train_rows + extra, cfg, {**train_audio, **extra_audio}, clip_states=states)
+        loader = DataLoader(epoch_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                             collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
                             persistent_workers=False)
         return accelerator.prepare_data_loader(loader, device_placement=True)

@@ -88,3 +88,17 @@ def test_two_process_cpu_ddp_keeps_ranks_in_sync(tmp_path, audio_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 4
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_in_sync"]
+
+
+def test_phantom_augmentation_adds_new_rendered_clips_to_each_epoch_only(tmp_path, audio_dir):
+    from surgvqa.train import phantom_extra
+    cfg = smoke_cfg(tmp_path, audio_dir, phantom_extra_per_epoch=5)
+    first, states = phantom_extra(cfg, 0)
+    second, _ = phantom_extra(cfg, 1)
+    assert len(first) == 5 and set(states) == {s.uid for s in first}
+    assert {s.uid for s in first}.isdisjoint({s.uid for s in second})  # new clips every epoch
+    assert [s.uid for s in phantom_extra(cfg, 0)[0]] == [s.uid for s in first]  # seeded
+    assert all(s.video_id not in ("002-001", "002-002", "002-003", "002-004") for s in first)
+    summary = train(cfg.replace(max_steps=4, eval_every=4), log=lambda *_: None)
+    assert summary["steps"] == 4 and summary["eval_rows"] == 6  # eval never sees the extra clips
+
