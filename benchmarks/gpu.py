@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout too, not only after 
 from surgvqa import data  # noqa: E402
 from surgvqa.collate import IGNORE_INDEX, SAMPLE_RATE, Collator  # noqa: E402
 from surgvqa.config import get_config  # noqa: E402
-from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, build_tiny_tokenizer,  # noqa: E402
+from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, build_tiny_tokenizer, candidate_token_rows,  # noqa: E402
                            parameter_groups, score_candidates, tiny_vlm_config)
 
 # --- shapes ----------------------------------------------------------------------------------------------
@@ -489,14 +489,7 @@ class CandidateScorer:
 
     def __init__(self, model: AudioGraftedQwen2VL, batch: dict[str, Any]):
         self.model, self.batch = model, batch
-        owners, labels, rows = [], [], []
-        for i, s in enumerate(batch["samples"]):
-            texts, complete = data.candidate_answers(s.question_type, model.cfg)
-            for label, text in texts.items():
-                ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-                owners.append(i)
-                labels.append(label)
-                rows.append(ids + [model.im_end_id] if complete else ids)
+        owners, labels, rows = candidate_token_rows(model, batch["samples"])
         device = batch["input_ids"].device
         self.labels = labels
         self.owner = torch.tensor(owners, device=device)

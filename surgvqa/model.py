@@ -428,6 +428,20 @@ class CandidateScores:
     log_likelihoods: dict[str, float]  # of each label's answer sentence + end-of-turn
 
 
+def candidate_token_rows(model: AudioGraftedQwen2VL, samples: Sequence[data.Sample]
+                         ) -> tuple[list[int], list[str], list[list[int]]]:
+    """(owning sample index, label, token ids) of every candidate answer of every sample, in order."""
+    owners, labels, rows = [], [], []
+    for i, s in enumerate(samples):
+        texts, complete = data.candidate_answers(s.question_type, model.cfg)
+        for label, text in texts.items():
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            owners.append(i)
+            labels.append(label)
+            rows.append(ids + [model.im_end_id] if complete else ids)
+    return owners, labels, rows
+
+
 def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
     """Rank the label set of each sample's question type by the likelihood of its answer SENTENCE.
 
@@ -440,14 +454,7 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
     base = model.base_vlm
     batch = _on_device(batch, base.device)
     samples = batch["samples"]
-    owners, labels, rows = [], [], []
-    for i, s in enumerate(samples):
-        texts, complete = data.candidate_answers(s.question_type, model.cfg)
-        for label, text in texts.items():
-            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-            owners.append(i)
-            labels.append(label)
-            rows.append(ids + [model.im_end_id] if complete else ids)
+    owners, labels, rows = candidate_token_rows(model, samples)
     with _evaluating(model):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions, rope_deltas = base.model.get_rope_index(

@@ -27,7 +27,7 @@ def tiny_whisper(max_source_positions: int = 1500) -> tuple[WhisperEncoder, Whis
 
 
 def tiny_config(**overrides):
-    values = dict(vlm_from_scratch=True, frame_size=FRAME_SIZE, lora=True, lora_r=8, lora_alpha=16,
+    values = dict(vlm_from_scratch=True, frame_size=FRAME_SIZE, question_mode="audio", lora=True, lora_r=8, lora_alpha=16,
                   lora_dropout=0.0)
     return get_config("tiny", **{**values, **overrides})
 
