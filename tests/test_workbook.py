@@ -9,7 +9,8 @@ from surgvqa import workbook
 
 
 def test_notebook_01_runs_headless_and_stores_its_metrics(tmp_path):
-    written = workbook.run_workbook(["01"], reports_dir=tmp_path, log=lambda *_: None)
+    small_probe = {"probe_size": 32, "probe_rows": 100, "probe_clips": 100, "gallery_size": 48}
+    written = workbook.run_workbook(["01"], params=small_probe, reports_dir=tmp_path, log=lambda *_: None)
     assert written == [tmp_path / "01-explore-data.ipynb"]
     assert (tmp_path / "01-explore-data.html").stat().st_size > 10_000
     metrics = workbook.read_metrics("01-explore-data", tmp_path)
