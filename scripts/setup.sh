@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(espeak-ng sox)
+# espeak-ng and sox voice the questions; chromium (Debian's, at /usr/bin/chromium) runs the inspector's
+# browser test (tests/test_browser.py), since Playwright's own browser download cannot be relied on.
+# Each package name is also the command it installs, which is how the check below finds what is missing.
+SYSTEM_PACKAGES=(espeak-ng sox chromium)
 missing=()
 for cmd in "${SYSTEM_PACKAGES[@]}"; do command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd"); done
 if [ ${#missing[@]} -gt 0 ]; then
