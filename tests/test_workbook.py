@@ -32,15 +32,19 @@ def test_notebooks_follow_the_house_rules():
                 assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines()), path
 
 
-def test_a_failing_cell_names_the_notebook_and_cell(tmp_path, monkeypatch):
+def notebooks_of(tmp_path, monkeypatch, name: str, *sources: str) -> None:
+    """The workbook's notebooks folder replaced by one holding a notebook of a parameters cell + ``sources``."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell('reports_dir = "x"', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nb.cells = [nbformat.v4.new_code_cell('reports_dir = "x"', metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in sources]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     (tmp_path / "nbs").mkdir()
-    nbformat.write(nb, str(tmp_path / "nbs" / "09-broken.ipynb"))
+    nbformat.write(nb, str(tmp_path / "nbs" / f"{name}.ipynb"))
     monkeypatch.setattr(workbook, "NOTEBOOKS_DIR", tmp_path / "nbs")
+
+
+def test_a_failing_cell_names_the_notebook_and_cell(tmp_path, monkeypatch):
+    notebooks_of(tmp_path, monkeypatch, "09-broken", "x = 1", "raise ValueError('broken on purpose')")
     with pytest.raises(workbook.NotebookFailed) as err:
         workbook.run_workbook(["09"], reports_dir=tmp_path / "out", log=lambda *_: None)
     assert err.value.notebook == "09-broken" and err.value.cell == 2
@@ -64,14 +68,8 @@ def test_metrics_merge_and_missing_metrics_error(tmp_path):
         workbook.read_metrics("other", tmp_path)
 
 
-def test_a_cell_that_runs_too_long_fails_with_its_index(tmp_path, monkeypatch):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell('reports_dir = "x"', metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("import time\ntime.sleep(60)")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    (tmp_path / "nbs").mkdir()
-    nbformat.write(nb, str(tmp_path / "nbs" / "08-slow.ipynb"))
-    monkeypatch.setattr(workbook, "NOTEBOOKS_DIR", tmp_path / "nbs")
+def test_a_cell_that_runs_too_long_fails_and_is_quoted(tmp_path, monkeypatch):
+    notebooks_of(tmp_path, monkeypatch, "08-slow", "import time\ntime.sleep(60)")
     with pytest.raises(workbook.NotebookFailed) as err:
         workbook.run_workbook(["08"], reports_dir=tmp_path / "out", cell_timeout=3, log=lambda *_: None)
     assert err.value.notebook == "08-slow" and "CellTimeoutError" in str(err.value)
