@@ -148,11 +148,6 @@ class Collator:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
 
-    @property
-    def uses_audio(self) -> bool:
-        """Whether any item may need its question audio."""
-        return self.question_mode != "text"
-
     def item_mode(self) -> str:
         """The question mode of the next item: the collator's own, or a seeded draw when ``mixed``."""
         if self.question_mode != "mixed":

@@ -571,6 +571,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
 
 
 def data_answer(question_type: str, label: str) -> str:
+    """The answer text the data gives a label (what a model answering that label would say)."""
     texts, _ = candidate_answers(question_type)
     return texts[label]
 
