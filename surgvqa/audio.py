@@ -444,6 +444,88 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
     return audio
 
 
+# --- cached Whisper encoder outputs ----------------------------------------------------------------
+
+def encoder_fingerprint(encoder: "torch.nn.Module") -> str:
+    """A digest of every weight of a (frozen) encoder: cached outputs are only reused by the same weights."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        # raw bytes (a bf16 tensor has no numpy dtype, its uint8 view does)
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def encoded_audio_dir(fingerprint: str, audio_pool: int, cfg: Config) -> Path:
+    # the pool sets how the waveform is padded before the log-mel, so it is part of the key
+    return cfg.path(cfg.audio_features_dir) / f"{fingerprint}-pool{audio_pool}"
+
+
+def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarray], "torch.Tensor"],
+                        encode: Callable[["torch.Tensor"], "torch.Tensor"], folder: Path, cfg: Config,
+                        batch_size: int = 32, progress: bool = True) -> dict[str, Path]:
+    """The frozen Whisper encoder's output for every question's audio, computed once per distinct file.
+
+    ``paths`` maps uid -> WAV (as ``load_question_audio`` takes it); ``log_mel(uid, waveform)`` is the
+    collator's feature step and ``encode(mel batch)`` the model's encoder, so a cached array is exactly what
+    the model would compute in the batch (files of one mel length are encoded together, as the model does).
+    Arrays are float32 ``(encoder frames, d_model)`` under ``folder``, named by the WAV's sha256 and written
+    atomically; returns uid -> array path. Every WAV is validated on the way, errors naming the sample.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    wav_of, digest_of = {}, {}
+    for uid, path in paths.items():
+        full = Path(path) if Path(path).is_absolute() else cfg.path(cfg.audio_dir) / path
+        if full not in digest_of:
+            if not full.is_file():
+                load_question_audio(uid, full, cfg)  # raises the error that names the sample and file
+            digest_of[full] = hashlib.sha256(full.read_bytes()).hexdigest()[:24]
+        wav_of[uid] = full
+    out = {uid: folder / f"{digest_of[full]}.npy" for uid, full in wav_of.items()}
+    todo: dict[Path, str] = {}  # array path -> one uid that names it in errors
+    for uid, target in out.items():
+        if not target.exists():
+            todo.setdefault(target, uid)
+    if not todo:
+        return out
+    folder.mkdir(parents=True, exist_ok=True)
+    by_length: dict[int, list[tuple[Path, torch.Tensor]]] = {}
+    for target, uid in todo.items():
+        mel = log_mel(uid, load_question_audio(uid, wav_of[uid], cfg))
+        by_length.setdefault(mel.shape[-1], []).append((target, mel))
+    bar = tqdm(total=len(todo), desc=f"encode question audio ({len(set(out.values())) - len(todo)} cached)",
+               unit="file", disable=not progress)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            with torch.no_grad():
+                frames = encode(torch.stack([mel for _, mel in chunk])).float().cpu().numpy()
+            for (target, _), array in zip(chunk, frames):
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".npy", dir=folder)
+                os.close(fd)
+                np.save(tmp, array)
+                os.replace(tmp, target)
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def load_encoded_audio(uid: str, path: str | Path, width: int) -> np.ndarray:
+    """A cached encoder output, ``(frames, width)`` float32 and finite, or an ``AudioError`` naming the file."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise AudioError(f"cached question audio features of sample {uid} ({path}): cannot be read ({e})") from None
+    if array.ndim != 2 or array.shape[1] != width or array.dtype != np.float32 or not np.isfinite(array).all():
+        raise AudioError(f"cached question audio features of sample {uid} ({path}): expected finite float32 "
+                         f"(frames, {width}), got {array.dtype} {array.shape}")
+    return array
+
+
 # --- Whisper from CTranslate2 packages -------------------------------------------------------------
 
 # name -> (package, folder inside it, model.bin parts in order)

@@ -52,6 +52,14 @@ INSTRUCTION = "Answer the question about this colonoscopy clip in one sentence."
 ITEM_MODES = ("audio", "text", "both")
 
 
+@dataclass(frozen=True)
+class EncodedQuestion:
+    """A question's audio already through the frozen Whisper encoder, ``(encoder frames, d_model)`` float32
+    (``audio.cache_encoded_audio``); it stands in an item where the waveform would."""
+
+    frames: np.ndarray
+
+
 class CollateError(ValueError):
     """An item cannot be collated; the message names the sample (uid and annotation source)."""
 
@@ -208,6 +216,14 @@ class Collator:
                                           return_tensors="pt")["input_features"][0]
         return features
 
+    def check_encoded(self, sample: Sample, frames: Any) -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.ndim != 2 or frames.dtype != np.float32 or len(frames) % self.audio_pool or not len(frames):
+            raise CollateError(f"sample {sample.uid}: cached encoder output must be float32 (frames, d_model) "
+                               f"with frames a multiple of audio_pool {self.audio_pool}, got "
+                               f"{frames.dtype} {frames.shape}")
+        return frames
+
     # --- the batch ------------------------------------------------------------------------------------
 
     def __call__(self, items: Sequence[tuple[Sample, np.ndarray, np.ndarray | None]],
@@ -215,7 +231,7 @@ class Collator:
         """Collate items into a batch: right-padded with labels, or left-padded prompts for generation."""
         if not items:
             raise CollateError("cannot collate an empty list of items")
-        rows, label_rows, pixel_list, grid_list, mels, audio_rows = [], [], [], [], [], []
+        rows, label_rows, pixel_list, grid_list, mels, encoded, audio_rows = [], [], [], [], [], [], []
         im_end = self.token_ids[IM_END]
         for index, item in enumerate(items):
             if len(item) != 3:
@@ -228,10 +244,14 @@ class Collator:
             vision_tokens_each = int(grid[0].prod()) // self.merge_size ** 2
             audio_tokens, mode = 0, self.item_mode()
             if mode in ("audio", "both"):
-                mel = self.log_mel(sample, waveform)
-                mels.append(mel)
+                if isinstance(waveform, EncodedQuestion):
+                    encoded.append(self.check_encoded(sample, waveform.frames))
+                    mel_frames = MEL_FRAMES_PER_ENCODER_FRAME * encoded[-1].shape[0]
+                else:
+                    mels.append(self.log_mel(sample, waveform))
+                    mel_frames = mels[-1].shape[-1]
                 audio_rows.append(index)
-                audio_tokens = audio_token_count(mel.shape[-1], self.audio_pool)
+                audio_tokens = audio_token_count(mel_frames, self.audio_pool)
             prompt_ids = self.tokenizer(self.prompt(sample, vision_tokens_each, audio_tokens, mode),
                                         add_special_tokens=False)["input_ids"]
             if for_generation:
@@ -255,12 +275,22 @@ class Collator:
         prefix = "pixel_values_videos" if self.frames_as == "video" else "pixel_values"
         grid_key = "video_grid_thw" if self.frames_as == "video" else "image_grid_thw"
         batch[prefix], batch[grid_key] = torch.cat(pixel_list), torch.cat(grid_list)
+        if mels and encoded:
+            raise CollateError("a batch mixes waveforms and cached encoder outputs; give it one kind")
         if mels:
             lengths = torch.tensor([m.shape[-1] for m in mels], dtype=torch.long)
             features = torch.zeros(len(mels), mels[0].shape[0], int(lengths.max()))
             for i, mel in enumerate(mels):
                 features[i, :, : mel.shape[-1]] = mel
             batch["audio_features"], batch["audio_lengths"] = features, lengths
+        if encoded:
+            frames = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+            features = torch.zeros(len(encoded), int(frames.max()), encoded[0].shape[1])
+            for i, e in enumerate(encoded):
+                features[i, : len(e)] = torch.from_numpy(e)
+            batch["audio_encoded"] = features
+            batch["audio_lengths"] = MEL_FRAMES_PER_ENCODER_FRAME * frames  # in mel frames either way
+        if audio_rows:
             batch["audio_rows"] = torch.tensor(audio_rows, dtype=torch.long)
         batch["samples"] = [item[0] for item in items]
         return batch

@@ -44,6 +44,10 @@ class Config:
     disjoint_voices: bool = True  # train, eval and test voices come from disjoint pools
     whisper: str = "tiny.en"  # "tiny.en" / "base" (offline packages), a local folder or a hub id
     min_audio_s: float = 0.3
+    # training reads the frozen Whisper encoder's output from this cache (computed once per audio file)
+    # instead of running the encoder every step; False runs it every step
+    cache_audio_features: bool = True
+    audio_features_dir: str = "data/interim/audio_features"
     max_audio_s: float = 15.0
 
     # --- model ------------------------------------------------------------------------------------

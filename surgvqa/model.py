@@ -30,7 +30,8 @@ from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLConfig,
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from . import data
-from .collate import AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, SPOKEN_QUESTION, WRITTEN_QUESTION, Collator
+from .collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, MEL_FRAMES_PER_ENCODER_FRAME, SPOKEN_QUESTION,
+                      WRITTEN_QUESTION, Collator)
 from .config import REPO_ROOT, Config
 
 # The tiny preset's vision-language model, pretrained on phantom clips by ``python -m surgvqa pretrain``.
@@ -120,7 +121,7 @@ class AudioGraftedQwen2VL(nn.Module):
     # --- audio ---
 
     @torch.no_grad()
-    def _whisper_frames(self, mel: torch.Tensor) -> torch.Tensor:
+    def whisper_frames(self, mel: torch.Tensor) -> torch.Tensor:
         """Whisper on mel frames of one length (batch, n_mels, T): (batch, T/2, d_model), no 30 s padding."""
         enc = self.whisper
         n_positions = mel.shape[-1] // 2
@@ -134,8 +135,10 @@ class AudioGraftedQwen2VL(nn.Module):
         finally:
             enc.embed_positions, enc.config.max_source_positions = full_table, full_positions
 
-    def audio_rows(self, features: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        """Projected audio rows of each sample, (n_i, hidden) each.
+    def audio_rows(self, features: torch.Tensor, lengths: torch.Tensor, encoded: bool = False
+                   ) -> list[torch.Tensor]:
+        """Projected audio rows of each sample, (n_i, hidden) each, from log-mels (batch, n_mels, T) or,
+        when ``encoded``, from cached encoder outputs (batch, T / 2, d_model); ``lengths`` in mel frames.
 
         Whisper has no attention mask, so samples are encoded in groups of equal length: padding never
         enters another sample's attention.
@@ -143,7 +146,10 @@ class AudioGraftedQwen2VL(nn.Module):
         rows: list[torch.Tensor | None] = [None] * len(lengths)
         for length in lengths.unique().tolist():
             index = (lengths == length).nonzero().flatten()
-            frames = self._whisper_frames(features[index, :, :length])
+            if encoded:
+                frames = features[index, : length // MEL_FRAMES_PER_ENCODER_FRAME]
+            else:
+                frames = self.whisper_frames(features[index, :, :length])
             projected = self.projector(frames.to(self.projector.linear.weight.dtype))
             for i, r in zip(index.tolist(), projected):
                 rows[i] = r
@@ -151,12 +157,17 @@ class AudioGraftedQwen2VL(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, audio_features: torch.Tensor | None = None,
               audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
-              audio_rows: torch.Tensor | None = None) -> torch.Tensor:
+              audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the audio placeholders replaced by projected Whisper rows.
 
+        The audio comes as log-mels (``audio_features``) or as cached encoder outputs (``audio_encoded``).
         ``audio_rows`` (ascending batch indices) says which rows the audio features belong to when not
         every row hears its question (the mixed mode); every other row must hold no audio placeholder.
         """
+        if audio_features is not None and audio_encoded is not None:
+            raise ValueError("give the audio as log-mels or as encoder outputs, not both")
+        encoded = audio_encoded is not None
+        audio_features = audio_encoded if encoded else audio_features
         embeds = self.base_vlm.get_input_embeddings()(input_ids)
         audio_mask = input_ids == self.audio_token_id
         placeholders = audio_mask.sum(dim=1).tolist()
@@ -166,7 +177,7 @@ class AudioGraftedQwen2VL(nn.Module):
                 bad = [n for n, c in zip(names, placeholders) if c]
                 raise AudioTokenMismatch(f"audio placeholders but no audio features, sample(s) {bad}")
             return embeds
-        rows = self.audio_rows(audio_features.to(embeds.device), audio_lengths.to(embeds.device))
+        rows = self.audio_rows(audio_features.to(embeds.device), audio_lengths.to(embeds.device), encoded)
         owners = audio_rows.tolist() if audio_rows is not None else list(range(len(input_ids)))
         if len(owners) != len(rows) or owners != sorted(set(owners)):
             raise AudioTokenMismatch(f"audio rows {owners} do not match the {len(rows)} audio features")
@@ -187,10 +198,10 @@ class AudioGraftedQwen2VL(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                 audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
-                audio_rows: torch.Tensor | None = None) -> GraftOutput:
+                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None) -> GraftOutput:
         """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput."""
         base = self.base_vlm
-        inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows)
+        inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows, audio_encoded)
         hidden = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                             mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                             image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
@@ -404,14 +415,18 @@ def _vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in keys if k in batch}
 
 
+def _audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    keys = ("audio_features", "audio_encoded", "audio_lengths", "audio_rows")
+    return {k: batch[k] for k in keys if k in batch}
+
+
 def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:
     """Greedy free-text answers of a left-padded generation batch, one string per sample."""
     _check_generation_batch(batch)
     base = model.base_vlm
     batch = _on_device(batch, base.device)
     with _evaluating(model):
-        embeds = model.embed(batch["input_ids"], batch.get("audio_features"), batch.get("audio_lengths"),
-                             batch.get("samples"), batch.get("audio_rows"))
+        embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **_audio_inputs(batch))
         out = base.generate(input_ids=batch["input_ids"], inputs_embeds=embeds,
                             attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
                             **_vision_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
@@ -459,8 +474,7 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions, rope_deltas = base.model.get_rope_index(
             ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
-        embeds = model.embed(ids, batch.get("audio_features"), batch.get("audio_lengths"), samples,
-                             batch.get("audio_rows"))
+        embeds = model.embed(ids, samples=samples, **_audio_inputs(batch))
         prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                             mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **_vision_inputs(batch))
         first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import audio, data, frames
 from .config import Config, get_config, parse_overrides
+from .collate import EncodedQuestion
 from .data import Sample
 from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
 
@@ -41,10 +42,11 @@ class QADataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
-                 clip_states: dict[str, Any] | None = None):
+                 clip_states: dict[str, Any] | None = None, encoded_audio: EncodedAudio | None = None):
         self.samples, self.cfg = list(samples), cfg
         self.audio_paths = audio_paths
         self.clip_states = clip_states or {}
+        self.encoded_audio = encoded_audio
         if cfg.question_mode != "text":
             missing = [s.uid for s in self.samples if s.uid not in (audio_paths or {})]
             if missing:
@@ -59,9 +61,35 @@ class QADataset(Dataset):
         clip = (frames.render_phantom_clip(state, self.cfg.frame_size, self.cfg.phantom_seed)
                 if state is not None else frames.load_clip(s, self.cfg))
         wave = None
-        if self.cfg.question_mode != "text":
+        if self.encoded_audio is not None:
+            wave = EncodedQuestion(audio.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
+                                                            self.encoded_audio.width))
+        elif self.cfg.question_mode != "text":
             wave = audio.load_question_audio(s.uid, self.audio_paths[s.uid], self.cfg)
         return s, clip, wave
+
+
+@dataclass
+class EncodedAudio:
+    """Where the cached Whisper encoder output of each sample's question is: uid -> .npy, and its width."""
+
+    paths: dict[str, Path]
+    width: int
+
+
+def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[str, str], cfg: Config
+                          ) -> EncodedAudio | None:
+    """Run the frozen Whisper encoder once over every question file not yet in the cache (``None`` when the
+    run hears no audio or ``cache_audio_features`` is off); training then reads the cached outputs."""
+    if cfg.question_mode == "text" or not cfg.cache_audio_features:
+        return None
+    folder = audio.encoded_audio_dir(audio.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    collate, by_uid = collator(model), {s.uid: s for s in samples}
+    device = next(model.whisper.parameters()).device
+    paths = audio.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
+                                      lambda uid, wave: collate.log_mel(by_uid[uid], wave),
+                                      lambda mel: model.whisper_frames(mel.to(device)), folder, cfg)
+    return EncodedAudio(paths, model.whisper.config.d_model)
 
 
 def question_audio_paths(samples: Sequence[Sample], split: str, cfg: Config) -> dict[str, str]:
@@ -221,8 +249,11 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
         eval_audio = question_audio_paths(eval_rows, "eval", cfg)
     model = build_model(cfg)
     collate = collator(model)
-    train_set = QADataset(train_rows, cfg, train_audio)
-    eval_set = QADataset(eval_rows, cfg, eval_audio)
+    with accelerator.main_process_first():
+        train_encoded = encode_question_audio(model, train_rows, train_audio, cfg)
+        eval_encoded = encode_question_audio(model, eval_rows, eval_audio, cfg)
+    train_set = QADataset(train_rows, cfg, train_audio, encoded_audio=train_encoded)
+    eval_set = QADataset(eval_rows, cfg, eval_audio, encoded_audio=eval_encoded)
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"{len(train_set)} training rows is fewer than one batch of {cfg.batch_size}")
 
@@ -248,7 +279,11 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
             with accelerator.main_process_first():
                 extra, states = phantom_extra(cfg, epoch)
                 extra_audio = question_audio_paths(extra, "train", cfg)
-            epoch_set = QADataset(train_rows + extra, cfg, {**train_audio, **extra_audio}, clip_states=states)
+                extra_encoded = encode_question_audio(accelerator.unwrap_model(model), extra, extra_audio, cfg)
+            encoded = None if extra_encoded is None else EncodedAudio({**train_encoded.paths, **extra_encoded.paths},
+                                                                      extra_encoded.width)
+            epoch_set = QADataset(train_rows + extra, cfg, {**train_audio, **extra_audio}, clip_states=states,
+                                  encoded_audio=encoded)
         loader = DataLoader(epoch_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                             collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
                             persistent_workers=False)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
@@ -94,7 +96,7 @@ def test_whisper_runs_on_the_real_length_like_a_whisper_built_for_it(model, whis
     short.load_state_dict(state)
     with torch.no_grad():
         expected = short(batch["audio_features"][:, :, :n_mel]).last_hidden_state
-    torch.testing.assert_close(model._whisper_frames(batch["audio_features"][:, :, :n_mel]), expected)
+    torch.testing.assert_close(model.whisper_frames(batch["audio_features"][:, :, :n_mel]), expected)
     # the shared encoder is left as it was
     assert model.whisper.config.max_source_positions == 1500
     assert model.whisper.embed_positions.num_embeddings == 1500
@@ -278,3 +280,89 @@ def test_mixed_batches_take_audio_only_where_the_prompt_hears_it(model, items):
     shifted = dict(batch, audio_rows=batch["audio_rows"].flip(0))
     with pytest.raises(M.AudioTokenMismatch):
         model(**shifted)
+
+
+# --- cached encoder outputs ---
+
+def cached_items(model, items, tmp_path, cfg):
+    """The items with their waveforms written as WAVs, encoded into a cache, and read back from it."""
+    from surgvqa import audio
+    from surgvqa.collate import EncodedQuestion
+
+    col = M.collator(model)
+    paths = {}
+    for s, _, wave in items:
+        paths[s.uid] = str(tmp_path / f"{s.id}.wav")
+        audio.write_wav_atomic(tmp_path / f"{s.id}.wav", wave, 16000)
+    by_uid = {s.uid: s for s, _, _ in items}
+    calls = []
+
+    def encode(mel):
+        calls.append(len(mel))
+        return model.whisper_frames(mel)
+
+    folder = audio.encoded_audio_dir(audio.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    cached = audio.cache_encoded_audio(paths, lambda uid, wave: col.log_mel(by_uid[uid], wave), encode, folder,
+                                       cfg, progress=False)
+    width = model.whisper.config.d_model
+    return ([(s, f, EncodedQuestion(audio.load_encoded_audio(s.uid, cached[s.uid], width))) for s, f, _ in items],
+            cached, calls)
+
+
+def test_cached_encoder_outputs_give_the_same_loss_as_running_whisper(model, items, tmp_path):
+    from surgvqa import audio
+
+    cfg = tiny_config(audio_features_dir=str(tmp_path / "features"), audio_dir=str(tmp_path))
+    # the WAV round trip quantises to 16 bit: compare against the same quantised waveforms
+    quantised = [(s, f, audio.load_question_audio(s.uid, tmp_path / f"{s.id}.wav", cfg))
+                 for s, f, _ in cached_items(model, items, tmp_path, cfg)[0]]
+    encoded, cached, calls = cached_items(model, items, tmp_path, cfg)
+    assert calls == [] and len(set(cached.values())) == 3  # the second pass found every file cached
+    col = M.collator(model)
+    direct, from_cache = col(quantised), col(encoded)
+    assert "audio_features" not in from_cache and from_cache["audio_encoded"].shape[-1] == 64
+    assert torch.equal(direct["input_ids"], from_cache["input_ids"])
+    torch.testing.assert_close(direct["audio_lengths"], from_cache["audio_lengths"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**direct).logits, model(**from_cache).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_corrupt_cached_encoder_output_names_the_sample_and_file(model, items, tmp_path):
+    from surgvqa import audio
+
+    cfg = tiny_config(audio_features_dir=str(tmp_path / "features"), audio_dir=str(tmp_path))
+    _, cached, _ = cached_items(model, items, tmp_path, cfg)
+    uid = items[0][0].uid
+    cached[uid].write_bytes(b"not an array")
+    with pytest.raises(audio.AudioError, match=f"sample {uid} .*{cached[uid].name}.*cannot be read"):
+        audio.load_encoded_audio(uid, cached[uid], 64)
+    with pytest.raises(audio.AudioError, match=r"expected finite float32 \(frames, 32\)"):
+        audio.load_encoded_audio(uid, cached[items[1][0].uid], 32)
+
+
+def test_a_missing_question_wav_is_named_before_anything_is_encoded(model, items, tmp_path):
+    from surgvqa import audio
+
+    cfg = tiny_config(audio_dir=str(tmp_path))
+    with pytest.raises(audio.AudioError, match=f"sample {items[0][0].uid} .*nowhere.wav.*does not exist"):
+        audio.cache_encoded_audio({items[0][0].uid: str(tmp_path / "nowhere.wav")}, None, None, tmp_path, cfg)
+
+
+def test_the_encoder_fingerprint_follows_the_weights(whisper):
+    from surgvqa import audio
+
+    encoder, _ = whisper
+    same, _ = tiny_whisper()
+    assert audio.encoder_fingerprint(encoder) == audio.encoder_fingerprint(same)
+    with torch.no_grad():
+        same.layers[0].fc1.weight[0, 0] += 1e-3
+    assert audio.encoder_fingerprint(encoder) != audio.encoder_fingerprint(same)
+
+
+def test_a_batch_cannot_mix_waveforms_and_cached_outputs(model, items):
+    from surgvqa.collate import CollateError, EncodedQuestion
+
+    s, f, _ = items[1]
+    mixed = [items[0], (s, f, EncodedQuestion(np.zeros((4, 64), np.float32)))]
+    with pytest.raises(CollateError, match="mixes waveforms and cached encoder outputs"):
+        M.collator(model)(mixed)

@@ -21,7 +21,8 @@ def audio_dir(tmp_path_factory):
 
 
 def smoke_cfg(tmp_path, audio_dir, **overrides):
-    return get_config("smoke", **{**SMOKE, "output_dir": str(tmp_path / "run"), "audio_dir": audio_dir, **overrides})
+    return get_config("smoke", **{**SMOKE, "output_dir": str(tmp_path / "run"), "audio_dir": audio_dir,
+                                  "audio_features_dir": f"{audio_dir}/features", **overrides})
 
 
 def test_limited_subset_covers_question_types_and_is_seeded():
@@ -48,6 +49,20 @@ def test_training_logs_evaluates_and_keeps_the_best_checkpoint(tmp_path, audio_d
     assert summary["best_step"] == best["step"]
     model = load_checkpoint(out / "best")
     assert model.cfg.frame_size == 56
+
+
+def test_training_from_cached_encoder_outputs_matches_running_whisper_every_step(tmp_path, audio_dir):
+    from pathlib import Path
+
+    runs = {}
+    for cached in (True, False):
+        cfg = smoke_cfg(tmp_path / str(cached), audio_dir, max_steps=4, cache_audio_features=cached)
+        runs[cached] = train(cfg, log=lambda *_: None)["history"]
+    assert [h["step"] for h in runs[True]] == [h["step"] for h in runs[False]] == [2, 4]
+    for a, b in zip(runs[True], runs[False]):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=1e-4)
+        assert a["eval_accuracy"] == b["eval_accuracy"]
+    assert len(list(Path(audio_dir, "features").glob("*-pool2/*.npy"))) >= SMOKE["limit_train"] // 2
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp_path, audio_dir):
