@@ -8,7 +8,8 @@ stock layout, in one run on one GPU: query latency, evaluation throughput, LoRA 
 Weights are random at the real shapes (DESIGN.md section 5; nothing is downloaded): timings depend on the
 shapes, not on the values. Prompts come from the project's Collator (chat template, placeholder expansion)
 with the task tokenizer, so the token counts are the study's: 1 video of 8 frames at 392 px + a 4 s question
-(100 audio tokens at pool 2) = ~915 tokens, against the original 8 images + 1500 audio tokens = ~3113.
+(50 audio tokens at the 7B preset's pool 4; 100 at --audio-pool 2) = ~865 tokens, against the original
+8 images + 1500 audio tokens = ~3113.
 
 Levers, each measured as its own row so the table shows its effect:
   audio      the question encoded at its real length and pooled, instead of Whisper's 30 s window
@@ -20,6 +21,9 @@ Levers, each measured as its own row so the table shows its effect:
   logits     logits only at the positions that are scored or trained, not over the whole sequence
   batch      evaluation at several batch sizes
   kernels    the language model's attention through eager / SDPA / flash-attention (when installed)
+  graphs     host reads (M-RoPE and vision positions, segment bounds) done once ahead; Whisper + projector,
+             the vision tower and the candidates' continuation replayed as CUDA graphs
+  autocast   training under bf16 autocast (as accelerate runs it) and peft's fp32 input casts switched off
 
 Results: a table on stdout and JSON under --out (rewritten after every section, so a cut run keeps what
 it measured).
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, WhisperConfig, WhisperFeatureExtractor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +56,7 @@ sys.path.insert(0, str(REPO))  # runs from a plain checkout too, not only after 
 from surgvqa import data  # noqa: E402
 from surgvqa.collate import IGNORE_INDEX, SAMPLE_RATE, Collator  # noqa: E402
 from surgvqa.config import get_config  # noqa: E402
+from surgvqa.train import adapter_inputs_uncast  # noqa: E402
 from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, build_tiny_tokenizer, candidate_token_rows,  # noqa: E402
                            parameter_groups, score_candidates, tiny_vlm_config)
 
@@ -460,6 +466,134 @@ def prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> tuple[torch.Te
     return logp, output_cache(out), next_position
 
 
+class GraphedPrefill:
+    """The prompt with its host reads done once ahead and its launch-bound parts replayed as CUDA graphs.
+
+    Stock Qwen2-VL derives the M-RoPE positions, the vision rotary positions and the vision segment bounds
+    from the batch with host reads (Python loops, ``tolist``, ``nonzero``) at every call, and at batch 1
+    the vision tower (32 blocks over 3,136 patches) and Whisper (32 layers over 200 frames) are too small
+    to hide their ~1,000 kernel launches. Here, for a batch of fixed shapes: the positions come from
+    ``get_rope_index`` on the host copies of the batch, the vision bounds from transformers' own
+    precomputable helpers (passed back through the vision tower's kwargs, which 5.24 accepts); Whisper +
+    projector + the scatter into the prompt's embeddings, and the vision tower, are each captured once as
+    a CUDA graph and replayed. The language model then runs through stock ``Qwen2VLModel.forward`` with
+    ``position_ids`` and ``mm_encoder_outputs`` given, so it computes neither again.
+    """
+
+    def __init__(self, model: AudioGraftedQwen2VL, batch: dict[str, Any], use_graph: bool):
+        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+        self.model, self.batch = model, batch
+        base = model.base_vlm
+        visual = base.model.visual
+        host = {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        positions, deltas = base.model.get_rope_index(
+            host["input_ids"], video_grid_thw=host.get("video_grid_thw"), image_grid_thw=host.get("image_grid_thw"),
+            attention_mask=host["attention_mask"], mm_token_type_ids=host["mm_token_type_ids"])
+        device = batch["input_ids"].device
+        self.positions, self.rope_deltas = positions.to(device), deltas.to(device)
+        self.pixels_key = "pixel_values_videos" if "pixel_values_videos" in batch else "pixel_values"
+        self.grid = batch["video_grid_thw" if self.pixels_key == "pixel_values_videos" else "image_grid_thw"]
+        grid_host = self.grid.cpu()
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_host, visual.config)
+        self.vision_kwargs = dict(position_ids=get_vision_position_ids(grid_host, visual.spatial_merge_size).to(device),
+                                  cu_seqlens=cu_seqlens.to(device), max_seqlen=max_seqlen)
+        # Audio rows go to fixed token slots: indices once, then an index_put (no masked_scatter count read).
+        audio = host["input_ids"] == model.audio_token_id
+        self.audio_slots = tuple(i.to(device) for i in audio.nonzero(as_tuple=True))
+        lengths = host["audio_lengths"]
+        if len(set(lengths.tolist())) != 1:
+            raise ValueError("the graphed prefill takes questions of one length (one Whisper graph)")
+        self.mel = batch["audio_features"][:, :, : int(lengths[0])].contiguous()
+        self.embeds = self.video = None
+        self.audio_graph = self.vision_graph = None
+        if use_graph:
+            self.audio_graph = capture_graph(self._embed)
+            self.vision_graph = capture_graph(self._vision)
+
+    def _embed(self) -> None:
+        m = self.model
+        embeds = m.base_vlm.get_input_embeddings()(self.batch["input_ids"])
+        rows = m.projector(m.whisper_frames(self.mel).to(m.projector.linear.weight.dtype))
+        embeds[self.audio_slots] = rows.reshape(-1, rows.shape[-1]).to(embeds.dtype)
+        self.embeds = embeds
+
+    def _vision(self) -> None:
+        visual = self.model.base_vlm.model.visual
+        self.video = visual(self.batch[self.pixels_key], grid_thw=self.grid, **dict(self.vision_kwargs)).pooler_output
+
+    def __call__(self) -> Any:
+        """The stock language model's output over the prompt (last hidden state, KV cache)."""
+        for graph, eager in ((self.audio_graph, self._embed), (self.vision_graph, self._vision)):
+            if graph is not None:
+                graph.replay()
+            else:
+                eager()
+        key = "video" if self.pixels_key == "pixel_values_videos" else "image"
+        outputs = {key: BaseModelOutputWithPooling(pooler_output=(self.video,))}
+        base = self.model.base_vlm
+        return base.model(input_ids=self.batch["input_ids"], inputs_embeds=self.embeds, position_ids=self.positions,
+                          attention_mask=self.batch["attention_mask"], mm_token_type_ids=self.batch["mm_token_type_ids"],
+                          mm_encoder_outputs=outputs, use_cache=True)
+
+    def next_position(self) -> torch.Tensor:
+        return self.batch["attention_mask"].sum(dim=1, keepdim=True) + self.rope_deltas
+
+
+def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """``fn`` (which reads and writes only tensors it keeps) recorded as a CUDA graph after a warm-up on a
+    side stream, as capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+    return graph
+
+
+class GraphedScorer:
+    """Candidate scoring with the graphed prefill and the candidates' continuation replayed as a graph."""
+
+    def __init__(self, model: AudioGraftedQwen2VL, batch: dict[str, Any], use_graph: bool):
+        self.prefill = GraphedPrefill(model, batch, use_graph)
+        self.scorer = CandidateScorer(model, batch)
+        self.feed_positions = torch.zeros_like(self.scorer.feed)
+        self.hidden = None
+        self.graph = None
+        if use_graph:
+            self._load_prompt()
+            self.graph = capture_graph(self._continue)
+
+    def _load_prompt(self) -> torch.Tensor:
+        s = self.scorer
+        with torch.no_grad():
+            out = self.prefill()
+        logp_first = torch.log_softmax(s.model.base_vlm.lm_head(out.last_hidden_state[:, -1]).float(), dim=-1)
+        s.decoder.load_prompt(output_cache(out), self.prefill.batch["attention_mask"], rows=s.owner)
+        self.feed_positions.copy_(self.prefill.next_position()[s.owner]
+                                  + torch.arange(s.feed.shape[1], device=s.feed.device))
+        return logp_first
+
+    def _continue(self) -> None:
+        s = self.scorer
+        # back to the prompt's end on every call: capture's warm-up calls must not run past the buffers
+        s.decoder.next_slot.fill_(self.prefill.batch["input_ids"].shape[1])
+        self.hidden = s.decoder.forward(s.feed, self.feed_positions)
+
+    @torch.no_grad()
+    def __call__(self) -> list[str]:
+        logp_first = self._load_prompt()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._continue()
+        return self.scorer.pick(logp_first, self.hidden)
+
+
 class FastQuery:
     """Prefill through transformers, then greedy decoding over a static KV cache replayed as a CUDA graph."""
 
@@ -507,7 +641,11 @@ class CandidateScorer:
         logp_first, cache, position = prefill(self.model, self.batch)
         self.decoder.load_prompt(cache, self.batch["attention_mask"], rows=self.owner)
         positions = position[self.owner] + torch.arange(self.feed.shape[1], device=self.feed.device)
-        hidden = self.decoder.forward(self.feed, positions)
+        return self.pick(logp_first, self.decoder.forward(self.feed, positions))
+
+    def pick(self, logp_first: torch.Tensor, hidden: torch.Tensor) -> list[str]:
+        """The most likely label of each sample from the prompt's next-token log-probs and the hidden
+        states of the candidates' continuation."""
         first = logp_first[self.owner].gather(1, self.target[:, :1]).squeeze(1)
         rest_targets = self.target[:, 1:]
         keep = rest_targets != IGNORE_INDEX
@@ -526,17 +664,24 @@ class CandidateScorer:
 
 
 def train_step_fn(model: AudioGraftedQwen2VL, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
-                  logits_everywhere: bool) -> Callable[[], None]:
+                  logits_everywhere: bool, autocast: bool = False, uncast_adapters: bool = False
+                  ) -> Callable[[], None]:
     """One LoRA step. ``logits_everywhere``: the stock path (transformers' own loss over logits at every
-    position, fp32-upcast 152k columns per token); otherwise the project's forward (logits at labels only)."""
+    position, fp32-upcast 152k columns per token); otherwise the project's forward (logits at labels only).
+    ``autocast``: under bf16 autocast, as accelerate's and Trainer's bf16 mixed precision run it (peft keeps
+    the adapters in fp32; without autocast their matmuls run in fp32). ``uncast_adapters``: peft's own cast
+    of every adapter input to the adapter's fp32 switched off (surgvqa.train.adapter_inputs_uncast)."""
     base = model.base_vlm
     inputs = {k: v for k, v in batch.items() if k != "samples"}
+    device_type = next(base.parameters()).device.type
 
     def step() -> None:
-        if logits_everywhere:
-            loss = base(**model_inputs(model, batch), labels=batch["labels"]).loss
-        else:
-            loss = model(**inputs).loss
+        precision = (torch.autocast(device_type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext())
+        with precision, adapter_inputs_uncast(model, uncast_adapters):
+            if logits_everywhere:
+                loss = base(**model_inputs(model, batch), labels=batch["labels"]).loss
+            else:
+                loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -649,6 +794,15 @@ class Run:
                 (clip_logp - stock_logp).norm() / stock_logp.norm())
             scorer = CandidateScorer(self.model, batch)
             scorer()
+            set_vision_attention(self.model.base_vlm, CLIP_ATTENTION)
+            try:
+                graphed = self.guarded("checks", "GraphedScorer", lambda: GraphedScorer(
+                    self.model, batch, use_graph=self.device.type == "cuda"))
+                if graphed is not None and self.guarded("checks", "GraphedScorer run", graphed) is not None:
+                    self.results["checks"]["graphed_scoring_max_abs_diff"] = float(
+                        (graphed.scorer.totals - scorer.totals).abs().max())
+            finally:
+                set_vision_attention(self.model.base_vlm, "sdpa")
             project = self.guarded("checks", "surgvqa.score_candidates", lambda: score_candidates(self.model, batch))
             if project is not None:
                 expected = torch.tensor([ll for c in project for ll in c.log_likelihoods.values()])
@@ -695,6 +849,9 @@ class Run:
             lambda b: lambda: score_candidates(m, b), vision_attention=CLIP_ATTENTION)
         add("candidate scoring, shared prefix, logits at targets", "video", "CandidateScorer",
             lambda b: CandidateScorer(m, b), vision_attention=CLIP_ATTENTION)
+        cuda = self.device.type == "cuda"
+        add("+ host reads ahead, encoders and continuation as CUDA graphs", "video", "GraphedScorer",
+            lambda b: GraphedScorer(m, b, use_graph=cuda), vision_attention=CLIP_ATTENTION)
         kernels = ["eager", "sdpa"] + (["flash_attention_2"] if self.results["meta"]["flash_attn_installed"] else [])
         for kernel in kernels:
             add(f"kernels: LM attention {kernel}", "video", "CandidateScorer", lambda b: CandidateScorer(m, b),
@@ -727,6 +884,9 @@ class Run:
             add("scoring: shared prefix + clip attention", "video", size, lambda b: CandidateScorer(m, b),
                 CLIP_ATTENTION)
         for size in self.eval_batches:
+            add("scoring: graphed prefill and continuation", "video", size,
+                lambda b: GraphedScorer(m, b, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
+        for size in self.eval_batches:
             add("generate: static KV + graph + clip attention", "video", size,
                 lambda b: FastQuery(m, b, ANSWER_TOKENS, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
 
@@ -737,7 +897,8 @@ class Run:
         m.train()
         base = m.base_vlm
 
-        def add(lever: str, layout_key: str, size: int, logits_everywhere: bool, vision_attention: str) -> None:
+        def add(lever: str, layout_key: str, size: int, logits_everywhere: bool, vision_attention: str,
+                autocast: bool = True, uncast_adapters: bool = False) -> None:
             layout = self.layouts[layout_key]
 
             def measure() -> None:
@@ -747,7 +908,8 @@ class Run:
                 reset_peak_memory(self.device)
                 try:
                     with layout.applied(m):
-                        t = self.timer(train_step_fn(m, batch, optimizer, logits_everywhere))
+                        t = self.timer(train_step_fn(m, batch, optimizer, logits_everywhere, autocast,
+                                                     uncast_adapters))
                 finally:
                     set_vision_attention(base, "sdpa")
                     del optimizer
@@ -756,11 +918,17 @@ class Run:
                          peak_memory_gb=peak_memory_gb(self.device))
             self.guarded("train", f"{lever} batch {size}", measure)
 
+        # Every row runs under bf16 autocast (accelerate's and Trainer's bf16 mixed precision) except the
+        # one that shows what leaving it out costs.
         add("stock: 8 images + 1500 audio, logits everywhere", "stock", 1, True, "sdpa")
         add("+ trimmed audio + video, logits everywhere", "video", 1, True, "sdpa")
         add("+ logits at labels only (project forward)", "video", 1, False, "sdpa")
+        big = self.train_batches[-1]
+        add("  same without autocast (fp32 adapter matmuls)", "video", big, False, CLIP_ATTENTION, autocast=False)
         for size in self.train_batches:
             add("+ clip attention, batched", "video", size, False, CLIP_ATTENTION)
+        for size in self.train_batches[-2:]:
+            add("+ adapter inputs not cast to fp32", "video", size, False, CLIP_ATTENTION, uncast_adapters=True)
 
     def summary(self) -> None:
         r = self.results
@@ -818,18 +986,67 @@ class Run:
         print(f"\nJSON: {self.json_path}", flush=True)
 
 
+def profile(run: Run) -> None:
+    """One scored query (batch 1) and one LoRA step (batch 8) under torch.profiler: the operators by GPU time,
+    and the host-device synchronisations, written as text beside the JSON (where the time goes, before
+    choosing the next lever)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    m, layout = run.model, run.layouts["video"]
+    base, cuda = m.base_vlm, run.device.type == "cuda"
+    set_vision_attention(base, CLIP_ATTENTION)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def record(name: str, fn: Callable[[], Any]) -> None:
+        for _ in range(2):
+            fn()
+        sync()
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            wall = time.perf_counter()
+            fn()
+            sync()
+            wall = (time.perf_counter() - wall) * 1e3
+        events = prof.key_averages()
+        gpu_ms = sum(e.self_device_time_total for e in events) / 1e3
+        syncs = {e.key: e.count for e in events if "Synchronize" in e.key or "Memcpy" in e.key or e.key == "aten::item"}
+        text = (f"{name}: wall {wall:.1f} ms, GPU busy {gpu_ms:.1f} ms, host syncs/copies {syncs}\n\n"
+                + events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)
+                + "\n\nby CPU time\n" + events.table(sort_by="self_cpu_time_total", row_limit=20,
+                                                       max_name_column_width=60))
+        (run.out_dir / f"profile-{name}.txt").write_text(text)
+        print(text[:6000], flush=True)
+
+    with layout.applied(m):
+        batch = run.workload.batch(layout, 1, for_generation=True)
+        record("query-scoring", CandidateScorer(m, batch))
+        m.vlm = _apply_training_setup(m.vlm, m.cfg)
+        m.projector.requires_grad_(True)
+        m.train()
+        batch = run.workload.batch(layout, 8, for_generation=False)
+        optimizer = torch.optim.AdamW(parameter_groups(m), fused=cuda)
+        record("train-batch8", train_step_fn(m, batch, optimizer, logits_everywhere=False))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (tests)")
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and repeats")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON")
-    parser.add_argument("--audio-pool", type=int, default=2, choices=(1, 2, 4),
-                        help="Whisper frames per audio token (2: the 100 tokens of DESIGN.md's anchors)")
+    parser.add_argument("--audio-pool", type=int, default=get_config("qwen2vl-7b").audio_pool, choices=(1, 2, 4),
+                        help="Whisper frames per audio token (default: the qwen2vl-7b preset's, 4: 50 tokens "
+                             "for a 4 s question; 2 gives the 100 tokens of DESIGN.md's anchors)")
+    parser.add_argument("--profile", action="store_true", help="profile one query and one training step only")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: use --smoke for the CPU")
     run = Run(args)
     t0 = time.perf_counter()
+    if args.profile:
+        run.meta()
+        run.build()
+        profile(run)
+        return run.results
     for name in ("meta", "build", "checks", "query", "evaluation", "train", "summary"):
         log(f"section {name} ({time.perf_counter() - t0:.0f} s in)")
         getattr(run, name)()

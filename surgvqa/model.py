@@ -246,9 +246,14 @@ def tiny_vlm_config(tokenizer: Any) -> Qwen2VLConfig:
     """A Qwen2-VL of the real architecture and small dimensions (~1 M parameters)."""
     ids = tokenizer.get_vocab()
     hidden, heads = 128, 4  # head_dim 32: mrope_section must sum to head_dim / 2 = 16
+    # M-RoPE gives section k of the rotary frequencies (highest first) to position axis k % 3 (time, height,
+    # width). Qwen2-VL's contiguous [t, h, w] sections leave width only the slowest frequencies: at head_dim 32
+    # ([4, 6, 6]) the 4 token columns of a 112 px frame differ by < 0.07 rad, and a tiny model could not tell
+    # left from right (lesion quadrant and drift stayed at chance). Sixteen 1-wide sections interleave the
+    # axes (as Qwen3-VL does), so height and width each get fast and slow frequencies; stock classes, config only.
     text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1] * 16},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END], pad_token_id=ids["<|endoftext|>"])
     vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)

@@ -76,7 +76,8 @@ from .model import (AudioGraftedQwen2VL, build_model, collator, count_parameters
                     score_candidates)
 
 # Motion questions: a single frame cannot answer them, so the repeated-frame control stays near chance.
-MOTION_TYPES = ("lesion_motion_direction", "scope_motion_type")
+MOTION_TYPES = ("lesion_motion_direction", "scope_motion", "scope_motion_type", "scope_forward_motion",
+                "scope_backward_motion")
 TEMPLATES = ("in", "out")
 # The name must contain "flash": only then does Qwen2-VL's vision attention hand the whole packed sequence
 # with its cu_seqlens to the attention function instead of splitting it per slice.
@@ -104,6 +105,9 @@ class PretrainSettings:
     lesion_share: float = 0.5  # share of lesion clips per batch (curriculum; 0: the prior's mix)
     max_minutes: float = 0.0  # 0: no limit; else training stops in time for the final evaluation
     question_types: str = ""  # comma-separated question types to train on (empty: all)
+    # bf16 autocast on CUDA. Off by default: the tiny model is launch-bound, so fp32 (TF32 matmuls) costs
+    # little, and in bf16 some batches gave non-finite gradients (435 of 3,678 steps were skipped once).
+    bf16: bool = False
     compile: bool = False  # torch.compile the language model (static shapes: rows padded to 64 multiples)
     # Model dimensions over model.tiny_vlm_config (None: keep its value).
     vision_depth: int | None = None
@@ -508,13 +512,15 @@ def clip_frames(state: ClipState, frame_size: int, phantom_seed: int, single_fra
     return np.repeat(clip[:1], FRAMES_PER_CLIP, axis=0) if single_frame else clip
 
 
-def autocast_for(device: torch.device):
-    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+def autocast_for(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
                      frame_size: int, single_frame: bool = False, question_types: Sequence[str] | None = None,
-                     batch_size: int = 64) -> pd.DataFrame:
+                     batch_size: int = 64, bf16: bool = False) -> pd.DataFrame:
     """Per question type: n, correct, accuracy and chance of candidate scoring in the text question mode
     (the single-turn prompt) on the phantom renderings of the given clip states."""
     text_collator = dataclasses.replace(collator(model), question_mode="text", frame_size=frame_size)
@@ -526,7 +532,7 @@ def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[t
         chunk = items[i: i + batch_size]
         batch = text_collator([(s, clip_frames(state, frame_size, model.cfg.phantom_seed, single_frame), None)
                                for s, state in chunk], for_generation=True)
-        with autocast_for(device):
+        with autocast_for(device, bf16):
             scores = score_candidates(model, batch)
         for (s, _), score in zip(chunk, scores):
             correct[s.question_type].append(score.label == s.short_answer)
@@ -557,11 +563,12 @@ def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: Pret
     """The trained question types only (all by default)."""
     size, batch, types = settings.frame_size, settings.eval_batch_size, settings.question_type_list
     motion = [t for t in MOTION_TYPES if types is None or t in types]
+    common = dict(batch_size=batch, bf16=settings.bf16)
     return {
-        "heldout": phantom_accuracy(model, heldout, size, question_types=types, batch_size=batch),
-        "eval_split": phantom_accuracy(model, eval_split, size, question_types=types, batch_size=batch),
-        "heldout_single_frame": phantom_accuracy(model, heldout, size, single_frame=True,
-                                                 question_types=motion, batch_size=batch),
+        "heldout": phantom_accuracy(model, heldout, size, question_types=types, **common),
+        "eval_split": phantom_accuracy(model, eval_split, size, question_types=types, **common),
+        "heldout_single_frame": phantom_accuracy(model, heldout, size, single_frame=True, question_types=motion,
+                                                 **common),
     }
 
 
@@ -666,6 +673,8 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
     cfg = cfg.replace(question_mode="text", frames_as="video", frame_size=settings.frame_size)
     torch.manual_seed(cfg.seed)
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if dev.type == "cpu":
         # Adam's second moments of near-zero gradients turn subnormal within tens of steps, and subnormal
         # arithmetic made CPU steps 10-50x slower (measured: optimizer 5 -> 370 ms/step by step 40).
@@ -756,7 +765,7 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         data_wait += time.perf_counter() - waited
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         marks = [timer.mark()]
-        with autocast_for(dev):
+        with autocast_for(dev, settings.bf16):
             token_loss, logits = shared_vision_token_losses(model, batch)
         loss = token_loss.mean()
         marks.append(timer.mark())

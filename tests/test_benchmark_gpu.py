@@ -38,6 +38,9 @@ def test_fast_paths_match_the_project(results):
     assert checks["static_decode_token_agreement"] == 1.0
     assert checks["clip_attention_logprob_rel_diff"] < 1e-4
     assert checks["scoring_max_abs_diff"] < 1e-3 * max(1.0, checks["scoring_reference_scale"])
+    # the graphed path (positions ahead, audio rows by index, graphs on CUDA) scores what the shared-prefix
+    # scorer does
+    assert checks["graphed_scoring_max_abs_diff"] < 1e-3 * max(1.0, checks["scoring_reference_scale"])
 
 
 def test_fewer_tokens_in_the_project_layout(results):
