@@ -415,12 +415,12 @@ def _check_generation_batch(batch: dict[str, Any]) -> None:
                          "no answer, no labels)")
 
 
-def _vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+def vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     return {k: batch[k] for k in keys if k in batch}
 
 
-def _audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     keys = ("audio_features", "audio_encoded", "audio_lengths", "audio_rows")
     return {k: batch[k] for k in keys if k in batch}
 
@@ -431,10 +431,10 @@ def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: 
     base = model.base_vlm
     batch = _on_device(batch, base.device)
     with _evaluating(model):
-        embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **_audio_inputs(batch))
+        embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **audio_inputs(batch))
         out = base.generate(input_ids=batch["input_ids"], inputs_embeds=embeds,
                             attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
-                            **_vision_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
+                            **vision_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
                             eos_token_id=model.im_end_id, pad_token_id=model.tokenizer.pad_token_id)
     new_tokens = out[:, batch["input_ids"].shape[1]:]
     return [t.strip() for t in model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -479,9 +479,9 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions, rope_deltas = base.model.get_rope_index(
             ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
-        embeds = model.embed(ids, samples=samples, **_audio_inputs(batch))
+        embeds = model.embed(ids, samples=samples, **audio_inputs(batch))
         prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **_vision_inputs(batch))
+                            mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
         first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
 
         owner = torch.tensor(owners, device=ids.device)
