@@ -30,6 +30,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from .config import Config, get_config
 from .data import (FRAMES_PER_CLIP, QUESTION_TYPES, Sample, answer_sentences, data_dir, load_template,
@@ -38,7 +39,7 @@ from .data import (FRAMES_PER_CLIP, QUESTION_TYPES, Sample, answer_sentences, da
 log = logging.getLogger(__name__)
 
 # Bump whenever the renderer's output changes: it is part of every on-disk cache key.
-RENDERER_VERSION = 2
+RENDERER_VERSION = 3
 PHANTOM_VIDEO = "phantom"  # video_id of the extra random clips made by ``random_clip_samples``
 _PHANTOM_FRAME = re.compile(r"^phantom_(\d+)_(\d+)_\d+$")
 
@@ -409,15 +410,41 @@ def random_clip_samples(n: int, template: str = "out", seed: int = 0, start: int
 # --- rendering -----------------------------------------------------------------------------------
 
 CANVAS_EXTENT = 1.35  # the scene canvas spans [-1.35, 1.35]; a frame at zoom 1 sees [-1, 1]
-ZOOM_RANGE = 0.25  # a moving scope changes the zoom by 25 % over the clip
+ZOOM_RANGE = 0.35  # a moving scope changes the zoom by 35 % over the clip
 DRIFT_DISTANCE = 0.36  # a drifting scene moves 18 % of the frame width over the clip
 JITTER = 0.012  # camera shake per frame, in frame half-widths
+LESION_RADIUS = 0.19  # drawn radius of a polyp of 0 mm (see ``lesion_radius``)
 # Narrow-band imaging: only blue and green light, shown as brown vessels on teal mucosa.
 NBI_MATRIX = np.array([[0.15, 0.45, 0.10], [0.10, 0.60, 0.30], [0.05, 0.45, 0.55]], np.float32)
-# Rings of folds per unit of inverse radius (perspective: equally spaced folds in depth); the cross-section
-# is triangular in the ascending colon, round descending, tortuous in the sigma, and the rectum has a few
-# broad half-valves.
-FOLD_FREQUENCY = {"rectum": 0.45, "descending": 1.0, "ascending": 1.6, "sigma": 2.6}
+
+
+@dataclass(frozen=True)
+class FoldPattern:
+    """What a clinician tells a colon segment by when looking down its lumen (drawn by ``_colon``)."""
+    frequency: float  # folds per unit of inverse radius: equally spaced along the tube, seen in perspective
+    contrast: float  # light a fold's lit crest adds and its shadowed crease takes away
+    lobes: int  # corners of the cross-section: 3 for the triangular ascending colon, 0 for a round tube
+    tortuosity: float  # how far folds wander from rings, each fold its own way (the bends of the sigma)
+    valves: bool  # each fold spans about half the circumference, on alternating sides (valves of Houston)
+    lumen: tuple[float, float]  # radius range of the dark lumen, in frame half-widths
+
+
+# Ascending: thick folds around a triangular lumen; descending: a smooth round tube with faint folds;
+# sigma: tight, tortuous folds around a narrow lumen; rectum: a wide ampulla with one to three broad valves.
+# The fold frequencies of the sigma, ascending colon and rectum are 2.3 to 2.6 times apart, more than zoom
+# and jitter change them, so the spacing alone tells these three apart.
+FOLD_PATTERNS = {
+    "ascending": FoldPattern(frequency=1.4, contrast=0.45, lobes=3, tortuosity=0.0, valves=False,
+                             lumen=(0.17, 0.24)),
+    "descending": FoldPattern(frequency=2.0, contrast=0.07, lobes=0, tortuosity=0.0, valves=False,
+                              lumen=(0.17, 0.24)),
+    "sigma": FoldPattern(frequency=3.6, contrast=0.4, lobes=0, tortuosity=0.9, valves=False, lumen=(0.12, 0.18)),
+    "rectum": FoldPattern(frequency=0.6, contrast=0.55, lobes=0, tortuosity=0.0, valves=True, lumen=(0.26, 0.34)),
+}
+FOLD_FINEST = 0.07  # folds with a shorter period (frame half-widths) fade out, as blur and distance hide them
+# The smooth shading is drawn on a grid of half the canvas, but of at least this many pixels (or the whole
+# canvas): enough for 3 grid pixels across the finest folds.
+SHADING_PIXELS = 128
 
 
 def _rgb(*values) -> np.ndarray:
@@ -485,33 +512,40 @@ def _segment_distance(x, y, x0, y0, x1, y1):
 def _colon(rng, state, c: _Canvas, texture) -> tuple[float, float]:
     """Mucosa, folds, vessels and lumen of the colon segment; returns the lumen centre.
 
-    The shading (folds, distance, lumen) is smooth, so it is computed on a half-resolution grid and
-    resized; the texture and vessels stay at full resolution.
+    Each fold is lit on the side facing the scope and shadowed behind its crest (a skewed wave over depth).
+    The shading is smooth, so on large canvases it is computed on a coarser grid and resized; the texture
+    and vessels stay at full resolution.
     """
-    half = max(8, c.n // 2)
-    x, y = _grid(half, c.extent)
-    lx, ly = rng.uniform(-0.15, 0.15, 2)
+    pattern = FOLD_PATTERNS[state.site]
+    x, y = _grid(min(c.n, max(c.n // 2, SHADING_PIXELS)), c.extent)
+    # Python floats, so that the float32 grids stay float32 (numpy scalars would promote them to float64)
+    lx, ly = rng.uniform(-0.15, 0.15, 2).tolist()
+    phase, bend_phase = rng.uniform(0, 2 * np.pi, 2).tolist()
+    frequency = pattern.frequency * float(rng.uniform(0.93, 1.07))
     rho = np.sqrt((x - lx) ** 2 + (y - ly) ** 2) + 1e-3
     theta = np.arctan2(y - ly, x - lx)
-    phase = rng.uniform(0, 2 * np.pi)
-    if state.site == "ascending":
-        rho = rho * (1 + 0.2 * np.cos(3 * theta + phase))
-    elif state.site == "sigma":
-        rho = rho * (1 + 0.18 * np.sin(2 * theta + phase) + 0.1 * np.sin(5 * theta + 2 * phase))
-    depth = 1 / rho
-    folds = np.cos((2 * np.pi * FOLD_FREQUENCY[state.site] * rng.uniform(0.93, 1.07)) * depth + phase)
-    if state.site == "rectum":  # valves of Houston: broad folds over part of the circumference
-        folds *= 0.45 + 0.55 * np.cos(theta - phase)
-    light = 1 + 0.28 * folds * np.clip(1.6 - 0.25 * depth, 0, 1)
+    if pattern.lobes:
+        rho = rho * (1 + 0.22 * np.cos(pattern.lobes * theta + phase))
+    depth = 1 / rho  # perspective: unlike equal spacing in log radius, no zoom maps the folds onto themselves
+    cycles = frequency * depth + phase / (2 * np.pi)
+    if pattern.tortuosity:  # the bend turns with depth, so neighbouring folds bend differently
+        cycles += pattern.tortuosity * (np.sin(2 * theta + 1.5 * depth + bend_phase)
+                                        + 0.5 * np.sin(3 * theta - 1.1 * depth + 2 * bend_phase))
+    wave = 2 * np.pi * cycles
+    folds = (np.sin(wave) - 0.5 * np.sin(2 * wave)) / 1.3  # slow rise to the crest, sharp drop to the crease
+    if pattern.valves:  # fold k on the side at angle phase + k pi; at the fold boundaries the wave is 0
+        side = np.cos(theta - phase - np.pi * np.floor(cycles))
+        folds *= np.clip(0.5 + 0.7 * side, 0, 1) ** 1.5
+    folds *= np.clip(rho ** 2 / (frequency * FOLD_FINEST) - 1, 0, 1)  # a fold's period is rho^2 / frequency
+    light = 1 + pattern.contrast * folds
     light *= np.sqrt(np.clip(rho / 0.9, 0.12, 1.0))  # farther wall, less light
-    lumen_r = rng.uniform(0.17, 0.24)
+    lumen_r = float(rng.uniform(*pattern.lumen))
     light *= 1 - 0.85 * np.clip((lumen_r - rho) / (0.8 * lumen_r), 0, 1)
-    light = np.asarray(Image.fromarray(light.astype(np.float32), mode="F").resize(
-        (c.n, c.n), Image.Resampling.BILINEAR))
+    light = np.asarray(Image.fromarray(light, mode="F").resize((c.n, c.n), Image.Resampling.BILINEAR))
     light = light * (0.85 + 0.3 * texture)
     base = _rgb(0.84, 0.44, 0.38) + rng.normal(0, [0.04, 0.04, 0.03]).astype(np.float32)
     c.rgb[:] = light[..., None] * base
-    vessels = np.clip(1 - np.abs(texture - rng.uniform(0.35, 0.65)) / 0.02, 0, 1) * 0.5
+    vessels = np.clip(1 - np.abs(texture - float(rng.uniform(0.35, 0.65))) / 0.02, 0, 1) * 0.5
     c.paint(vessels, _rgb(0.55, 0.12, 0.12) * light[..., None])
     return lx, ly
 
@@ -538,11 +572,16 @@ def _closeup(rng, c: _Canvas, texture) -> None:
     c.disc(*rng.uniform(-0.6, 0.6, 2), rng.uniform(0.5, 0.9), _rgb(1.0, 0.55, 0.45), soft=1.0, strength=0.6)
 
 
+def lesion_radius(size_mm: int) -> float:
+    """The drawn radius of a polyp in frame half-widths: even a 1 mm polyp is drawn ~20 % of the frame wide,
+    as it looks up close, so that its colour and pattern can be seen at 64 px."""
+    return LESION_RADIUS + 0.015 * min(size_mm, 10)
+
+
 def _lesion(rng, state, c: _Canvas, cx: float, cy: float) -> None:
     """A small polyp: size by radius, a shadow at its base; adenoma red-brown with tubular pits (stripes),
-    hyperplastic pale with round pits (dots). Even a 1 mm polyp is drawn ~10 % of the frame wide, as it
-    looks up close, so that colour and pattern can be seen at 64 px."""
-    r = 0.15 + 0.015 * min(state.size_mm, 10)
+    hyperplastic pale with round pits (dots)."""
+    r = lesion_radius(state.size_mm)
     where = c.window(cx, cy, 1.6 * r)
     x, y = c.x[where] - cx, c.y[where] - cy
     d = np.sqrt(x ** 2 + y ** 2) / (1 + 0.08 * np.sin(5 * np.arctan2(y, x) + rng.uniform(0, 6.3)))
@@ -552,7 +591,7 @@ def _lesion(rng, state, c: _Canvas, cx: float, cy: float) -> None:
     angle = rng.uniform(0, np.pi)
     period = r / 2.2  # pits scale with the polyp, so the pattern shows at any size
     if state.histology == "adenoma":
-        colour = _rgb(0.72, 0.1, 0.24) + rng.normal(0, 0.02, 3).astype(np.float32)
+        colour = _rgb(0.66, 0.1, 0.03) + rng.normal(0, 0.02, 3).astype(np.float32)
         pattern = 0.7 + 0.3 * np.cos(2 * np.pi / period * (x * np.cos(angle) + y * np.sin(angle)))
     else:
         colour = _rgb(0.95, 0.83, 0.74) + rng.normal(0, 0.02, 3).astype(np.float32)
@@ -561,15 +600,20 @@ def _lesion(rng, state, c: _Canvas, cx: float, cy: float) -> None:
     c.disc(cx - 0.3 * r, cy - 0.3 * r, 0.18 * r, _rgb(1, 1, 1), soft=1.0, strength=0.7)
 
 
-def _endoscope_body(rng, c: _Canvas, lumen: tuple[float, float]) -> None:
-    """The scope's own black shaft seen in retroflexion, with depth markings, from the lumen to an edge."""
-    angle = rng.uniform(0, 2 * np.pi)
+def _endoscope_body(rng, c: _Canvas, lumen: tuple[float, float], away_from: tuple[float, float] | None = None
+                    ) -> None:
+    """The scope's own black shaft seen in retroflexion, with depth markings, from the lumen to an edge;
+    at least 70 degrees away from the point ``away_from`` (the lesion), so that it never hides it."""
     x0, y0 = lumen
+    if away_from is None:
+        angle = rng.uniform(0, 2 * np.pi)
+    else:
+        angle = np.arctan2(away_from[1] - y0, away_from[0] - x0) + rng.uniform(1.2, 2 * np.pi - 1.2)
     d, t = _segment_distance(c.x, c.y, x0, y0, x0 + 2.2 * np.cos(angle), y0 + 2.2 * np.sin(angle))
     width = 0.13 + 0.1 * t
     mask = np.clip((width - d) / 0.02, 0, 1)
     shine = 0.08 + 0.3 * np.clip(1 - np.abs(d / width - 0.35) / 0.15, 0, 1)
-    marks = (np.cos(2 * np.pi * 9 * t) > 0.92).astype(np.float32)
+    marks = (np.cos(2 * np.pi * (9 * t - 0.5)) > 0.92).astype(np.float32)  # none on the tip: no pale blob
     c.paint(mask, (shine * (1 - marks) + 0.85 * marks)[..., None] * np.ones(3, np.float32))
 
 
@@ -628,7 +672,7 @@ def _jets(rng, x: np.ndarray, y: np.ndarray, frames: int, away_from: tuple[float
           ) -> np.ndarray:
     """Water jets from the nozzle at the lower left, changing length and angle from frame to frame."""
     x0, y0 = -1.0 + rng.uniform(-0.08, 0.08), 1.0 + rng.uniform(-0.08, 0.08)
-    angles = _aim(rng, x0, y0, 0.3, away_from) + rng.normal(0, 0.08, frames)
+    angles = _aim(rng, x0, y0, 0.4, away_from) + rng.normal(0, 0.08, frames)
     lengths = rng.uniform(0.7, 1.5, frames)
     widths = rng.uniform(0.05, 0.09, frames)
     alpha = np.empty((frames,) + x.shape, np.float32)
@@ -676,9 +720,9 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
         _closeup(stream("closeup"), c, texture)
     else:
         lumen = _colon(stream("colon"), state, c, texture)
-        if state.blue_dye:
+        if state.blue_dye:  # stains the mucosa in patches; its shading stays, so the folds show through
             c.paint(0.55 * np.clip(0.4 + texture, 0, 1),
-                    _rgb(0.2, 0.25, 0.7) * (0.5 + 0.5 * c.rgb.mean(-1, keepdims=True)))
+                    _rgb(0.2, 0.25, 0.7) * c.rgb.mean(-1, keepdims=True) / 0.6)
         if not state.mucosa_clean:
             debris = stream("debris")
             for _ in range(debris.integers(18, 30)):  # stool residue: brown clumps with a yellow core, which
@@ -687,18 +731,22 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
                 c.disc(bx, by, br, _rgb(0.42, 0.27, 0.06) + debris.normal(0, 0.03, 3).astype(np.float32), soft=0.3)
                 c.disc(bx, by, 0.5 * br, _rgb(0.8, 0.62, 0.16) + debris.normal(0, 0.04, 3).astype(np.float32),
                        soft=0.5)
-        if state.endoscope_body:
-            _endoscope_body(stream("body"), c, lumen)
+        lesion_on_canvas = None
         if state.lesion:  # the quadrant is where the lesion sits in the middle of the clip
             lesion = stream("lesion")
             # off the quadrant's diagonal, where the tool (lower right) and the jets (lower left) point
             near, far = lesion.uniform(0.25, 0.36), lesion.uniform(0.48, 0.62)
+            near = max(near, lesion_radius(state.size_mm))  # a large polyp stays clear of the next quadrant
             qx, qy = (near, far) if lesion.random() < 0.5 else (far, near)
             qx *= 1 if state.quadrant.endswith("right") else -1
             qy *= -1 if state.quadrant.startswith("upper") else 1
             lesion_on_screen = (qx, qy)
             mid = FRAMES_PER_CLIP // 2
-            _lesion(lesion, state, c, centre[mid, 0] + qx / zoom[mid], centre[mid, 1] + qy / zoom[mid])
+            lesion_on_canvas = (centre[mid, 0] + qx / zoom[mid], centre[mid, 1] + qy / zoom[mid])
+        if state.endoscope_body:
+            _endoscope_body(stream("body"), c, lumen, lesion_on_canvas)
+        if state.lesion:
+            _lesion(lesion, state, c, *lesion_on_canvas)
         glints = stream("specular")
         for _ in range(glints.integers(3, 9)):  # specular highlights on the wet mucosa
             c.disc(*glints.uniform(-1.2, 1.2, 2), glints.uniform(0.01, 0.03), _rgb(1, 1, 1), soft=1.0)
@@ -884,26 +932,53 @@ def _spectrum(gray: np.ndarray) -> np.ndarray:
     return np.log(energy / energy.sum() + 1e-6)
 
 
-def _affine_flow(gray: np.ndarray) -> np.ndarray:
-    """Mean affine motion between consecutive frames (Lucas-Kanade, least squares over the frame):
-    translation (u, v), divergence (zoom), curl and the two shears, in pixels of a MOTION_SIZE frame."""
+POLAR_LEVELS = 4  # pyramid levels of the polar gradient features: the frame, then halved each time
+
+
+def _polar_gradients(gray: np.ndarray) -> np.ndarray:
+    """Per pyramid level, inside and outside a disc about the frame centre: log energy of the luminance
+    gradients, and log ratio of their energy along to across the direction from the centre. Rings around
+    the view (folds) push the ratio up, blobs and speckle (debris, noise) leave it near 0, at their scale."""
+    out = []
+    level = gray
+    for _ in range(POLAR_LEVELS):
+        size = level.shape[-1]
+        c = (np.arange(size) - (size - 1) / 2) / (size / 2)
+        x, y = np.meshgrid(c, c)
+        radius = np.sqrt(x ** 2 + y ** 2) + 1e-6
+        gy, gx = np.gradient(level, axis=(1, 2))
+        along = ((gx * x + gy * y) / radius) ** 2
+        across = ((gx * y - gy * x) / radius) ** 2
+        for region in (radius < 0.6, radius >= 0.6):
+            a, b = along[:, region].mean() + 1e-6, across[:, region].mean() + 1e-6
+            out += [np.log(a + b), np.log(a / b)]
+        level = np.stack([np.asarray(Image.fromarray(g).resize((size // 2,) * 2, Image.Resampling.BOX))
+                          for g in level])
+    return np.array(out, np.float32)
+
+
+def _affine_steps(gray: np.ndarray) -> np.ndarray:
+    """Affine motion from each frame to the next (Lucas-Kanade, least squares over the frame), one row per
+    step: translation (u, v), divergence (zoom), curl and the two shears, in pixels of a MOTION_SIZE frame."""
     size = gray.shape[-1]
     c = (np.arange(size) - (size - 1) / 2) / size
     x, y = np.meshgrid(c, c)
-    params = []
+    steps = []
     for a, b in zip(gray[:-1], gray[1:]):
-        mid = (a + b) / 2
-        iy, ix = np.gradient(mid)
-        it = b - a
+        iy, ix = np.gradient((a + b) / 2)
         basis = np.stack([ix, iy, ix * x, iy * y, ix * y, iy * x], -1).reshape(-1, 6)
-        p, *_ = np.linalg.lstsq(basis, -it.reshape(-1), rcond=None)
-        params.append(p)
-    u, v, xx, yy, xy, yx = np.mean(params, axis=0)
-    return np.array([u, v, xx + yy, yx - xy, xx - yy, xy + yx])
+        (u, v, xx, yy, xy, yx), *_ = np.linalg.lstsq(basis, -(b - a).reshape(-1), rcond=None)
+        steps.append([u, v, xx + yy, yx - xy, xx - yy, xy + yx])
+    return np.array(steps)
+
+
+def _affine_flow(gray: np.ndarray) -> np.ndarray:
+    """Mean affine motion between consecutive frames (see ``_affine_steps``)."""
+    return _affine_steps(gray).mean(0)
 
 
 GRID = 4  # the layout features split a frame into GRID x GRID cells (a quadrant is 2 x 2 cells)
-# Candidate scale changes between two frames of a clip: a moving scope zooms by ~25 % over the clip.
+# Candidate scale changes between two frames of a clip: a moving scope zooms by ZOOM_RANGE over the clip.
 ZOOM_SCALES = np.geomspace(0.72, 1 / 0.72, 13)
 
 
@@ -923,6 +998,24 @@ def _cell_statistics(frame: np.ndarray) -> np.ndarray:
     cells = lambda a: a.reshape(GRID, cell, GRID, cell, 3).transpose(0, 2, 1, 3, 4).reshape(GRID * GRID, -1, 3)
     pixels, local = cells(f), cells(contrast)
     return np.concatenate([pixels.mean(1), pixels.std(1), local.max(1), local.min(1)], 1).ravel()
+
+
+# Blob scales of the difference-of-Gaussians features, in frame widths: a polyp is about 0.1 to 0.2 wide.
+BLOB_SIGMAS = (0.05, 0.1)
+
+
+def _blob_responses(frame: np.ndarray) -> np.ndarray:
+    """Per screen quadrant of one frame: the strongest bright and dark difference-of-Gaussians response
+    per channel (frame divided by its mean brightness). A compact blob of about the blob scale (a polyp)
+    answers more strongly than a bar as wide (the endoscope's shaft) and far more than edges, thin lines or
+    specks (folds, wires, glints); a 4x4 grid of local contrast cannot tell them apart."""
+    size = frame.shape[0] - frame.shape[0] % 2
+    f = frame[:size, :size].astype(np.float32)
+    f /= f.mean() + 1e-6
+    inner, outer = (gaussian_filter(f, (sigma * size, sigma * size, 0)) for sigma in BLOB_SIGMAS)
+    half = size // 2
+    quadrants = (inner - outer).reshape(2, half, 2, half, 3).transpose(0, 2, 1, 3, 4).reshape(4, -1, 3)
+    return np.concatenate([quadrants.max(1), quadrants.min(1)], 1).ravel()
 
 
 def _zoom_about_centre(image: np.ndarray, scale: float) -> np.ndarray:
@@ -962,9 +1055,10 @@ def _similarity_motion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def clip_features(frames: np.ndarray) -> np.ndarray:
     """Generic features of a clip (uint8 (T, S, S, 3)): colour histograms of the clip and of each screen
-    quadrant, a texture spectrum, a GRID x GRID layout of colour and local-contrast statistics of the first,
-    middle and last frames, global affine motion, zoom-and-shift estimates between the first, middle and
-    last frames, and temporal-change energy per quadrant.
+    quadrant, a texture spectrum and polar gradient energies, a GRID x GRID layout of colour and
+    local-contrast statistics and blob responses per quadrant of the first, middle and last frames, global
+    affine motion and how consistent its direction is from frame to frame, zoom-and-shift estimates between
+    the first, middle and last frames, and temporal-change energy per quadrant.
 
     Nothing here knows about labels: they are the statistics any image probe would start from."""
     frames = np.asarray(frames)
@@ -976,14 +1070,19 @@ def clip_features(frames: np.ndarray) -> np.ndarray:
     gray /= gray.mean(axis=(1, 2), keepdims=True) + 1e-6  # exposure flicker is not motion
     small = np.stack([np.asarray(Image.fromarray(g).resize((MOTION_SIZE, MOTION_SIZE), Image.Resampling.BOX))
                       for g in gray])
-    flow = _affine_flow(small)
+    steps = _affine_steps(small)
+    flow = steps.mean(0)
+    # the share of steps that move each way: a scope that zooms in at every step advances, however
+    # little texture the scene has to show it (the size of the estimates shrinks with the texture)
+    consistency = np.sign(steps).mean(0)
     zoom_shift = [_similarity_motion(small[i], small[j]) for i, j in ((key[0], key[2]), (key[0], key[1]),
                                                                       (key[1], key[2]))]
     change = np.abs(np.diff(small, axis=0)).mean(0) if t > 1 else np.zeros_like(small[0])
     m = MOTION_SIZE // 2
     change_energy = [change[:m, :m].mean(), change[:m, m:].mean(), change[m:, :m].mean(), change[m:, m:].mean()]
     return np.concatenate([_colour_histogram(frames), *[_colour_histogram(q) for q in quadrants],
-                           _spectrum(gray), *[_cell_statistics(frames[k]) for k in key], flow, np.abs(flow),
+                           _spectrum(gray), _polar_gradients(gray), *[_cell_statistics(frames[k]) for k in key],
+                           *[_blob_responses(frames[k]) for k in key], flow, np.abs(flow), consistency,
                            *zoom_shift, *[np.abs(z[-2:]) for z in zoom_shift], change_energy]).astype(np.float32)
 
 

@@ -206,11 +206,12 @@ def test_tools_differ_from_each_other():
 
 
 @pytest.mark.parametrize("quadrant", F.QUADRANTS)
-def test_tools_and_jets_leave_the_lesion_in_view(quadrant):
+def test_tools_jets_and_the_endoscope_leave_the_lesion_in_view(quadrant):
     without = render(lesion=False, quadrant=quadrant)
     lesion = np.abs(render(quadrant=quadrant) - without).max(-1)[F.FRAMES_PER_CLIP // 2] > 40
     assert lesion.sum() > 20
-    for extra in ({"tool": "catheter"}, {"tool": "forceps"}, {"tool": "snare"}, {"flushing": True}):
+    for extra in ({"tool": "catheter"}, {"tool": "forceps"}, {"tool": "snare"}, {"flushing": True},
+                  {"endoscope_body": True}):
         covered = np.abs(render(quadrant=quadrant, **extra) - render(quadrant=quadrant)).max(-1)
         assert np.mean(covered[F.FRAMES_PER_CLIP // 2][lesion] > 40) < 0.05, extra
 
@@ -247,15 +248,73 @@ def test_lesion_quadrant_histology_and_size():
     assert changed(4) > 1.3 * changed(1)
 
 
-def test_site_changes_the_fold_spacing():
-    def fine_energy(frames):
-        gray = frames.mean(-1)
-        power = np.abs(np.fft.fft2(gray - gray.mean(axis=(1, 2), keepdims=True))) ** 2
-        f = np.fft.fftfreq(SIZE)
-        radius = np.sqrt(f[None, :] ** 2 + f[:, None] ** 2)
-        return power[:, (radius > 0.06) & (radius < 0.2)].sum() / power.sum()
-    energy = {site: fine_energy(render(site=site, lesion=False)) for site in F.SITES}
-    assert min(energy["sigma"], energy["ascending"], energy["descending"]) > energy["rectum"]
+@pytest.mark.parametrize("changes", [{}, {"nbi": True}, {"histology": "hyperplastic", "size_mm": 1},
+                                     {"size_mm": 20}, {"moving": True, "drift": "right"},
+                                     {"mucosa_clean": False, "site": "sigma"}])
+def test_the_lesion_lies_in_its_quadrant_in_the_middle_frame(changes):
+    middle = F.FRAMES_PER_CLIP // 2
+    for k in range(3):  # every clip name places the lesion anew within its quadrant
+        for quadrant in F.QUADRANTS:
+            state = {**changes, "clip": f"quadrant:{k}", "quadrant": quadrant}
+            lesion = np.abs(render(**state) - render(**state, lesion=False)).max(-1)[middle] > 40
+            assert lesion.sum() > 60, state  # a 1 mm polyp too: it is drawn as seen up close
+            assert lesion[QUADRANT_SLICES[quadrant]].sum() > 0.9 * lesion.sum(), state
+
+
+def fold_spectrum(frames: np.ndarray) -> tuple[float, float]:
+    """Share of the luminance energy at fold frequencies (0.03 to 0.3 cycles a pixel: above the lumen and the
+    vignetting) and the mean frequency there."""
+    gray = frames.mean(-1)
+    gray = gray / gray.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fft2(gray - gray.mean(axis=(1, 2), keepdims=True))) ** 2).mean(0)
+    f = np.fft.fftfreq(SIZE)
+    radius = np.sqrt(f[None, :] ** 2 + f[:, None] ** 2)
+    band = (radius > 0.03) & (radius < 0.3)
+    return power[band].sum() / power.sum(), (radius[band] * power[band]).sum() / power[band].sum()
+
+
+@pytest.mark.parametrize("blue_dye", [False, True])
+def test_sites_differ_in_fold_spacing_and_depth(blue_dye):
+    # every clip name places the lumen and the folds anew; dye stains the mucosa but keeps its relief
+    spectra = {site: np.array([fold_spectrum(render(clip=f"site:{k}", site=site, lesion=False, blue_dye=blue_dye))
+                               for k in range(4)]) for site in F.SITES}
+    energy = {site: v[:, 0] for site, v in spectra.items()}
+    frequency = {site: v[:, 1] for site, v in spectra.items()}
+    # the descending colon is a smooth tube; the others have deep folds
+    assert energy["descending"].max() < min(energy[s].min() for s in ("ascending", "sigma", "rectum"))
+    # tight folds in the sigma, wider in the ascending colon, a few broad valves in the rectum
+    assert frequency["sigma"].min() > 1.15 * frequency["ascending"].max()
+    assert frequency["ascending"].min() > 1.15 * frequency["rectum"].max()
+
+
+def ring_harmonics(site: str, seed: int) -> np.ndarray:
+    """Amplitude of the angular harmonics 1..5 of the colon's brightness on circles about its lumen (radii
+    0.5, 0.7, 0.9), relative to the mean brightness, summed over the circles."""
+    n = 128
+    canvas = F._Canvas(n, F.CANVAS_EXTENT)
+    lx, ly = F._colon(np.random.default_rng(seed), base_state(site=site), canvas, np.zeros((n, n), np.float32))
+    gray = canvas.rgb.mean(-1)
+    angles = np.linspace(0, 2 * np.pi, 256, endpoint=False)
+    total = np.zeros(5)
+    for radius in (0.5, 0.7, 0.9):
+        cols, rows = ((np.array([lx, ly])[:, None] + radius * np.stack([np.cos(angles), np.sin(angles)])
+                       + canvas.extent) / (2 * canvas.extent) * n).astype(int)
+        ring = gray[rows, cols]
+        total += np.abs(np.fft.rfft(ring - ring.mean()))[1:6] / len(ring) / ring.mean()
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sites_differ_in_fold_shape(seed):
+    harmonics = {site: ring_harmonics(site, seed) for site in F.SITES}
+    assert harmonics["descending"].max() < 0.02  # round folds: the same all around the lumen
+    ascending = harmonics["ascending"]  # triangular folds
+    assert ascending[2] > 0.1 and ascending[2] > 5 * np.delete(ascending, 2).max()
+    rectum = harmonics["rectum"]  # valves over half the circumference, on one side
+    assert rectum[0] > 0.1 and rectum[0] > 3 * rectum[1:].max()
+    # tortuous folds: bends at every angular scale, where the other sites have none
+    assert harmonics["sigma"][3:].min() > 0.03
+    assert max(harmonics[s][3:].max() for s in ("ascending", "descending", "rectum")) < 0.02
 
 
 @pytest.mark.parametrize("drift,sign", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))])
@@ -284,6 +343,17 @@ def test_advancing_zooms_in_withdrawing_zooms_out_still_does_neither():
     mid = F.FRAMES_PER_CLIP // 2
     a, w = render(moving=True, direction="advancing")[mid], render(moving=True, direction="withdrawing")[mid]
     assert np.abs(a - w).mean() < 15
+
+
+@pytest.mark.parametrize("scene", [{}, {"closeup": True, "lesion": False}, {"fluid": True, "lesion": False},
+                                   {"outside": True, "lesion": False}, {"flushing": True}])
+def test_every_step_of_a_moving_clip_zooms_the_same_way(scene):
+    # even where little texture shows the motion (red-out, fluid, the room) or jets cross it, each of the
+    # 7 steps zooms the way the scope moves: what the probe's direction-consistency features count
+    for direction, sign in (("advancing", 1), ("withdrawing", -1)):
+        steps = F._affine_steps(_shrink(render(moving=True, direction=direction, **scene).mean(-1)))
+        assert steps.shape == (F.FRAMES_PER_CLIP - 1, 6)
+        assert np.all(np.sign(steps[:, 2]) == sign), (direction, steps[:, 2])
 
 
 @pytest.mark.parametrize("drift,direction", [("left", "advancing"), ("down", "withdrawing"), ("stable", "advancing")])
@@ -338,6 +408,25 @@ def test_random_clips_carry_their_answers_in_the_template_wording():
 
 
 # --- probe ---------------------------------------------------------------------------------------
+
+def test_blob_responses_find_a_compact_blob_in_its_quadrant_before_a_bar():
+    frame = np.full((SIZE, SIZE, 3), 100, np.uint8)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    frame[(xx - 45) ** 2 + (yy - 18) ** 2 < 5 ** 2] = 200  # a bright disc in the upper right
+    frame[40:50] = 200  # a bright bar as wide as the disc across the lower half
+    brightest = F._blob_responses(frame).reshape(4, 2, 3)[:, 0].mean(-1)  # quadrant x (max, min) x channel
+    assert F.QUADRANTS[int(np.argmax(brightest))] == "upper-right"
+    assert brightest[1] > 1.2 * brightest[2:].max() and brightest[0] < 0.2 * brightest[1]
+
+
+def test_polar_gradients_tell_rings_about_the_centre_from_blobs():
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    rings = 1 + 0.3 * np.cos(np.hypot(xx, yy) / 2)
+    blobs = 1 + 0.3 * np.cos(xx / 2.5) * np.cos(yy / 2.5)
+    ratio = lambda image: F._polar_gradients(np.repeat(image[None].astype(np.float32), 2, 0))[1::2]
+    # along the direction from the centre over across it: far above 1 for rings, near 1 for blobs
+    assert ratio(rings)[:2].min() > np.log(10) and np.abs(ratio(blobs)[:2]).max() < np.log(2)
+
 
 def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
     pairs = F.random_clip_samples(160, seed=7)
