@@ -165,7 +165,7 @@ def test_toy_pretraining_lowers_the_loss_and_saves_a_reloadable_checkpoint(tmp_p
     assert len(log) == TOY.steps and log["train_loss"].iloc[-2:].mean() < log["train_loss"].iloc[:2].mean() - 0.5
     assert {"data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms", "answer_exact/nbi_status", "rows"} <= set(log.columns)
     evals = pd.read_csv(out / "eval_log.csv")
-    assert set(evals["set"]) == {"heldout", "eval_split", "heldout_single_frame"}
+    assert set(evals["set"]) == {"heldout", "eval_split", "heldout_single_frame", "heldout_still_answer"}
     single = set(evals[evals["set"] == "heldout_single_frame"]["question_type"])
     assert single and single <= set(MOTION_TYPES)  # the motion questions the 2 held-out clips carry
     saved = json.loads((out / "metrics.json").read_text())
@@ -203,3 +203,18 @@ def test_a_pixel_only_cue_is_learned_from_single_turn_rows(tmp_path):
 def test_command_line_rejects_a_frame_size_that_would_be_resized(tmp_path):
     with pytest.raises(ValueError, match="multiple of 28"):
         main(["--out", str(tmp_path), "--device", "cpu", "--frame-size", "100", "--steps", "1"])
+
+
+def test_still_answers_are_what_a_clip_without_motion_would_answer():
+    from surgvqa.frames import random_clip_samples
+    from surgvqa.pretrain import still_answer_accuracy
+
+    clips = random_clip_samples(60, seed=5)
+    table = still_answer_accuracy(clips, MOTION_TYPES)
+    # asked only of moving clips: no still answer
+    assert "scope_motion_type" not in table.index and "scope_forward_motion" not in table.index
+    moving = [s.short_answer == "no" for state, samples in clips for s in samples if s.question_type == "scope_motion"]
+    assert table.loc["scope_motion", "accuracy"] == pytest.approx(sum(moving) / len(moving))
+    stable = [s.short_answer == "stable" for _, samples in clips for s in samples
+              if s.question_type == "lesion_motion_direction"]
+    assert table.loc["lesion_motion_direction", "accuracy"] == pytest.approx(sum(stable) / len(stable))

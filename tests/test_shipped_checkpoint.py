@@ -27,6 +27,5 @@ def test_eval_split_accuracy_matches_the_model_card():
     assert len(table) == 20
     for qtype, row in table.iterrows():
         assert row["accuracy"] == pytest.approx(card[qtype]["eval_split_accuracy"], abs=0.07), qtype
-    # what the card claims, in plain numbers: vision-dependent types far above chance
-    for qtype in ("nbi_status", "tool_identification", "scope_motion_type", "lesion_histology_extended"):
-        assert table.loc[qtype, "accuracy"] >= 0.9
+    # what the card claims, in plain numbers: every type, the lesion and motion ones included, far above chance
+    assert table["accuracy"].min() >= 0.9, table["accuracy"].idxmin()
