@@ -509,8 +509,6 @@ def reliability_figure(table: pd.DataFrame, ax=None, title: str = "Reliability o
     return ax.figure
 
 
-# --- summary and command line --------------------------------------------------------------------
-
 # --- running a model --------------------------------------------------------------------------------
 
 def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd.DataFrame | None = None,
@@ -575,6 +573,8 @@ def data_answer(question_type: str, label: str) -> str:
     texts, _ = candidate_answers(question_type)
     return texts[label]
 
+
+# --- summary and command line --------------------------------------------------------------------
 
 def baseline_row(name: str, frame: pd.DataFrame, train: Sequence[Sample], ms_per_query: float) -> dict:
     """One line of the baselines table: strict accuracy with CI, candidate accuracy, chance, prior, speed."""
