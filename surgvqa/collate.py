@@ -126,6 +126,7 @@ class Collator:
     feature_extractor: Any  # a WhisperFeatureExtractor (log-mel features)
     question_mode: str = "audio"
     mode_seed: int = 0  # seeds the per-item draw of the mixed mode
+    mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of audio / text / both in the mixed mode
     frames_as: str = "video"
     frame_size: int = 224
     audio_pool: int = 2
@@ -138,6 +139,7 @@ class Collator:
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, feature_extractor: Any, **vision: int) -> "Collator":
         return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, mode_seed=cfg.seed,
+                   mixed_weights=cfg.mixed_weights,
                    frames_as=cfg.frames_as,
                    frame_size=cfg.frame_size, audio_pool=cfg.audio_pool, min_audio_s=cfg.min_audio_s,
                    max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), **vision)
@@ -160,7 +162,10 @@ class Collator:
         """The question mode of the next item: the collator's own, or a seeded draw when ``mixed``."""
         if self.question_mode != "mixed":
             return self.question_mode
-        return ITEM_MODES[int(self.mode_rng.integers(len(ITEM_MODES)))]
+        weights = np.asarray(self.mixed_weights, dtype=float)
+        if np.all(weights == weights[0]):  # equal weights: the uniform draw every earlier run used
+            return ITEM_MODES[int(self.mode_rng.integers(len(ITEM_MODES)))]
+        return ITEM_MODES[int(self.mode_rng.choice(len(ITEM_MODES), p=weights / weights.sum()))]
 
     # --- pieces of one item ---------------------------------------------------------------------------
 

@@ -56,6 +56,8 @@ class Config:
     # "audio" (heard only), "text", "both"; "mixed" trains on all three (drawn per item) so that one model
     # is evaluated under each mode
     question_mode: str = "audio"
+    # relative weights of audio / text / both when question_mode is "mixed"
+    mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2 or 4
     lora: bool = False
     lora_r: int = 64
@@ -85,6 +87,10 @@ class Config:
 
     def __post_init__(self) -> None:
         self.trainval_videos = tuple(self.trainval_videos)
+        self.mixed_weights = tuple(float(w) for w in self.mixed_weights)
+        if len(self.mixed_weights) != 3 or min(self.mixed_weights) < 0 or not sum(self.mixed_weights):
+            raise ValueError(f"config mixed_weights={self.mixed_weights}: three non-negative weights (audio, "
+                             f"text, both), not all zero")
         choices = {
             "template": ("in", "out"),
             "split": ("published", "stratified"),
@@ -107,6 +113,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["trainval_videos"] = list(self.trainval_videos)
+        d["mixed_weights"] = list(self.mixed_weights)
         return d
 
     def save(self, directory: str | Path) -> Path:

@@ -206,3 +206,25 @@ def test_mixed_mode_draws_a_mode_per_item_and_lists_the_rows_that_hear(tokenizer
         text = tokenizer.decode(row)
         # an item that hears its question may also read it ("both"); one that does not must read it
         assert h or s.question in text
+
+
+@pytest.mark.parametrize("weights, allowed", [((1, 0, 0), {"audio"}), ((0, 1, 0), {"text"}), ((0, 1, 1), {"text", "both"})])
+def test_mixed_weights_choose_which_modes_are_drawn(tokenizer, feature_extractor, weights, allowed):
+    collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mixed_weights=weights)
+    assert {collate.item_mode() for _ in range(200)} == allowed
+
+
+def test_mixed_weights_tilt_the_draw(tokenizer, feature_extractor):
+    collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mixed_weights=(2, 1, 1))
+    draws = [collate.item_mode() for _ in range(4000)]
+    assert draws.count("audio") / len(draws) == pytest.approx(0.5, abs=0.03)
+
+
+def test_mixed_weights_are_checked():
+    from surgvqa.config import get_config
+
+    with pytest.raises(ValueError, match="mixed_weights"):
+        get_config("tiny", mixed_weights=(1, 1))
+    with pytest.raises(ValueError, match="mixed_weights"):
+        get_config("tiny", mixed_weights=(0, 0, 0))
+    assert get_config("tiny", mixed_weights=[2, 1, 1]).mixed_weights == (2.0, 1.0, 1.0)
