@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -306,17 +306,21 @@ def audio_relpath(text: str, spec: VoiceSpec) -> str:
     return f"{spec.engine}/{digest}.wav"
 
 
-def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader sees all of it or nothing."""
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temporary path)`` in the same folder, then rename: a reader sees all of the file or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
+    write_atomic(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV"))
 
 
 def _render_job(job: tuple[str, VoiceSpec, str, int]) -> str:
@@ -492,7 +496,6 @@ def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarra
             todo.setdefault(target, uid)
     if not todo:
         return out
-    folder.mkdir(parents=True, exist_ok=True)
     by_length: dict[int, list[tuple[Path, torch.Tensor]]] = {}
     for target, uid in todo.items():
         mel = log_mel(uid, load_question_audio(uid, wav_of[uid], cfg))
@@ -505,13 +508,15 @@ def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarra
             with torch.no_grad():
                 frames = encode(torch.stack([mel for _, mel in chunk])).float().cpu().numpy()
             for (target, _), array in zip(chunk, frames):
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".npy", dir=folder)
-                os.close(fd)
-                np.save(tmp, array)
-                os.replace(tmp, target)
+                write_atomic(target, lambda tmp: _save_array(tmp, array))
             bar.update(len(chunk))
     bar.close()
     return out
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary path's name
+        np.save(f, array)
 
 
 def load_encoded_audio(uid: str, path: str | Path, width: int) -> np.ndarray:

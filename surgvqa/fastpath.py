@@ -192,16 +192,8 @@ class StaticKVDecoder:
         self.positions += 1
 
     def capture(self) -> None:
-        """Record one greedy step as a CUDA graph (warmed up on a side stream first, as capture requires)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._greedy_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._greedy_step()
+        """Record one greedy step as a CUDA graph."""
+        self.graph = capture_graph(self._greedy_step)
 
     def greedy(self, first_tokens: torch.Tensor, first_positions: torch.Tensor, steps: int) -> torch.Tensor:
         """``steps`` greedy tokens after the first (which the prompt's last position predicted)."""

@@ -67,15 +67,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import data, frames
-from .collate import (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IM_END, INSTRUCTION, VIDEO_TOKEN, WRITTEN_QUESTION,
-                      Collator)
+from .collate import CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator
 from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .frames import ClipState
 from .model import (AudioGraftedQwen2VL, build_model, collator, count_parameters, save_checkpoint,
                     score_candidates)
 
-# Motion questions: a single frame cannot answer them, so the repeated-frame control stays near chance.
+# Motion questions: one frame cannot answer them, so on a repeated frame a model that reads motion from time
+# answers as for a still clip (still_answer_accuracy), or at chance where only moving clips are asked.
 MOTION_TYPES = ("lesion_motion_direction", "scope_motion", "scope_motion_type", "scope_forward_motion",
                 "scope_backward_motion")
 TEMPLATES = ("in", "out")
