@@ -58,7 +58,7 @@ class Config:
     question_mode: str = "audio"
     # relative weights of audio / text / both when question_mode is "mixed"
     mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2 or 4
+    audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2, 4, 8 or 16
     lora: bool = False
     lora_r: int = 64
     lora_alpha: int = 16
@@ -68,6 +68,9 @@ class Config:
 
     # --- training ---------------------------------------------------------------------------------
     output_dir: str = "data/processed/run"
+    # > 0: each audio-only training item is also read as text (same weights, no gradient) and the heard
+    # item's hidden states on the tokens both end with are pulled to the read ones' (model.distill_loss)
+    distill_weight: float = 0.0
     lr: float = 1e-3
     projector_lr: float = 1e-3
     batch_size: int = 16
@@ -97,7 +100,7 @@ class Config:
             "frames_source": ("phantom", "real"),
             "frames_as": ("video", "images"),
             "question_mode": ("audio", "text", "both", "mixed"),
-            "audio_pool": (1, 2, 4),
+            "audio_pool": (1, 2, 4, 8, 16),
             "dtype": ("float32", "bfloat16"),
             "schedule": ("cosine", "linear"),
         }

@@ -518,8 +518,8 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
 
     ``mode`` is audio, text or both (the prompt the model gets), whatever the mode it was trained in.
     ``questions`` (uid -> text) replaces the written question, e.g. by an ASR transcript. The free-text
-    answer (greedy ``generate``) is what the strict scorer reads; candidate probabilities come from
-    ``score_candidates``. ``latency_ms`` is the model time of the batch divided by its size.
+    answer (greedy decoding) is what the strict scorer reads; candidate probabilities come from
+    scoring the candidates on the same run of the prompt (``answer_and_score``). ``latency_ms`` is the model time of the batch divided by its size.
     """
     import dataclasses
     import time
@@ -551,9 +551,11 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"predict ({mode})", disable=not progress, unit="batch"):
             started = time.perf_counter()
-            scored = graft.score_candidates(model, batch)
-            texts = (graft.generate(model, batch, max_new_tokens=max_new_tokens) if generate_answers
-                     else [None] * len(scored))
+            if generate_answers:
+                texts, scored = graft.answer_and_score(model, batch, max_new_tokens=max_new_tokens)
+            else:
+                scored = graft.score_candidates(model, batch)
+                texts = [None] * len(scored)
             per_sample_ms = 1000 * (time.perf_counter() - started) / len(scored)
             for s, sc, text in zip(batch["samples"], scored, texts):
                 info = audio_info.get(s.uid, {})

@@ -1092,19 +1092,39 @@ def global_statistics(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([pixels.mean(0), pixels.std(0)])
 
 
-def probe_views(samples: Sequence[Sample], cfg: Config | None = None, size: int = 64
+def _probe_views_of_clip(job: tuple[Sample, Config]) -> dict[str, np.ndarray]:
+    sample, cfg = job
+    frames = load_clip(sample, cfg)
+    still = np.repeat(frames[FRAMES_PER_CLIP // 2][None], FRAMES_PER_CLIP, axis=0)
+    return {"clip": clip_features(frames), "frame": clip_features(still), "global": global_statistics(frames)}
+
+
+def probe_views(samples: Sequence[Sample], cfg: Config | None = None, size: int = 64, workers: int | None = None
                 ) -> dict[str, np.ndarray]:
     """Per sample, features of the phantom clip (``clip``), of its middle frame alone repeated
-    (``frame``: no motion can be seen) and global colour statistics (``global``)."""
+    (``frame``: no motion can be seen) and global colour statistics (``global``). Each distinct clip is
+    rendered once, in ``workers`` processes (default: one per CPU core); the features do not depend on it."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    from tqdm.auto import tqdm
+
     cfg = (cfg or get_config()).replace(frames_source="phantom", frame_size=size)
     by_clip: dict[tuple, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_clip[s.clip_key].append(i)
+    jobs = [(samples[rows[0]], cfg) for rows in by_clip.values()]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    bar = dict(total=len(jobs), desc=f"probe features ({size} px)", unit="clip", mininterval=2.0)
+    if workers == 1:
+        per_clip = list(tqdm(map(_probe_views_of_clip, jobs), **bar))
+    else:
+        # spawned, not forked: the caller may hold threads (a notebook kernel, torch) that fork would copy
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            per_clip = list(tqdm(pool.map(_probe_views_of_clip, jobs, chunksize=16), **bar))
     views = {"clip": [None] * len(samples), "frame": [None] * len(samples), "global": [None] * len(samples)}
-    for rows in by_clip.values():
-        frames = load_clip(samples[rows[0]], cfg)
-        still = np.repeat(frames[FRAMES_PER_CLIP // 2][None], FRAMES_PER_CLIP, axis=0)
-        feats = {"clip": clip_features(frames), "frame": clip_features(still), "global": global_statistics(frames)}
+    for rows, feats in zip(by_clip.values(), per_clip):
         for i in rows:
             for name in views:
                 views[name][i] = feats[name]

@@ -86,10 +86,12 @@ class AudioProjector(nn.Module):
 
 @dataclass
 class GraftOutput:
-    loss: torch.Tensor | None
+    loss: torch.Tensor | None  # answer cross-entropy, plus distill_weight * distill_loss when distilling
     # With labels: logits at the positions that predict a label, (n_label_tokens, vocab), in batch order.
     # Without: the logits of each row's last position, (batch, vocab).
     logits: torch.Tensor
+    answer_loss: torch.Tensor | None = None  # the mean cross-entropy over the label tokens alone
+    distill_loss: torch.Tensor | None = None  # see distill_loss()
 
 
 class AudioGraftedQwen2VL(nn.Module):
@@ -198,14 +200,20 @@ class AudioGraftedQwen2VL(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                 audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
-                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None) -> GraftOutput:
-        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput."""
+                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None,
+                teacher: dict[str, torch.Tensor] | None = None) -> GraftOutput:
+        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput.
+
+        ``teacher`` (a distilling collator's text-mode rows of the audio-only items) adds
+        ``cfg.distill_weight * distill_loss`` to the loss."""
         base = self.base_vlm
         inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows, audio_encoded)
-        hidden = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                            video_grid_thw=video_grid_thw, use_cache=False).last_hidden_state
+        distilling = teacher is not None and self.cfg.distill_weight > 0
+        out = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
+                         image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                         video_grid_thw=video_grid_thw, use_cache=False, output_hidden_states=distilling)
+        hidden = out.last_hidden_state
         if labels is None:
             return GraftOutput(loss=None, logits=base.lm_head(hidden[:, -1]).float())
         targets = labels[:, 1:]
@@ -213,7 +221,36 @@ class AudioGraftedQwen2VL(nn.Module):
         if not keep.any():
             raise ValueError("no label tokens in the batch (a generation batch was given for training?)")
         logits = base.lm_head(hidden[:, :-1][keep]).float()
-        return GraftOutput(loss=F.cross_entropy(logits, targets[keep]), logits=logits)
+        answer_loss = F.cross_entropy(logits, targets[keep])
+        if not distilling:
+            return GraftOutput(loss=answer_loss, logits=logits, answer_loss=answer_loss)
+        with torch.no_grad():
+            read = base.model(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"],
+                              mm_token_type_ids=teacher["mm_token_type_ids"], use_cache=False,
+                              output_hidden_states=True, **vision_inputs(teacher)).hidden_states
+        distill = distill_loss(out.hidden_states, attention_mask, read, teacher)
+        return GraftOutput(loss=answer_loss + self.cfg.distill_weight * distill, logits=logits,
+                           answer_loss=answer_loss, distill_loss=distill)
+
+
+def distill_loss(heard: Sequence[torch.Tensor], heard_mask: torch.Tensor, read: Sequence[torch.Tensor],
+                 teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How far the heard rows' hidden states are from the read (written-question) rows' on the tokens both
+    end with, after every decoder layer: the squared error relative to the read states' mean square,
+    averaged over layers. A tiny decoder reads a written question with circuits its pretraining built
+    for question tokens; this asks the projected audio to leave the same trace in those circuits."""
+    rows, heard_pos, read_rows, read_pos = [], [], [], []
+    heard_len, read_len = heard_mask.sum(dim=1).tolist(), teacher["attention_mask"].sum(dim=1).tolist()
+    for k, (student, tail) in enumerate(zip(teacher["students"].tolist(), teacher["tail"].tolist())):
+        rows += [student] * tail
+        heard_pos += range(heard_len[student] - tail, heard_len[student])
+        read_rows += [k] * tail
+        read_pos += range(read_len[k] - tail, read_len[k])
+    losses = []
+    for h, r in zip(heard[1:], read[1:]):  # index 0 is the embeddings: the shared tokens embed alike
+        target = r[read_rows, read_pos].float()
+        losses.append(F.mse_loss(h[rows, heard_pos].float(), target) / target.pow(2).mean().clamp_min(1e-6))
+    return torch.stack(losses).mean()
 
 
 # --- building ------------------------------------------------------------------------------------------
@@ -462,48 +499,74 @@ def candidate_token_rows(model: AudioGraftedQwen2VL, samples: Sequence[data.Samp
     return owners, labels, rows
 
 
-def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
-    """Rank the label set of each sample's question type by the likelihood of its answer SENTENCE.
+@dataclass
+class _Prefill:
+    """A generation batch's prompt run once: its key/value cache, the log-probabilities of the first answer
+    token, and the M-RoPE position of that token (the prompt's last position + 1, per row)."""
 
-    The candidate text is the answer sentence the model is trained to produce (data.answer_sentences),
-    followed by the end-of-turn token, so a candidate is the whole answer, not a prefix of it. The prompt
-    of each sample runs once; its key/value cache is then repeated for that sample's candidates and all
-    candidates of the batch are scored in one more forward.
-    """
-    _check_generation_batch(batch)
+    cache: Any
+    first: torch.Tensor  # (batch, vocab)
+    mask: torch.Tensor  # the prompt's attention mask
+    next_position: torch.Tensor  # (batch, 1)
+
+
+def _prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> _Prefill:
     base = model.base_vlm
-    batch = _on_device(batch, base.device)
-    samples = batch["samples"]
-    owners, labels, rows = candidate_token_rows(model, samples)
-    with _evaluating(model):
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        positions, rope_deltas = base.model.get_rope_index(
-            ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
-        embeds = model.embed(ids, samples=samples, **audio_inputs(batch))
-        prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
-        first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions, rope_deltas = base.model.get_rope_index(
+        ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
+    embeds = model.embed(ids, samples=batch["samples"], **audio_inputs(batch))
+    prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
+    first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
+    # Text positions continue after the prompt's last M-RoPE position (rope_deltas shift past the vision grid).
+    return _Prefill(prefix.cache, first, mask, mask.sum(dim=1, keepdim=True) + rope_deltas)
 
-        owner = torch.tensor(owners, device=ids.device)
-        cache = prefix.cache
-        cache.batch_select_indices(owner)
-        # Feed every candidate token but the last; the prompt's last position already predicted the first.
-        length = max(len(r) for r in rows) - 1
-        feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=ids.device)
-        feed_mask = torch.zeros_like(feed)
-        for r, row in enumerate(rows):
-            feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=ids.device)
-            feed_mask[r, : len(row) - 1] = 1
-        # Text positions continue after the prompt's last M-RoPE position (rope_deltas shift past the vision grid).
-        start = (mask.sum(dim=1, keepdim=True) + rope_deltas)[owner]
-        text_positions = (start + torch.arange(length, device=ids.device)).unsqueeze(0).expand(3, -1, -1)
-        cont = base.model(input_ids=feed, attention_mask=torch.cat([mask[owner], feed_mask], dim=1),
-                          position_ids=text_positions, cache=cache, use_cache=True)
-        logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
+
+def _greedy_answers(model: AudioGraftedQwen2VL, pre: _Prefill, max_new_tokens: int) -> tuple[list[str], int]:
+    """Greedy decoding from a prefill (what ``generate`` does, without running the prompt again); returns
+    the answers and the number of tokens it added to the cache."""
+    base, pad = model.base_vlm, model.tokenizer.pad_token_id
+    token = pre.first.argmax(-1)
+    done = token == model.im_end_id
+    tokens, mask = [token], pre.mask
+    for step in range(1, max_new_tokens):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = (pre.next_position + step - 1).unsqueeze(0).expand(3, -1, -1)
+        hidden = base.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=pre.cache,
+                            use_cache=True).last_hidden_state
+        token = base.lm_head(hidden[:, -1]).argmax(-1).masked_fill(done, pad)  # finished rows only pad
+        done = done | (token == model.im_end_id)
+        tokens.append(token)
+    texts = model.tokenizer.batch_decode(torch.stack(tokens, dim=1), skip_special_tokens=True)
+    return [t.strip() for t in texts], len(tokens) - 1
+
+
+def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sample]) -> list[CandidateScores]:
+    """Candidate scores from a prefill: its cache is repeated for each sample's candidates (in place) and
+    every candidate of the batch is scored in one more forward."""
+    base = model.base_vlm
+    owners, labels, rows = candidate_token_rows(model, samples)
+    device = pre.mask.device
+    owner = torch.tensor(owners, device=device)
+    pre.cache.batch_select_indices(owner)
+    # Feed every candidate token but the last; the prompt's last position already predicted the first.
+    length = max(len(r) for r in rows) - 1
+    feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    feed_mask = torch.zeros_like(feed)
+    for r, row in enumerate(rows):
+        feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=device)
+        feed_mask[r, : len(row) - 1] = 1
+    text_positions = (pre.next_position[owner] + torch.arange(length, device=device)).unsqueeze(0).expand(3, -1, -1)
+    cont = base.model(input_ids=feed, attention_mask=torch.cat([pre.mask[owner], feed_mask], dim=1),
+                      position_ids=text_positions, cache=pre.cache, use_cache=True)
+    logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
 
     totals = []
     for r, row in enumerate(rows):
-        total = first[owners[r], row[0]]
+        total = pre.first[owners[r], row[0]]
         if len(row) > 1:
             total = total + logp[r, torch.arange(len(row) - 1), torch.tensor(row[1:])].sum()
         totals.append(float(total))
@@ -515,6 +578,34 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
         results.append(CandidateScores(uid=s.uid, label=max(ll, key=ll.get), probabilities=dict(zip(ll, probs)),
                                        log_likelihoods=ll))
     return results
+
+
+def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
+    """Rank the label set of each sample's question type by the likelihood of its answer SENTENCE.
+
+    The candidate text is the answer sentence the model is trained to produce (data.answer_sentences),
+    followed by the end-of-turn token, so a candidate is the whole answer, not a prefix of it. The prompt
+    of each sample runs once; its key/value cache is then repeated for that sample's candidates and all
+    candidates of the batch are scored in one more forward.
+    """
+    _check_generation_batch(batch)
+    batch = _on_device(batch, model.base_vlm.device)
+    with _evaluating(model):
+        return _scores(model, _prefill(model, batch), batch["samples"])
+
+
+def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32
+                     ) -> tuple[list[str], list[CandidateScores]]:
+    """``generate``'s greedy answers and ``score_candidates``' scores from ONE run of the prompt: the answer
+    is decoded on the prompt's cache, which is then cut back to the prompt and scores the candidates."""
+    _check_generation_batch(batch)
+    batch = _on_device(batch, model.base_vlm.device)
+    with _evaluating(model):
+        pre = _prefill(model, batch)
+        answers, added = _greedy_answers(model, pre, max_new_tokens)
+        if added:
+            pre.cache.crop(-added)
+        return answers, _scores(model, pre, batch["samples"])
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

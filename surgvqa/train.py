@@ -31,7 +31,7 @@ from .model import build_model, collator, parameter_groups, save_checkpoint, sco
 STATE_FILE = "trainer_state.json"
 # Extra training clips come from their own seeds: not the pretraining clips (seeds 1 and 2).
 PHANTOM_EXTRA_SEED = 1000
-LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
+LOG_COLUMNS = ["step", "time", "train_loss", "distill_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
 
 
 class QADataset(Dataset):
@@ -182,7 +182,7 @@ def evaluate_split(model, loader: DataLoader, gen_loader: DataLoader) -> dict[st
         for batch in loader:
             out = model(**batch)
             tokens = int((batch["labels"][:, 1:] != -100).sum())
-            losses.append(float(out.loss) * tokens)
+            losses.append(float(out.answer_loss) * tokens)
             weights.append(tokens)
         for batch in gen_loader:
             for s, scored in zip(batch["samples"], score_candidates(model, batch)):
@@ -328,7 +328,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     uncast = cfg.lora and accelerator.mixed_precision == "bf16"
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not main, unit="step")
     model.train()
-    started, samples_seen, window_loss, window_n = time.time(), 0, 0.0, 0
+    started, samples_seen, window_loss, window_n, window_distill = time.time(), 0, 0.0, 0, []
     while state.step < cfg.max_steps and not state.stopped_early:
         loader = epoch_loader(state.epoch)
         skip = state.batches_in_epoch
@@ -336,7 +336,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
         for batch in batches:
             with accelerator.accumulate(model):
                 with adapter_inputs_uncast(model, uncast):
-                    loss = model(**batch).loss
+                    output = model(**batch)
+                    loss = output.loss
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -344,6 +345,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
             state.batches_in_epoch += 1
             samples_seen += len(batch["samples"]) * accelerator.num_processes
             window_loss, window_n = window_loss + loss.item(), window_n + 1
+            if output.distill_loss is not None:
+                window_distill.append(output.distill_loss.item())
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -351,9 +354,10 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
             if state.step % max(1, min(10, cfg.eval_every)) == 0 or state.step == cfg.max_steps:
                 elapsed = time.time() - started
                 logger.log(state.step, {"train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[-1],
-                                        "samples_per_s": samples_seen / elapsed})
+                                        "samples_per_s": samples_seen / elapsed,
+                                        **({"distill_loss": float(np.mean(window_distill))} if window_distill else {})})
                 bar.set_postfix(loss=f"{window_loss / window_n:.3f}")
-                window_loss, window_n = 0.0, 0
+                window_loss, window_n, window_distill = 0.0, 0, []
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 metrics = run_eval()
                 logger.log(state.step, metrics)

@@ -208,14 +208,14 @@ def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray], max_
     sample's clip; returns the most likely label, the candidate probabilities and the free-text answer."""
     import dataclasses
 
-    from .model import collator, generate, score_candidates
+    from .model import answer_and_score, collator
 
     collate = dataclasses.replace(collator(model), question_mode="audio", frame_size=cfg.frame_size)
 
     def answer(sample: Sample, waveform: np.ndarray) -> tuple[str, dict[str, float], str]:
         batch = collate([(sample, load_frames(sample), waveform)], for_generation=True)
-        scored = score_candidates(model, batch)[0]
-        return scored.label, scored.probabilities, generate(model, batch, max_new_tokens)[0]
+        (text,), (scored,) = answer_and_score(model, batch, max_new_tokens)
+        return scored.label, scored.probabilities, text
 
     return answer
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
 
-from surgvqa.collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, CollateError, Collator, audio_token_count,
-                             frames_to_patches)
+from surgvqa.collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, CollateError, Collator,
+                             audio_token_count, frames_to_patches)
 from surgvqa.data import load_template
 from surgvqa.model import build_tiny_tokenizer
 
@@ -228,3 +228,29 @@ def test_mixed_weights_are_checked():
     with pytest.raises(ValueError, match="mixed_weights"):
         get_config("tiny", mixed_weights=(0, 0, 0))
     assert get_config("tiny", mixed_weights=[2, 1, 1]).mixed_weights == (2.0, 1.0, 1.0)
+
+
+def test_distilling_batches_carry_the_written_row_of_each_heard_only_item(tokenizer, feature_extractor, samples):
+    items = make_items(samples * 4, seconds=(1.0, 1.7, 2.3) * 4)
+    collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3, distill=True)
+    batch = collate(items)
+    modes = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3)
+    drawn = [modes.item_mode() for _ in items]
+    teacher = batch["teacher"]
+    assert teacher["students"].tolist() == [i for i, m in enumerate(drawn) if m == "audio"]
+    written = make_collator(tokenizer, feature_extractor, question_mode="text")(
+        [items[i] for i in teacher["students"].tolist()])
+    for key in ("input_ids", "attention_mask", "labels", "pixel_values_videos", "video_grid_thw"):
+        assert torch.equal(teacher[key], written[key]), key
+    instruction = tokenizer(INSTRUCTION, add_special_tokens=False)["input_ids"]
+    for k, i in enumerate(teacher["students"].tolist()):
+        tail = int(teacher["tail"][k])
+        heard = batch["input_ids"][i][: int(batch["attention_mask"][i].sum())].tolist()
+        read = teacher["input_ids"][k][: int(teacher["attention_mask"][k].sum())].tolist()
+        assert heard[-tail:] == read[-tail:] and heard[-tail - 1] != read[-tail - 1]
+        # the shared end holds the instruction, the answer and nothing of the question
+        assert _contains(heard[-tail:], instruction) and samples[i % 3].question not in tokenizer.decode(heard[-tail:])
+        assert tokenizer.decode(heard[-tail:]).endswith(samples[i % 3].answer + IM_END)
+    assert "teacher" not in collate(items, for_generation=True)
+    assert "teacher" not in make_collator(tokenizer, feature_extractor, question_mode="text", distill=True)(
+        [(s, f, None) for s, f, _ in items])

@@ -428,6 +428,19 @@ def test_polar_gradients_tell_rings_about_the_centre_from_blobs():
     assert ratio(rings)[:2].min() > np.log(10) and np.abs(ratio(blobs)[:2]).max() < np.log(2)
 
 
+def test_probe_views_are_the_same_from_worker_processes():
+    samples = [s for _, clip in F.random_clip_samples(6, seed=11) for s in clip]
+    serial = F.probe_views(samples, size=32, workers=1)
+    parallel = F.probe_views(samples, size=32, workers=2)
+    assert set(serial) == {"clip", "frame", "global"}
+    for name, features in serial.items():
+        assert features.shape[0] == len(samples) and np.array_equal(features, parallel[name]), name
+    # the rows of one clip share its features; different clips differ
+    first = [i for i, s in enumerate(samples) if s.clip_key == samples[0].clip_key]
+    assert len(first) > 1 and all(np.array_equal(serial["clip"][i], serial["clip"][first[0]]) for i in first)
+    assert not np.array_equal(serial["clip"][0], serial["clip"][len(first)])
+
+
 def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
     pairs = F.random_clip_samples(160, seed=7)
     train = [s for _, samples in pairs[:40] for s in samples]

@@ -244,12 +244,55 @@ def test_generate_is_greedy_decoding_of_the_forward(model, items):
         assert answer == model.tokenizer.decode(greedy, skip_special_tokens=True).strip()
 
 
+def test_distillation_adds_the_weighted_gap_to_the_read_question(whisper, items):
+    model = M.build_model(tiny_config(question_mode="mixed", distill_weight=0.5), whisper=whisper)
+    collate = dataclasses.replace(M.collator(model), mixed_weights=(1.0, 0.0, 0.0))  # every item heard only
+    assert collate.distill
+    batch = collate(items)
+    out = model(**batch)
+    assert out.distill_loss > 0
+    assert torch.allclose(out.loss, out.answer_loss + 0.5 * out.distill_loss)
+    plain = model(**{k: v for k, v in batch.items() if k != "teacher"})
+    assert plain.distill_loss is None and torch.allclose(plain.loss, out.answer_loss)
+    out.distill_loss.backward()  # the gap trains the projector that turns the audio into rows
+    assert model.projector.linear.weight.grad.abs().sum() > 0
+
+
+def test_distill_loss_is_zero_for_identical_states_and_compares_the_shared_tail():
+    torch.manual_seed(0)
+    read = [torch.randn(2, 9, 4) for _ in range(3)]
+    heard = [torch.randn(3, 12, 4) for _ in range(3)]
+    teacher = {"attention_mask": torch.tensor([[1] * 9, [1] * 7 + [0] * 2]),
+               "students": torch.tensor([0, 2]), "tail": torch.tensor([4, 3])}
+    heard_mask = torch.tensor([[1] * 12, [1] * 12, [1] * 10 + [0] * 2])
+    for h, r in zip(heard, read):  # copy the read tails into the heard rows: 4 tokens of row 0, 3 of row 2
+        h[0, 8:12], h[2, 7:10] = r[0, 5:9], r[1, 4:7]
+    assert M.distill_loss(heard, heard_mask, read, teacher) == 0
+    heard[1][2, 9] += 1.0  # inside row 2's tail, after the first decoder layer
+    assert M.distill_loss(heard, heard_mask, read, teacher) > 0
+    heard[1][2, 6] += 1.0; heard[1][1] += 1.0; heard[0][0] += 1.0  # before the tail, another row, embeddings
+    before = M.distill_loss(heard, heard_mask, read, teacher)
+    heard[1][2, 9] -= 1.0
+    assert M.distill_loss(heard, heard_mask, read, teacher) < 1e-12 < before
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 6, 32])
+def test_answer_and_score_equals_generate_and_score_candidates(model, items, max_new_tokens):
+    # one prefill for both: the decoded answer must not leak into the candidates' cache
+    batch = M.collator(model)(items, for_generation=True)
+    answers, scores = M.answer_and_score(model, batch, max_new_tokens=max_new_tokens)
+    assert answers == M.generate(model, batch, max_new_tokens=max_new_tokens)
+    for got, expected in zip(scores, M.score_candidates(model, batch)):
+        assert got.label == expected.label and list(got.log_likelihoods) == list(expected.log_likelihoods)
+        for label, value in expected.log_likelihoods.items():
+            assert abs(got.log_likelihoods[label] - value) < 1e-4, label
+
+
 def test_generation_helpers_refuse_a_training_batch(model, items):
     batch = M.collator(model)(items)
-    with pytest.raises(ValueError, match="generation batch"):
-        M.generate(model, batch)
-    with pytest.raises(ValueError, match="generation batch"):
-        M.score_candidates(model, batch)
+    for helper in (M.generate, M.score_candidates, M.answer_and_score):
+        with pytest.raises(ValueError, match="generation batch"):
+            helper(model, batch)
 
 
 def test_tiny_preset_loads_the_shipped_phantom_pretrained_weights(whisper):
