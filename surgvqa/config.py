@@ -59,6 +59,9 @@ class Config:
     # relative weights of audio / text / both when question_mode is "mixed"
     mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2, 4, 8 or 16
+    # "linear": rows = a linear map of the pooled frames; "vocab": rows = mixtures of the language model's
+    # token embeddings (a softmax over the vocabulary), read like written tokens
+    audio_projector: str = "linear"
     lora: bool = False
     lora_r: int = 64
     lora_alpha: int = 16
@@ -101,6 +104,7 @@ class Config:
             "frames_as": ("video", "images"),
             "question_mode": ("audio", "text", "both", "mixed"),
             "audio_pool": (1, 2, 4, 8, 16),
+            "audio_projector": ("linear", "vocab"),
             "dtype": ("float32", "bfloat16"),
             "schedule": ("cosine", "linear"),
         }
@@ -150,10 +154,13 @@ def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.
     # The pretrained tiny VLM saw 112 px clips; "mixed" trains one model that 05-evaluate then runs with the
-    # question heard, read, or both. Training reads cached Whisper outputs: 600 steps of 16 took 8 min on
-    # 2 CPU cores (audio-only 75.9 % on the test video, against 59.2 % after 300 steps with the earlier VLM).
+    # question heard, read, or both. Training reads cached Whisper outputs. Pooling 16 Whisper frames (0.32 s)
+    # gives a question about as many rows as it has written tokens, so the clip is as far from the answer
+    # heard as read (M-RoPE positions are relative); the rows mix the model's own token embeddings, and
+    # the written question is distilled into the heard one. README: what each step bought.
     "tiny": dict(frame_size=112, question_mode="mixed", lr=3e-4, projector_lr=1e-3, max_steps=600,
-                 warmup_steps=20, eval_every=200, eval_limit=200),
+                 warmup_steps=20, eval_every=200, eval_limit=200, audio_pool=16, audio_projector="vocab",
+                 distill_weight=1.0),
     # A few samples and steps: what the tests and a quick look run.
     "smoke": dict(frame_size=64, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_limit=8,
                   limit_train=16, limit_test=16),

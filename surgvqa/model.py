@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,17 +71,28 @@ class AudioTokenMismatch(ValueError):
 # --- the module ------------------------------------------------------------------------------------------
 
 class AudioProjector(nn.Module):
-    """Whisper frames -> language-model rows: average pooling over time (1, 2 or 4 frames) then linear."""
+    """Whisper frames -> language-model rows: average pooling over time (``pool`` frames), then a linear map
+    to the hidden size, or, given ``token_embeddings`` (a function returning the language model's input
+    embedding matrix, read at every call so it follows the model's training), a linear map to a
+    distribution over the vocabulary that mixes those embeddings: each row is then a soft token, in the
+    space the language model reads written text from."""
 
-    def __init__(self, whisper_dim: int, hidden_size: int, pool: int):
+    def __init__(self, whisper_dim: int, hidden_size: int, pool: int,
+                 token_embeddings: Callable[[], torch.Tensor] | None = None):
         super().__init__()
         self.pool = pool
-        self.linear = nn.Linear(whisper_dim, hidden_size)
+        self.token_embeddings = token_embeddings
+        out = hidden_size if token_embeddings is None else token_embeddings().shape[0]
+        self.linear = nn.Linear(whisper_dim, out)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:  # (batch, time, whisper_dim)
         if self.pool > 1:
             frames = F.avg_pool1d(frames.transpose(1, 2), self.pool, self.pool).transpose(1, 2)
-        return self.linear(frames)
+        rows = self.linear(frames)
+        if self.token_embeddings is None:
+            return rows
+        embeddings = self.token_embeddings()
+        return rows.softmax(dim=-1).to(embeddings.dtype) @ embeddings
 
 
 @dataclass
@@ -100,8 +111,9 @@ class AudioGraftedQwen2VL(nn.Module):
         super().__init__()
         self.vlm = vlm  # Qwen2VLForConditionalGeneration, or a peft PeftModel around it
         self.whisper = whisper.requires_grad_(False).eval()
+        vocabulary = (lambda: self.base_vlm.get_input_embeddings().weight) if cfg.audio_projector == "vocab" else None
         self.projector = AudioProjector(whisper.config.d_model, self.base_vlm.config.text_config.hidden_size,
-                                        cfg.audio_pool).to(self.base_vlm.device)
+                                        cfg.audio_pool, vocabulary).to(self.base_vlm.device)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.cfg = cfg

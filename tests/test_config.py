@@ -35,9 +35,10 @@ def test_unknown_keys_raise_everywhere(tmp_path):
         Config.load(path)
 
 
-def test_bad_choice_raises():
-    with pytest.raises(ValueError, match="question_mode"):
-        get_config(question_mode="telepathy")
+@pytest.mark.parametrize("key, value", [("question_mode", "telepathy"), ("audio_pool", 3), ("audio_projector", "mlp")])
+def test_bad_choice_raises(key, value):
+    with pytest.raises(ValueError, match=key):
+        get_config(**{key: value})
 
 
 def test_save_load_round_trip_and_overrides(tmp_path):

@@ -30,7 +30,7 @@ def tiny_whisper(max_source_positions: int = 1500) -> tuple[WhisperEncoder, Whis
 
 def tiny_config(**overrides):
     values = dict(vlm_from_scratch=True, frame_size=FRAME_SIZE, question_mode="audio", lora=True, lora_r=8, lora_alpha=16,
-                  lora_dropout=0.0)
+                  lora_dropout=0.0, audio_pool=2, audio_projector="linear", distill_weight=0.0)
     return get_config("tiny", **{**values, **overrides})
 
 
@@ -274,6 +274,27 @@ def test_distill_loss_is_zero_for_identical_states_and_compares_the_shared_tail(
     before = M.distill_loss(heard, heard_mask, read, teacher)
     heard[1][2, 9] -= 1.0
     assert M.distill_loss(heard, heard_mask, read, teacher) < 1e-12 < before
+
+
+def test_vocab_projector_rows_are_mixtures_of_the_models_token_embeddings(whisper):
+    model = M.build_model(tiny_config(audio_projector="vocab", audio_pool=4), whisper=whisper)
+    embeddings = model.base_vlm.get_input_embeddings().weight
+    projector = model.projector
+    assert projector.linear.out_features == embeddings.shape[0]
+    # its own weights only: the embeddings stay the language model's (one optimizer group each)
+    assert {n for n, _ in projector.named_parameters()} == {"linear.weight", "linear.bias"}
+    frames = torch.randn(2, 8, whisper[0].config.d_model)
+    with torch.no_grad():
+        rows = projector(frames)
+        assert rows.shape == (2, 2, embeddings.shape[1])  # 8 frames pooled by 4
+        # a confident row is that token's embedding
+        token = 17
+        projector.linear.bias.zero_()
+        projector.linear.bias[token] = 1e4
+        assert torch.allclose(projector(frames), embeddings[token].expand(2, 2, -1), atol=1e-5)
+        embeddings[token] += 1.0  # it reads the embeddings at every call, as they train
+        assert torch.allclose(projector(frames), embeddings[token].expand(2, 2, -1), atol=1e-5)
+        embeddings[token] -= 1.0
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 6, 32])
