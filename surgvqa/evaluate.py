@@ -26,8 +26,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import (QUESTION_TYPES, YES_NO, AnnotationError, Sample, blind_prior, candidate_answers, candidate_labels,
-                   load_annotations, load_split, published_split)
+from .data import (QUESTION_TYPES, YES_NO, AnnotationError, Sample, answer_sentences, blind_prior, candidate_answers,
+                   candidate_labels, load_annotations, load_split, published_split)
 
 UNPARSEABLE = "unparseable"
 
@@ -405,6 +405,34 @@ def confusion_matrix(frame: pd.DataFrame, question_type: str) -> pd.DataFrame:
     table = pd.crosstab(rows["truth"], rows["parsed"])
     table = table.reindex(index=labels, columns=labels + [UNPARSEABLE], fill_value=0)
     table.index.name, table.columns.name = "truth", "predicted"
+    return table
+
+
+FAILURE_KINDS = ("correct", "its question, wrong answer", "another question's answer", "unparseable")
+
+
+def heard_or_seen(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per question type (and ``overall``): how many answers are correct, answer the question asked but
+    wrongly (it was heard; what the clip shows was missed), answer another question (word for word an
+    answer sentence of a different type and of none of its own: it was misheard), or cannot be parsed.
+    The first kind of error points at seeing, the second at hearing."""
+    sentences: dict[str, set[str]] = {}
+    for (qtype, _), sentence in answer_sentences().items():
+        sentences.setdefault(sentence.strip().lower(), set()).add(qtype)
+
+    def kind(row) -> str:
+        if row["correct"]:
+            return FAILURE_KINDS[0]
+        owners = sentences.get(str(row["prediction"]).strip().lower(), set())
+        if owners and row["question_type"] not in owners:
+            return FAILURE_KINDS[2]
+        return FAILURE_KINDS[1] if row["parsed"] != UNPARSEABLE else FAILURE_KINDS[3]
+
+    kinds = frame.apply(kind, axis=1)
+    table = pd.crosstab(frame["question_type"], kinds).reindex(columns=list(FAILURE_KINDS), fill_value=0)
+    table.loc["overall"] = table.sum()
+    table.index.name, table.columns.name = "question_type", None
+    table.insert(0, "n", table.sum(axis=1))
     return table
 
 

@@ -316,6 +316,22 @@ def test_confusion_matrix_has_every_label_and_unparseable():
         evaluate.confusion_matrix(frame, "lesion_site")
 
 
+def test_heard_or_seen_tells_a_misheard_question_from_a_missed_clip():
+    sentences = data.answer_sentences()
+    frame = evaluate.score_predictions([
+        record("scope_forward_motion", "yes", sentences[("scope_forward_motion", "yes")]),  # correct
+        record("scope_forward_motion", "yes", sentences[("scope_forward_motion", "no")]),  # heard, missed the clip
+        record("scope_forward_motion", "no", sentences[("scope_motion_type", "advancing")]),  # answered another
+        record("nbi_status", "no", sentences[("lighting_mode", "NBI")]),  # another question's answer
+        record("nbi_status", "no", "hmm"),  # unparseable
+    ])
+    table = evaluate.heard_or_seen(frame)
+    assert list(table.columns) == ["n", *evaluate.FAILURE_KINDS]
+    assert table.loc["scope_forward_motion"].tolist() == [3, 1, 1, 1, 0]
+    assert table.loc["nbi_status"].tolist() == [2, 0, 0, 1, 1]
+    assert table.loc["overall"].tolist() == [5, 1, 1, 2, 1]
+
+
 def collapse_frame(truths, predictions, question_type="scope_motion"):
     return evaluate.score_predictions([record(question_type, t, p) for t, p in zip(truths, predictions)])
 

@@ -46,6 +46,9 @@ def test_metrics_chain_from_training_to_the_demo(reports):
     assert prior["accuracy"] == prior["blind_prior"]
     analysed = workbook.read_metrics("06-error-analysis", reports)
     assert analysed["n"] == evaluated["n_test"] and 0 <= analysed["expected_calibration_error"] <= 1
+    kinds = analysed["misheard_or_missed"]
+    assert sum(kinds.values()) == evaluated["n_test"]
+    assert kinds["correct"] == round(evaluated["baselines"]["audio-only (headline)"]["accuracy"] * evaluated["n_test"])
     demo = workbook.read_metrics("07-demo", reports)
     assert demo["inspected"] == evaluated["n_test"]
 
