@@ -227,6 +227,13 @@ class Collator:
                                           return_tensors="pt")["input_features"][0]
         return features
 
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Qwen2-VL's ``mm_token_type_ids``: 0 text, 1 image placeholder, 2 video placeholder."""
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types[input_ids == self.token_ids[IMAGE_TOKEN]] = 1
+        types[input_ids == self.token_ids[VIDEO_TOKEN]] = 2
+        return types
+
     def check_encoded(self, sample: Sample, frames: Any) -> np.ndarray:
         frames = np.asarray(frames)
         if frames.ndim != 2 or frames.dtype != np.float32 or len(frames) % self.audio_pool or not len(frames):
@@ -287,10 +294,7 @@ class Collator:
         batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
         if not for_generation:
             batch["labels"] = pad_rows(label_rows, IGNORE_INDEX, left=False)[0]
-        mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
-        mm_token_type_ids[input_ids == self.token_ids[IMAGE_TOKEN]] = 1
-        mm_token_type_ids[input_ids == self.token_ids[VIDEO_TOKEN]] = 2
-        batch["mm_token_type_ids"] = mm_token_type_ids
+        batch["mm_token_type_ids"] = self.token_types(input_ids)
         prefix = "pixel_values_videos" if self.frames_as == "video" else "pixel_values"
         grid_key = "video_grid_thw" if self.frames_as == "video" else "image_grid_thw"
         batch[prefix], batch[grid_key] = torch.cat(pixel_list), torch.cat(grid_list)
@@ -313,10 +317,7 @@ class Collator:
             batch["audio_rows"] = torch.tensor(audio_rows, dtype=torch.long)
         if teacher_rows:
             ids, mask = pad_rows(teacher_rows, self.tokenizer.pad_token_id, left=False)
-            kind = torch.zeros_like(ids, dtype=torch.int)
-            kind[ids == self.token_ids[IMAGE_TOKEN]] = 1
-            kind[ids == self.token_ids[VIDEO_TOKEN]] = 2
-            batch["teacher"] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": kind,
+            batch["teacher"] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": self.token_types(ids),
                                 "labels": pad_rows(teacher_labels, IGNORE_INDEX, left=False)[0],
                                 prefix: torch.cat([pixel_list[i] for i in students]),
                                 grid_key: torch.cat([grid_list[i] for i in students]),
