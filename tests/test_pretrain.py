@@ -1,6 +1,5 @@
 import dataclasses
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -192,12 +191,10 @@ def test_a_pixel_only_cue_is_learned_from_single_turn_rows(tmp_path):
     settings = dataclasses.replace(TOY, batch_size=16, steps=40, lr=3e-3, warmup_steps=5, log_every=10,
                                    question_types="nbi_status", heldout_seed=4, heldout_clips=60, eval_rows=1,
                                    eval_every=1000)
-    started = time.time()
     _, metrics = pretrain(get_config(vlm_from_scratch=True), settings, tmp_path / "nbi", command="toy nbi", log=lambda *_: None)
     row = metrics["per_type"]["nbi_status"]
     assert row["heldout_n"] == 60 and row["heldout_accuracy"] >= 0.85, row  # measured 0.98
     assert set(metrics["per_type"]) == {"nbi_status"}  # only the trained type is evaluated
-    assert time.time() - started < 60  # ~11 s here (subnormals flushed; 60+ s without)
 
 
 def test_command_line_rejects_a_frame_size_that_would_be_resized(tmp_path):
