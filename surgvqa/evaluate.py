@@ -546,8 +546,9 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
 
     ``mode`` is audio, text or both (the prompt the model gets), whatever the mode it was trained in.
     ``questions`` (uid -> text) replaces the written question, e.g. by an ASR transcript. The free-text
-    answer (greedy decoding) is what the strict scorer reads; candidate probabilities come from
-    scoring the candidates on the same run of the prompt (``answer_and_score``). ``latency_ms`` is the model time of the batch divided by its size.
+    answer (greedy decoding) is what the strict scorer reads; candidate probabilities come from scoring the
+    candidates on the same run of the prompt (``answer_and_score``). ``latency_ms`` is the model time of the
+    batch divided by its size.
     """
     import dataclasses
     import time

@@ -111,7 +111,8 @@ class AudioGraftedQwen2VL(nn.Module):
         super().__init__()
         self.vlm = vlm  # Qwen2VLForConditionalGeneration, or a peft PeftModel around it
         self.whisper = whisper.requires_grad_(False).eval()
-        vocabulary = (lambda: self.base_vlm.get_input_embeddings().weight) if cfg.audio_projector == "vocab" else None
+        vocabulary = ((lambda: self.base_vlm.get_input_embeddings().weight) if cfg.audio_projector == "vocab"
+                      else None)
         self.projector = AudioProjector(whisper.config.d_model, self.base_vlm.config.text_config.hidden_size,
                                         cfg.audio_pool, vocabulary).to(self.base_vlm.device)
         self.tokenizer = tokenizer
@@ -477,16 +478,9 @@ def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:
     """Greedy free-text answers of a left-padded generation batch, one string per sample."""
     _check_generation_batch(batch)
-    base = model.base_vlm
-    batch = _on_device(batch, base.device)
+    batch = _on_device(batch, model.base_vlm.device)
     with _evaluating(model):
-        embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **audio_inputs(batch))
-        out = base.generate(input_ids=batch["input_ids"], inputs_embeds=embeds,
-                            attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"],
-                            **vision_inputs(batch), max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=model.im_end_id, pad_token_id=model.tokenizer.pad_token_id)
-    new_tokens = out[:, batch["input_ids"].shape[1]:]
-    return [t.strip() for t in model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return _greedy_answers(model, _prefill(model, batch), max_new_tokens)[0]
 
 
 @dataclass
@@ -527,7 +521,7 @@ def _prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> _Prefill:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions, rope_deltas = base.model.get_rope_index(
         ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
-    embeds = model.embed(ids, samples=batch["samples"], **audio_inputs(batch))
+    embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
     prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
     first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
@@ -536,8 +530,8 @@ def _prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> _Prefill:
 
 
 def _greedy_answers(model: AudioGraftedQwen2VL, pre: _Prefill, max_new_tokens: int) -> tuple[list[str], int]:
-    """Greedy decoding from a prefill (what ``generate`` does, without running the prompt again); returns
-    the answers and the number of tokens it added to the cache."""
+    """Greedy decoding on a prefill's cache (M-RoPE text positions continue after the prompt; finished rows
+    are fed padding); returns the answers and the number of tokens it added to the cache."""
     base, pad = model.base_vlm, model.tokenizer.pad_token_id
     token = pre.first.argmax(-1)
     done = token == model.im_end_id

@@ -180,7 +180,8 @@ def evaluate_split(model, loader: DataLoader, gen_loader: DataLoader) -> dict[st
     losses, weights, correct, n = [], [], 0, 0
     with torch.no_grad():
         for batch in loader:
-            out = model(**batch)
+            # the distillation's text rows only shape training: evaluation does not run them
+            out = model(**{k: v for k, v in batch.items() if k != "teacher"})
             tokens = int((batch["labels"][:, 1:] != -100).sum())
             losses.append(float(out.answer_loss) * tokens)
             weights.append(tokens)
