@@ -10,6 +10,7 @@ COMMANDS = {
     "synthesize": "surgvqa.audio:main",
     "score": "surgvqa.evaluate:main",
     "pretrain": "surgvqa.pretrain:main",
+    "heard-bank": "surgvqa.pretrain:heard_bank_main",
 }
 
 

@@ -62,6 +62,9 @@ class Config:
     # "linear": rows = a linear map of the pooled frames; "vocab": rows = mixtures of the language model's
     # token embeddings (a softmax over the vocabulary), read like written tokens
     audio_projector: str = "linear"
+    # tiny only: start the projector from the one pretrained with the tiny VLM on heard questions
+    # (checkpoints/tiny-phantom/projector.safetensors; same Whisper weights, pool and kind, checked)
+    pretrained_projector: bool = False
     lora: bool = False
     lora_r: int = 64
     lora_alpha: int = 16

@@ -36,6 +36,8 @@ from .config import REPO_ROOT, Config
 
 # The tiny preset's vision-language model, pretrained on phantom clips by ``python -m surgvqa pretrain``.
 TINY_PRETRAINED_DIR = REPO_ROOT / "checkpoints" / "tiny-phantom" / "vlm"
+# Beside a projector trained in pretraining: the encoder, pooling and kind it was trained for.
+PROJECTOR_SOURCE_FILE = "projector_source.json"
 
 # Qwen2-VL's chat template (Qwen/Qwen2-VL-7B-Instruct), given to the tiny tokenizer so that both presets
 # build prompts the same way.
@@ -86,9 +88,17 @@ class AudioProjector(nn.Module):
         self.linear = nn.Linear(whisper_dim, out)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:  # (batch, time, whisper_dim)
+        return self.project(self.pool_frames(frames))
+
+    def pool_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """(batch, time, whisper_dim) -> (batch, time // pool, whisper_dim): the mean of each ``pool`` frames."""
         if self.pool > 1:
             frames = F.avg_pool1d(frames.transpose(1, 2), self.pool, self.pool).transpose(1, 2)
-        rows = self.linear(frames)
+        return frames
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled Whisper frames (..., whisper_dim) -> language-model rows (..., hidden)."""
+        rows = self.linear(pooled)
         if self.token_embeddings is None:
             return rows
         embeddings = self.token_embeddings()
@@ -422,7 +432,36 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
         torch.manual_seed(cfg.seed)
         model = AudioGraftedQwen2VL(_apply_training_setup(vlm, cfg), encoder, tokenizer, feature_extractor,
                                     cfg, whisper_from_cfg=whisper is None)
+    if cfg.pretrained_projector:
+        load_pretrained_projector(model)
     return model
+
+
+def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY_PRETRAINED_DIR.parent) -> None:
+    """Load the projector pretrained with the tiny VLM, after checking that it was trained on this model's
+    Whisper weights (fingerprint), pooling and projector kind: any other encoder gives it other inputs."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .audio import encoder_fingerprint
+
+    cfg = model.cfg
+    if cfg.vlm != "tiny" or cfg.vlm_from_scratch:
+        raise ValueError("pretrained_projector: only the shipped tiny VLM (vlm='tiny', vlm_from_scratch=False) "
+                         "comes with a pretrained projector")
+    source_file = directory / PROJECTOR_SOURCE_FILE
+    if not source_file.is_file():
+        raise FileNotFoundError(f"pretrained_projector: {source_file} is missing, so {directory} holds no "
+                                f"projector pretrained on heard questions")
+    source = json.loads(source_file.read_text())
+    ours = {"whisper_fingerprint": encoder_fingerprint(model.whisper), "audio_pool": cfg.audio_pool,
+            "audio_projector": cfg.audio_projector}
+    differ = {k: (source.get(k), v) for k, v in ours.items() if source.get(k) != v}
+    if differ:
+        raise ValueError(f"pretrained_projector: {directory / PROJECTOR_FILE} was trained for other audio "
+                         f"(pretrained, this config): {differ}")
+    model.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
 
 
 def collator(model: AudioGraftedQwen2VL) -> Collator:

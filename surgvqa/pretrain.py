@@ -67,12 +67,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import data, frames
-from .collate import CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator
+from .collate import AUDIO_TOKEN, CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator
 from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .frames import ClipState
-from .model import (AudioGraftedQwen2VL, build_model, collator, count_parameters, save_checkpoint,
-                    score_candidates)
+from .model import (PROJECTOR_SOURCE_FILE, AudioGraftedQwen2VL, build_model, candidate_token_rows, collator,
+                    count_parameters, save_checkpoint, score_candidates)
 
 # Motion questions: one frame cannot answer them, so on a repeated frame a model that reads motion from time
 # answers as for a still clip (still_answer_accuracy), or at chance where only moving clips are asked.
@@ -105,6 +105,11 @@ class PretrainSettings:
     lesion_share: float = 0.5  # share of lesion clips per batch (curriculum; 0: the prior's mix)
     max_minutes: float = 0.0  # 0: no limit; else training stops in time for the final evaluation
     question_types: str = ""  # comma-separated question types to train on (empty: all)
+    # Heard questions: a HeardBank file (``python -m surgvqa heard-bank``) and the probability that a question
+    # of a clip gets, beside its written row, a row where it is heard (audio-only prompt, a train voice).
+    heard_bank: str = ""
+    heard_share: float = 0.0
+    projector_lr: float = 1e-3  # the audio projector's learning rate (it trains only on heard rows)
     # bf16 autocast on CUDA. Off by default: the tiny model is launch-bound, so fp32 (TF32 matmuls) costs
     # little, and in bf16 some batches gave non-finite gradients (435 of 3,678 steps were skipped once).
     bf16: bool = False
@@ -128,10 +133,115 @@ class PretrainSettings:
 
 @dataclass
 class Row:
-    ids: list[int]  # the single-turn prompt (text mode, video placeholders expanded), answer, <|im_end|>
+    ids: list[int]  # the single-turn prompt (video placeholders expanded), answer, <|im_end|>
     answer_start: int  # first label token; labels are ids[answer_start:]
     question_type: int  # index in QUESTION_TYPES
     question: str  # the wording used
+    audio: np.ndarray | None = None  # heard rows: the pooled Whisper frames of the question, one per placeholder
+
+
+@dataclass
+class HeardBank:
+    """Spoken questions for pretraining, already through the frozen Whisper encoder and the projector's time
+    pooling: one utterance per (wording, voice), float16 ``(rows, d_model)`` each (the projector's input).
+
+    Pretraining on a GPU box then needs neither a TTS engine nor the Whisper weights. Train voices come from
+    the fine-tuning's train pool and held-out voices from its eval pool; no test voice is ever in a bank.
+    """
+
+    features: np.ndarray  # (all rows, d_model) float16, utterance after utterance
+    offsets: np.ndarray  # (utterances + 1,): utterance i is features[offsets[i]:offsets[i + 1]]
+    wordings: np.ndarray  # (utterances,) the question said
+    voices: np.ndarray  # (utterances,) the VoiceSpec key
+    splits: np.ndarray  # (utterances,) the voice pool: "train" or "eval"
+    audio_pool: int
+    whisper: str  # the encoder's name in the config
+    fingerprint: str  # audio.encoder_fingerprint of its weights
+
+    FIELDS = ("features", "offsets", "wordings", "voices", "splits", "audio_pool", "whisper", "fingerprint")
+
+    def utterance(self, i: int) -> np.ndarray:
+        return self.features[self.offsets[i]: self.offsets[i + 1]]
+
+    def index(self, split: str) -> dict[str, np.ndarray]:
+        """wording -> the indices of its utterances by voices of ``split``."""
+        mine = np.flatnonzero(self.splits == split)
+        if not len(mine):
+            raise ValueError(f"the heard bank has no utterance by a {split} voice")
+        return {w: mine[self.wordings[mine] == w] for w in np.unique(self.wordings[mine])}
+
+    def describe(self) -> dict[str, Any]:
+        return {"whisper": self.whisper, "fingerprint": self.fingerprint, "audio_pool": self.audio_pool,
+                "utterances": len(self.wordings), "wordings": len(np.unique(self.wordings)),
+                **{f"{split}_voices": len(np.unique(self.voices[self.splits == split])) for split in ("train", "eval")},
+                "rows_per_utterance": float(np.diff(self.offsets).mean())}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **{k: np.asarray(getattr(self, k)) for k in self.FIELDS})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeardBank":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"heard bank {path} does not exist (make it with python -m surgvqa heard-bank)")
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in cls.FIELDS if k not in f.files]
+            if missing:
+                raise ValueError(f"heard bank {path}: missing {missing}")
+            values = {k: f[k] for k in cls.FIELDS}
+        bank = cls(**{**values, "audio_pool": int(values["audio_pool"]), "whisper": str(values["whisper"]),
+                      "fingerprint": str(values["fingerprint"])})
+        n = len(bank.wordings)
+        if bank.offsets.shape != (n + 1,) or bank.offsets[0] != 0 or bank.offsets[-1] != len(bank.features) \
+                or (np.diff(bank.offsets) <= 0).any() or len(bank.voices) != n or len(bank.splits) != n:
+            raise ValueError(f"heard bank {path}: offsets, wordings, voices and splits do not describe "
+                             f"{len(bank.features)} feature rows")
+        if not np.isfinite(bank.features).all():
+            raise ValueError(f"heard bank {path}: non-finite features")
+        return bank
+
+
+def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 96, eval_voices: int = 16,
+                     seed: int = 0, log=print) -> HeardBank:
+    """Speak every question wording of both templates with ``train_voices`` voices of the train pool and
+    ``eval_voices`` of the eval pool (a seeded draw), encode each utterance with the config's frozen Whisper
+    exactly as fine-tuning does (``Collator.log_mel``, ``whisper_frames``), pool it as the projector does,
+    and save the bank to ``out``."""
+    from tqdm.auto import tqdm
+
+    from .audio import encoder_fingerprint, render, voice_pools
+
+    model = build_model(cfg)
+    text_collator = collator(model)
+    pools = voice_pools(cfg.tts_engine, cfg.disjoint_voices)
+    rng = np.random.default_rng(seed)
+    chosen = {}
+    for split, n in (("train", train_voices), ("eval", eval_voices)):
+        if not 0 < n <= len(pools[split]):
+            raise ValueError(f"{split}_voices {n}: the {split} pool has {len(pools[split])} voices")
+        chosen[split] = [pools[split][i] for i in sorted(rng.choice(len(pools[split]), n, replace=False))]
+    wordings = sorted({w for t in TEMPLATES for w in data.question_wordings(t, cfg).values()})
+    jobs = [(split, voice, w) for split, voices in chosen.items() for voice in voices for w in wordings]
+    features, lengths = [], []
+    with torch.no_grad():
+        for split, voice, wording in tqdm(jobs, desc="heard bank", disable=None):
+            wave = render(wording, voice, cfg.sample_rate)
+            mel = text_collator.log_mel(_text_sample(wording, f"{voice.key} saying {wording!r}"), wave)
+            pooled = model.projector.pool_frames(model.whisper_frames(mel[None]))[0]
+            features.append(pooled.numpy().astype(np.float16))
+            lengths.append(len(pooled))
+    bank = HeardBank(features=np.concatenate(features), offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                     wordings=np.array([w for _, _, w in jobs]), voices=np.array([v.key for _, v, _ in jobs]),
+                     splits=np.array([split for split, _, _ in jobs]), audio_pool=cfg.audio_pool,
+                     whisper=cfg.whisper, fingerprint=encoder_fingerprint(model.whisper))
+    bank.save(out)
+    log(f"heard bank {out}: {json.dumps(bank.describe())}")
+    return bank
 
 
 class RowBuilder:
@@ -144,9 +254,19 @@ class RowBuilder:
     """
 
     def __init__(self, text_collator: Collator, vision_tokens: int, prefix_positions: torch.Tensor,
-                 text_start: int, cfg: Config, question_types: Sequence[str] | None = None):
+                 text_start: int, cfg: Config, question_types: Sequence[str] | None = None,
+                 bank: HeardBank | None = None, heard_share: float = 0.0):
         if text_collator.question_mode != "text" or text_collator.frames_as != "video":
             raise ValueError("pretraining needs a text-mode collator with frames as one video")
+        if not 0 <= heard_share <= 1 or (heard_share and bank is None):
+            raise ValueError(f"heard_share {heard_share}: must be in [0, 1], and above 0 only with a heard bank")
+        if bank is not None and bank.audio_pool != text_collator.audio_pool:
+            raise ValueError(f"the heard bank was pooled by {bank.audio_pool}, the model pools by "
+                             f"{text_collator.audio_pool}")
+        self.bank, self.heard_share = bank, heard_share
+        self.train_utterances = bank.index("train") if bank is not None and heard_share else {}
+        self.audio_id = text_collator.token_ids[AUDIO_TOKEN]
+        self._heard_prompt: dict[int, list[int]] = {}
         self.collator, self.tokenizer, self.vision_tokens = text_collator, text_collator.tokenizer, vision_tokens
         self.wordings = {t: data.question_wordings(t, cfg) for t in TEMPLATES}
         self.im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
@@ -164,6 +284,17 @@ class RowBuilder:
             self._prompt[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._prompt[question]
 
+    def heard_prompt(self, audio_rows: int) -> list[int]:
+        """The audio-only prompt (no question text anywhere) with ``audio_rows`` audio placeholders."""
+        if audio_rows not in self._heard_prompt:
+            text = self.collator.prompt(_text_sample(""), self.vision_tokens, audio_rows, mode="audio")
+            self._heard_prompt[audio_rows] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._heard_prompt[audio_rows]
+
+    def heard_row(self, audio: np.ndarray, answer_ids: list[int], question_type: str, question: str) -> Row:
+        prompt = self.heard_prompt(len(audio))
+        return Row(prompt + answer_ids, len(prompt), QUESTION_TYPES.index(question_type), question, audio)
+
     def answer(self, sentence: str) -> list[int]:
         if sentence not in self._answer:
             self._answer[sentence] = self.tokenizer(sentence, add_special_tokens=False)["input_ids"] + [self.im_end]
@@ -171,7 +302,8 @@ class RowBuilder:
 
     def rows(self, samples: Sequence[Sample], rng: np.random.Generator) -> list[Row]:
         """One row per question of a clip (those of ``question_types`` only, when set), each in a randomly
-        chosen template's wording. No row holds any other question or answer."""
+        chosen template's wording, and with probability ``heard_share`` a second row where that wording is
+        heard, said by a random train voice of the bank. No row holds any other question or answer."""
         out = []
         for s in samples:
             if self.question_types is not None and s.question_type not in self.question_types:
@@ -180,6 +312,12 @@ class RowBuilder:
             prompt = self.prompt(question)
             out.append(Row(prompt + self.answer(s.answer), len(prompt), QUESTION_TYPES.index(s.question_type),
                            question))
+            if self.heard_share and rng.random() < self.heard_share:
+                said = self.train_utterances.get(question)
+                if said is None:
+                    raise ValueError(f"the heard bank has no train-voice utterance of {question!r}")
+                audio = self.bank.utterance(int(said[rng.integers(len(said))]))
+                out.append(self.heard_row(audio, self.answer(s.answer), s.question_type, question))
         return out
 
     def collate(self, rows_per_clip: Sequence[Sequence[Row]], clips: np.ndarray) -> dict[str, torch.Tensor]:
@@ -205,6 +343,12 @@ class RowBuilder:
                 int(is_video[:, :n_prefix].sum()) != n_rows * self.vision_tokens:
             raise ValueError(f"rows do not hold exactly {self.vision_tokens} video placeholders in the shared "
                              f"prefix the positions were computed for")
+        audio_rows = torch.tensor([0 if r.audio is None else len(r.audio) for r in rows])
+        placeholders = (input_ids == self.audio_id).sum(1)
+        if not torch.equal(placeholders, audio_rows):
+            bad = (placeholders != audio_rows).nonzero().flatten().tolist()
+            raise ValueError(f"rows {bad} ({[rows[i].question for i in bad]}): audio placeholders "
+                             f"{placeholders[bad].tolist()} but audio rows {audio_rows[bad].tolist()}")
         ramp = torch.arange(length - n_prefix) + self.text_start
         positions = torch.cat([self.prefix_positions, ramp.expand(3, -1)], dim=1)
         row_clip = torch.cat([torch.full((len(r),), c, dtype=torch.long) for c, r in enumerate(rows_per_clip)])
@@ -221,12 +365,16 @@ class RowBuilder:
             "label_targets": torch.tensor(label_targets, dtype=torch.long),
             "label_answer": torch.tensor(label_answer, dtype=torch.long),
             "answer_type": torch.tensor([r.question_type for r in rows], dtype=torch.long),
+            "row_heard": (audio_rows > 0).long(),
+            # the heard rows' audio in row order, as the placeholders are in the flattened rows
+            **({"audio": torch.from_numpy(np.concatenate([r.audio for r in rows if r.audio is not None]))}
+               if int(audio_rows.sum()) else {}),
         }
 
 
-def _text_sample(question: str) -> Sample:
+def _text_sample(question: str, name: str = "prompt") -> Sample:
     """A stand-in sample carrying only a question text (prompts depend on nothing else)."""
-    return Sample(id="prompt", video_id="prompt", frames=(), frame_numbers=(), question=question,
+    return Sample(id=name, video_id="prompt", frames=(), frame_numbers=(), question=question,
                   question_type="", answer="", short_answer="", source="pretrain prompt")
 
 
@@ -257,8 +405,8 @@ def video_patches(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size
     return x.reshape(n * grid_t * grid * grid, 3 * temporal_patch_size * patch_size * patch_size)
 
 
-def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Sequence[str] | None = None
-                ) -> RowBuilder:
+def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Sequence[str] | None = None,
+                bank: HeardBank | None = None, heard_share: float = 0.0) -> RowBuilder:
     """The builder for a model's tokenizer and clips of ``frame_size``, with the M-RoPE positions of the
     shared prefix computed once by Qwen2-VL's own ``get_rope_index``."""
     check_frame_size(frame_size)
@@ -276,7 +424,7 @@ def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Seq
         ids[:, : end + 1], is_video[:, : end + 1].int() * 2,
         video_grid_thw=torch.tensor([[FRAMES_PER_CLIP // vision.temporal_patch_size, grid, grid]]))
     return RowBuilder(text_collator, vision_tokens, positions[:, 0, :end], int(positions[0, 0, end]), model.cfg,
-                      question_types)
+                      question_types, bank, heard_share)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -409,6 +557,12 @@ def shared_vision_token_losses(model: AudioGraftedQwen2VL, batch: dict[str, torc
     # scatter fills every placeholder with its own row's clip in order, without a device count sync.
     mask = (batch["mm_token_type_ids"] == 2).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(mask, video.to(embeds.dtype))
+    if "audio" in batch:
+        # Heard rows: the bank's pooled Whisper frames through the trainable projector, in placeholder order
+        # (RowBuilder.collate checked the counts).
+        audio = model.projector.project(batch["audio"].to(model.projector.linear.weight.dtype))
+        heard = (input_ids == model.audio_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(heard, audio.to(embeds.dtype))
     hidden = base.model(input_ids=input_ids, inputs_embeds=embeds, position_ids=batch["position_ids"],
                         mm_token_type_ids=batch["mm_token_type_ids"],
                         video_grid_thw=batch["video_grid_thw"].index_select(0, batch["row_clip"]),
@@ -419,30 +573,34 @@ def shared_vision_token_losses(model: AudioGraftedQwen2VL, batch: dict[str, torc
 
 
 class TypeStats:
-    """Per question type, on the device: token loss sum and count, answers and teacher-forced exact answers."""
+    """Per question type and read/heard, on the device: token loss sum and count, answers and teacher-forced
+    exact answers. Read rows log ``loss/<type>`` and ``answer_exact/<type>``, heard rows ``heard_loss/<type>``
+    and ``heard_answer_exact/<type>``."""
 
     def __init__(self, device: torch.device):
-        n = len(QUESTION_TYPES)
+        n = 2 * len(QUESTION_TYPES)  # read types, then heard types
         self.loss, self.tokens, self.answers, self.exact = (torch.zeros(n, device=device, dtype=torch.float64)
                                                              for _ in range(4))
 
     def add(self, batch: dict[str, torch.Tensor], token_loss: torch.Tensor, logits: torch.Tensor) -> None:
-        token_type = batch["answer_type"][batch["label_answer"]]
-        self.loss.index_add_(0, token_type, token_loss.detach().double())
-        self.tokens.index_add_(0, token_type, torch.ones_like(token_loss, dtype=torch.float64))
+        answer_slot = batch["answer_type"] + len(QUESTION_TYPES) * batch["row_heard"]
+        token_slot = answer_slot[batch["label_answer"]]
+        self.loss.index_add_(0, token_slot, token_loss.detach().double())
+        self.tokens.index_add_(0, token_slot, torch.ones_like(token_loss, dtype=torch.float64))
         wrong = (logits.detach().argmax(-1) != batch["label_targets"]).double()
-        wrong_per_answer = torch.zeros(len(batch["answer_type"]), device=wrong.device, dtype=torch.float64)
+        wrong_per_answer = torch.zeros(len(answer_slot), device=wrong.device, dtype=torch.float64)
         wrong_per_answer.index_add_(0, batch["label_answer"], wrong)
-        self.answers.index_add_(0, batch["answer_type"], torch.ones_like(wrong_per_answer))
-        self.exact.index_add_(0, batch["answer_type"], (wrong_per_answer == 0).double())
+        self.answers.index_add_(0, answer_slot, torch.ones_like(wrong_per_answer))
+        self.exact.index_add_(0, answer_slot, (wrong_per_answer == 0).double())
 
     def read(self) -> dict[str, float]:
         loss, tokens, answers, exact = (t.cpu() for t in (self.loss, self.tokens, self.answers, self.exact))
         out = {"train_loss": float(loss.sum() / tokens.sum().clamp(min=1))}
-        for i, t in enumerate(QUESTION_TYPES):
-            if answers[i]:
-                out[f"loss/{t}"] = float(loss[i] / tokens[i])
-                out[f"answer_exact/{t}"] = float(exact[i] / answers[i])
+        for prefix, offset in (("", 0), ("heard_", len(QUESTION_TYPES))):
+            for i, t in enumerate(QUESTION_TYPES):
+                if answers[offset + i]:
+                    out[f"{prefix}loss/{t}"] = float(loss[offset + i] / tokens[offset + i])
+                    out[f"{prefix}answer_exact/{t}"] = float(exact[offset + i] / answers[offset + i])
         return out
 
 
@@ -494,9 +652,12 @@ def optimizer_for(model: AudioGraftedQwen2VL, settings: PretrainSettings, device
     params = [p for p in model.vlm.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases and norms
-    return torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr,
-                             fused=device.type == "cuda")
+    groups = [{"params": decay, "weight_decay": settings.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if settings.heard_share:  # the projector gets gradients from heard rows only
+        groups.append({"params": list(model.projector.parameters()), "weight_decay": 0.0,
+                       "lr": settings.projector_lr})
+    return torch.optim.AdamW(groups, lr=settings.lr, fused=device.type == "cuda")
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -543,6 +704,71 @@ def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[t
     return pd.DataFrame(rows, columns=["question_type", "n", "correct", "accuracy", "chance"]).set_index("question_type")
 
 
+def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
+                           samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]], frame_size: int,
+                           heard_split: str | None = None, question_types: Sequence[str] | None = None,
+                           clips_per_batch: int = 16, bf16: bool = False, seed: int = 0) -> pd.DataFrame:
+    """``phantom_accuracy``'s table by candidate scoring on pretraining rows: every candidate answer of every
+    question becomes a row after the question's prompt, written, or heard (``heard_split``: said by a
+    seeded random voice of that split of the bank), and the label of the most likely candidate wins.
+    Written, it ranks exactly as ``score_candidates`` does (the same log-likelihood of answer + end of turn)."""
+    if heard_split is not None and builder.bank is None:
+        raise ValueError("heard candidate scoring needs a heard bank")
+    utterances = builder.bank.index(heard_split) if heard_split is not None else {}
+    rng = np.random.default_rng(seed)
+    device = model.base_vlm.device
+    correct: dict[str, list[bool]] = defaultdict(list)
+    with torch.no_grad():
+        for start in range(0, len(samples_with_states), clips_per_batch):
+            rows_per_clip, clips, asked = [], [], []
+            for state, samples in samples_with_states[start: start + clips_per_batch]:
+                samples = [s for s in samples if question_types is None or s.question_type in question_types]
+                if not samples:
+                    continue
+                owners, labels, candidates = candidate_token_rows(model, samples)
+                rows = []
+                heard = {}
+                for i, s in enumerate(samples):
+                    if heard_split is not None:
+                        if s.question not in utterances:
+                            raise ValueError(f"sample {s.uid}: the heard bank has no {heard_split}-voice "
+                                             f"utterance of {s.question!r}")
+                        said = utterances[s.question]
+                        heard[i] = builder.bank.utterance(int(said[rng.integers(len(said))]))
+                for owner, ids in zip(owners, candidates):
+                    s = samples[owner]
+                    if heard_split is None:
+                        prompt = builder.prompt(s.question)
+                        rows.append(Row(prompt + ids, len(prompt), QUESTION_TYPES.index(s.question_type), s.question))
+                    else:
+                        rows.append(builder.heard_row(heard[owner], ids, s.question_type, s.question))
+                rows_per_clip.append(rows)
+                clips.append(_rendered(state, frame_size, model.cfg.phantom_seed))
+                asked.append((samples, owners, labels))
+            if not rows_per_clip:
+                continue
+            batch = {k: v.to(device) for k, v in builder.collate(rows_per_clip, np.stack(clips)).items()}
+            with autocast_for(device, bf16):
+                token_loss, _ = shared_vision_token_losses(model, batch)
+            n_rows = batch["answer_type"].shape[0]
+            nll = torch.zeros(n_rows, device=device, dtype=torch.float64).index_add_(
+                0, batch["label_answer"], token_loss.double()).cpu().tolist()
+            row = 0
+            for samples, owners, labels in asked:
+                best: dict[int, tuple[float, str]] = {}
+                for owner, label in zip(owners, labels):
+                    if owner not in best or nll[row] < best[owner][0]:
+                        best[owner] = (nll[row], label)
+                    row += 1
+                for i, s in enumerate(samples):
+                    correct[s.question_type].append(best[i][1] == s.short_answer)
+    n_labels = {t: len(v) for t, v in data.label_sets(model.cfg).items()}
+    out = [{"question_type": t, "n": len(correct[t]), "correct": int(sum(correct[t])),
+            "accuracy": float(np.mean(correct[t])), "chance": 1 / n_labels[t]}
+           for t in QUESTION_TYPES if correct.get(t)]
+    return pd.DataFrame(out, columns=["question_type", "n", "correct", "accuracy", "chance"]).set_index("question_type")
+
+
 def still_answer_accuracy(samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
                           question_types: Sequence[str]) -> pd.DataFrame:
     """Per motion type: the accuracy of answering as if the clip were still (no scope motion, no drift),
@@ -574,19 +800,25 @@ def eval_split_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[Clip
     return [(frames.clip_state_of(samples[0], cfg), samples) for samples in by_clip.values()]
 
 
-def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: PretrainSettings
-                 ) -> dict[str, pd.DataFrame]:
-    """The trained question types only (all by default)."""
+def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: PretrainSettings,
+                 builder: RowBuilder | None = None) -> dict[str, pd.DataFrame]:
+    """The trained question types only (all by default); with heard rows in training (``builder`` with a
+    bank), also heard accuracy, said by the bank's eval voices (never heard in training)."""
     size, batch, types = settings.frame_size, settings.eval_batch_size, settings.question_type_list
     motion = [t for t in MOTION_TYPES if types is None or t in types]
     common = dict(batch_size=batch, bf16=settings.bf16)
-    return {
+    tables = {
         "heldout": phantom_accuracy(model, heldout, size, question_types=types, **common),
         "eval_split": phantom_accuracy(model, eval_split, size, question_types=types, **common),
         "heldout_single_frame": phantom_accuracy(model, heldout, size, single_frame=True, question_types=motion,
                                                  **common),
         "heldout_still_answer": still_answer_accuracy(heldout, motion),
     }
+    if builder is not None and builder.heard_share:
+        heard = dict(heard_split="eval", question_types=types, bf16=settings.bf16)
+        tables["heldout_heard"] = row_candidate_accuracy(model, builder, heldout, size, **heard)
+        tables["eval_split_heard"] = row_candidate_accuracy(model, builder, eval_split, size, **heard)
+    return tables
 
 
 # --- outputs -------------------------------------------------------------------------------------
@@ -609,15 +841,19 @@ def write_curves(directory: Path) -> Path:
 
     train_log = pd.read_csv(directory / "train_log.csv")
     eval_log = pd.read_csv(directory / "eval_log.csv")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    sets = [name for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard")
+            if (eval_log["set"] == name).any()]
+    fig, axes = plt.subplots(1, 1 + len(sets), figsize=(5.3 * (1 + len(sets)), 4.5), squeeze=False)
+    axes = axes[0]
     axes[0].plot(train_log["step"], train_log["train_loss"])
     axes[0].set(xlabel="step", ylabel="answer-token loss", yscale="log", title="training loss")
-    for ax, name in zip(axes[1:], ("heldout", "eval_split")):
+    for ax, name in zip(axes[1:], sets):
         part = eval_log[eval_log["set"] == name]
         for qtype, rows in part.groupby("question_type"):
             ax.plot(rows["step"], rows["accuracy"], marker=".", label=qtype)
-        ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=f"{name} (text mode)")
-    if axes[2].lines:
+        mode = "heard, eval voices" if name.endswith("_heard") else "text mode"
+        ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=f"{name.removesuffix('_heard')} ({mode})")
+    if len(axes) > 2 and axes[2].lines:
         axes[2].legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()
     path = directory / "curves.png"
@@ -656,6 +892,10 @@ def write_model_card(directory: Path, metrics: dict[str, Any], table: pd.DataFra
         "- supervision: one single-turn text-mode row per (clip, question), wording drawn from both templates; "
         "each clip's video encoded once and shared by its rows; loss on every answer and its end-of-turn"
         + (f"; question types {s['question_types']}" if s.get("question_types") else ""),
+        *([f"- heard rows: with probability {s['heard_share']} a question also gets an audio-only row, said by "
+           f"a random train voice of the heard bank `{s['heard_bank']}` ({json.dumps(metrics['heard_bank'])}); "
+           f"the projector trains on them at lr {s['projector_lr']}; `*_heard` columns are said by the bank's "
+           f"eval voices, never heard in training"] if metrics.get("heard_bank") and s.get("heard_share") else []),
         f"- step time: {json.dumps(metrics['step_time_ms'])} (ms per step)",
         "",
         "Per-type accuracy by candidate scoring with the single-turn text prompt (`heldout`: random clips of the "
@@ -705,7 +945,8 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
     if settings.compile:
         model.base_vlm.model.language_model.compile()
 
-    builder = row_builder(model, settings.frame_size, settings.question_type_list)
+    bank = HeardBank.load(settings.heard_bank) if settings.heard_bank else None
+    builder = row_builder(model, settings.frame_size, settings.question_type_list, bank, settings.heard_share)
     loader = DataLoader(PhantomRows(builder, settings, cfg), batch_size=None,
                         num_workers=settings.num_workers, pin_memory=dev.type == "cuda",
                         prefetch_factor=4 if settings.num_workers else None,
@@ -731,10 +972,16 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         nonlocal eval_writer, eval_seconds
         t0 = time.time()
         model.eval()
-        tables = evaluate_all(model, heldout, eval_split, settings)
+        tables = evaluate_all(model, heldout, eval_split, settings, builder)
         model.train()
         with stock_attention(model):
             save_checkpoint(model, out, cfg)
+        if bank is not None and settings.heard_share:
+            # The projector was trained on this encoder's outputs: fine-tuning may start from it only with the
+            # same encoder (model.build_model checks the fingerprint).
+            (out / PROJECTOR_SOURCE_FILE).write_text(json.dumps(
+                {"whisper": bank.whisper, "whisper_fingerprint": bank.fingerprint, "audio_pool": bank.audio_pool,
+                 "audio_projector": cfg.audio_projector}, indent=2) + "\n")
         eval_seconds = time.time() - t0
         with eval_log_path.open("a", newline="") as f:
             writer = csv.writer(f)
@@ -746,7 +993,8 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
                     writer.writerow([step, name, qtype, int(row["n"]), f"{row['accuracy']:.4f}",
                                      f"{row['chance']:.4f}" if "chance" in row else ""])
         table = per_type_table(tables)
-        minimum = {name: float(tables[name]["accuracy"].min()) for name in ("heldout", "eval_split")}
+        minimum = {name: float(tables[name]["accuracy"].min())
+                   for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard") if name in tables}
         config = model.base_vlm.config
         metrics = {
             "command": command, "device": str(dev), "steps": step, "stopped_by": stopped_by,
@@ -757,6 +1005,7 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
                            "vision_depth": config.vision_config.depth, "vision_embed": config.vision_config.embed_dim},
             "settings": dataclasses.asdict(settings), "config": cfg.to_dict(), "step_time_ms": step_time,
             "min_accuracy": minimum, "eval_seconds": eval_seconds,
+            "heard_bank": bank.describe() if bank is not None else None,
             "per_type": json.loads(table.to_json(orient="index")),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -792,7 +1041,8 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         marks.append(timer.mark())
         loss.backward()
         marks.append(timer.mark())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.vlm.parameters(), 1.0, foreach=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0,
+                                                   foreach=True)
         if not torch.isfinite(grad_norm):
             # one non-finite batch must not poison the weights: drop its update, count it, go on
             skipped_steps += 1
@@ -861,6 +1111,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PretrainSettings]:
     args = parser.parse_args(argv)
     settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings)})
     return args, settings
+
+
+def heard_bank_main(argv: list[str] | None = None) -> int:
+    """``python -m surgvqa heard-bank --out FILE [--train-voices N] [--eval-voices N] [-p key=value ...]``"""
+    parser = argparse.ArgumentParser(prog="python -m surgvqa heard-bank", description=build_heard_bank.__doc__)
+    parser.add_argument("--out", required=True, help="the bank file (.npz)")
+    parser.add_argument("--train-voices", type=int, default=96)
+    parser.add_argument("--eval-voices", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0, help="the draw of voices from each pool")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override of the tiny preset (whisper, audio_pool, tts_engine ...)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    build_heard_bank(get_config("tiny", **parse_overrides(args.param)), args.out, args.train_voices,
+                     args.eval_voices, args.seed)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

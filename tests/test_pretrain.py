@@ -9,9 +9,12 @@ import torch
 from surgvqa import frames, get_config
 from surgvqa.collate import IGNORE_INDEX, IM_END, VIDEO_TOKEN, frames_to_patches
 from surgvqa.data import FRAMES_PER_CLIP
-from surgvqa.model import build_model, collator, load_checkpoint
-from surgvqa.pretrain import (EQUAL_SEGMENT_ATTENTION, MOTION_TYPES, PhantomRows, PretrainSettings, clip_frames, main,
-                              pretrain, register_equal_segment_attention, row_builder,
+from surgvqa.audio import render, voice_pools
+from surgvqa.data import question_wordings
+from surgvqa.model import build_model, collator, load_checkpoint, load_pretrained_projector
+from surgvqa.pretrain import (EQUAL_SEGMENT_ATTENTION, MOTION_TYPES, HeardBank, PhantomRows, PretrainSettings,
+                              build_heard_bank, clip_frames, main, phantom_accuracy, pretrain,
+                              register_equal_segment_attention, row_builder, row_candidate_accuracy,
                               shared_vision_token_losses, video_patches)
 
 SIZE = 56  # 2 x 2 merged vision tokens per temporal slice: fast, and still a real video grid
@@ -215,3 +218,125 @@ def test_still_answers_are_what_a_clip_without_motion_would_answer():
     stable = [s.short_answer == "stable" for _, samples in clips for s in samples
               if s.question_type == "lesion_motion_direction"]
     assert table.loc["lesion_motion_direction", "accuracy"] == pytest.approx(sum(stable) / len(stable))
+
+
+# --- heard questions ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def heard_model():
+    """The tiny preset's audio path (pool 16, vocabulary projector) on a random-init VLM."""
+    return build_model(get_config(question_mode="text", frame_size=SIZE, vlm_from_scratch=True))
+
+
+@pytest.fixture(scope="module")
+def heard_bank(tmp_path_factory, heard_model):
+    path = tmp_path_factory.mktemp("bank") / "bank.npz"
+    return path, build_heard_bank(heard_model.cfg, path, train_voices=2, eval_voices=1, log=lambda *_: None)
+
+
+def test_heard_bank_holds_every_wording_by_train_and_eval_voices_only(heard_bank):
+    path, bank = heard_bank
+    loaded = HeardBank.load(path)
+    assert np.array_equal(loaded.features, bank.features) and loaded.fingerprint == bank.fingerprint
+    wordings = {w for t in ("in", "out") for w in question_wordings(t).values()}
+    assert set(bank.wordings) == wordings
+    assert len(bank.wordings) == 3 * len(wordings) and set(bank.splits) == {"train", "eval"}
+    pools = voice_pools()
+    test_voices = {v.key for v in pools["test"]}
+    assert not test_voices & set(bank.voices)
+    assert set(bank.voices[bank.splits == "train"]) <= {v.key for v in pools["train"]}
+    assert set(bank.voices[bank.splits == "eval"]) <= {v.key for v in pools["eval"]}
+    assert bank.features.dtype == np.float16 and bank.features.shape[1] == 384 and bank.audio_pool == 16
+    assert set(bank.index("eval")) == wordings and all(len(v) == 1 for v in bank.index("eval").values())
+
+
+def test_heard_bank_rejects_a_missing_or_inconsistent_file(tmp_path, heard_bank):
+    with pytest.raises(FileNotFoundError, match="heard-bank"):
+        HeardBank.load(tmp_path / "none.npz")
+    _, bank = heard_bank
+    broken = dataclasses.replace(bank, offsets=bank.offsets[:-1])
+    broken.save(tmp_path / "broken.npz")
+    with pytest.raises(ValueError, match="do not describe"):
+        HeardBank.load(tmp_path / "broken.npz")
+
+
+def test_a_heard_row_is_the_collators_audio_only_row_with_the_same_loss(heard_model, heard_bank):
+    """A heard pretraining row holds what the fine-tuning collator makes in the audio mode for the same
+    utterance (tokens, placeholder count), and its loss equals the graft's forward on that batch (the bank's
+    float16 rounding aside)."""
+    _, bank = heard_bank
+    builder = row_builder(heard_model, SIZE, bank=bank, heard_share=1.0)
+    state, samples = frames.random_clip_samples(1, seed=5, template="out")[0]
+    rows = builder.rows(samples, np.random.default_rng(0))
+    assert len(rows) == 2 * len(samples)
+    read, heard = rows[0::2], rows[1::2]
+    assert all(r.audio is None for r in read) and all(r.audio is not None for r in heard)
+    assert [r.question for r in read] == [r.question for r in heard]
+    clip = clip_frames(state, SIZE, 0, single_frame=False)
+    audio_collator = dataclasses.replace(collator(heard_model), question_mode="audio", frame_size=SIZE)
+    by_key = {(w, v): i for i, (w, v) in enumerate(zip(bank.wordings, bank.voices))}
+    voice_of = {v.key: v for v in voice_pools()["train"]}
+    batch = builder.collate([rows], clip[None])
+    heard_model.eval()
+    with torch.no_grad():
+        token_loss, _ = shared_vision_token_losses(heard_model, batch)
+        per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, batch["label_answer"], token_loss.double())
+        per_row /= torch.bincount(batch["label_answer"], minlength=len(rows))
+        checked = 0
+        for i, (s, row) in enumerate(zip(samples, heard)):
+            index = next(j for (w, v), j in by_key.items() if w == row.question
+                         and np.array_equal(bank.utterance(j), row.audio))
+            wave = render(row.question, voice_of[bank.voices[index]], 16000)
+            single = audio_collator([(dataclasses.replace(s, question=row.question), clip, wave)])
+            assert row.ids == single["input_ids"][0].tolist()
+            assert abs(float(heard_model(**single).answer_loss) - float(per_row[2 * i + 1])) < 2e-3
+            checked += 1
+    assert checked == len(samples) and batch["row_heard"].tolist() == [0, 1] * len(samples)
+
+
+def test_written_row_scoring_ranks_as_score_candidates(heard_model, heard_bank):
+    builder = row_builder(heard_model, SIZE, bank=heard_bank[1], heard_share=1.0)
+    clips = frames.random_clip_samples(3, seed=5, template="out")
+    heard_model.eval()
+    rows_table = row_candidate_accuracy(heard_model, builder, clips, SIZE, clips_per_batch=2)
+    stock = phantom_accuracy(heard_model, clips, SIZE)
+    assert rows_table["n"].sum() == sum(len(s) for _, s in clips) > 20
+    pd.testing.assert_frame_equal(rows_table, stock)
+    heard = row_candidate_accuracy(heard_model, builder, clips, SIZE, heard_split="eval")
+    assert heard["n"].tolist() == rows_table["n"].tolist()
+    with pytest.raises(ValueError, match="heard bank"):
+        row_candidate_accuracy(heard_model, row_builder(heard_model, SIZE), clips, SIZE, heard_split="eval")
+
+
+def test_heard_pretraining_trains_the_projector_and_ships_it_for_fine_tuning(tmp_path, heard_bank):
+    path, bank = heard_bank
+    settings = dataclasses.replace(TOY, steps=3, heard_bank=str(path), heard_share=1.0)
+    out = tmp_path / "heard"
+    trained, metrics = pretrain(get_config(vlm_from_scratch=True), settings, out, command="toy heard",
+                                log=lambda *_: None)
+    log = pd.read_csv(out / "train_log.csv")
+    assert "heard_loss/nbi_status" in log.columns and "heard_answer_exact/nbi_status" in log.columns
+    evals = pd.read_csv(out / "eval_log.csv")
+    assert {"heldout_heard", "eval_split_heard"} <= set(evals["set"])
+    assert set(metrics["min_accuracy"]) == {"heldout", "eval_split", "heldout_heard", "eval_split_heard"}
+    assert metrics["heard_bank"]["fingerprint"] == bank.fingerprint
+    assert "heard rows" in (out / "MODEL_CARD.md").read_text()
+    source = json.loads((out / "projector_source.json").read_text())
+    assert source == {"whisper": "tiny.en", "whisper_fingerprint": bank.fingerprint, "audio_pool": 16,
+                      "audio_projector": "vocab"}
+
+    fresh = build_model(get_config())
+    assert not torch.equal(fresh.projector.linear.weight, trained.projector.linear.weight.cpu())
+    load_pretrained_projector(fresh, out)
+    assert torch.equal(fresh.projector.linear.weight, trained.projector.linear.weight.cpu())
+    with pytest.raises(ValueError, match="audio_pool"):
+        load_pretrained_projector(build_model(get_config(audio_pool=8)), out)
+    with pytest.raises(FileNotFoundError, match="projector_source.json"):
+        load_pretrained_projector(fresh, tmp_path)
+    with pytest.raises(ValueError, match="only the shipped tiny VLM"):
+        load_pretrained_projector(build_model(get_config(vlm_from_scratch=True)), out)
+
+
+def test_heard_share_needs_a_bank(heard_model):
+    with pytest.raises(ValueError, match="heard bank"):
+        row_builder(heard_model, SIZE, heard_share=0.5)
