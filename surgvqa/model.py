@@ -432,7 +432,7 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
         torch.manual_seed(cfg.seed)
         model = AudioGraftedQwen2VL(_apply_training_setup(vlm, cfg), encoder, tokenizer, feature_extractor,
                                     cfg, whisper_from_cfg=whisper is None)
-    if cfg.pretrained_projector:
+    if cfg.pretrained_projector and not (cfg.vlm == "tiny" and cfg.vlm_from_scratch):
         load_pretrained_projector(model)
     return model
 
@@ -448,8 +448,8 @@ def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY
 
     cfg = model.cfg
     if cfg.vlm != "tiny" or cfg.vlm_from_scratch:
-        raise ValueError("pretrained_projector: only the shipped tiny VLM (vlm='tiny', vlm_from_scratch=False) "
-                         "comes with a pretrained projector")
+        raise ValueError(f"pretrained_projector: only the shipped tiny VLM (vlm='tiny', vlm_from_scratch=False) "
+                         f"comes with a pretrained projector, not vlm={cfg.vlm!r}; set pretrained_projector=False")
     source_file = directory / PROJECTOR_SOURCE_FILE
     if not source_file.is_file():
         raise FileNotFoundError(f"pretrained_projector: {source_file} is missing, so {directory} holds no "

@@ -15,6 +15,14 @@ clips) and earlier answers imply later ones (scope motion), so the model learned
 conversation (training loss 0.015) and stayed at chance on single-turn questions. No row here sees any
 other question or answer, so the pixels are the only source of the answer beyond the type's prior.
 
+Heard questions (``heard_share`` > 0, with a ``HeardBank`` from ``python -m surgvqa heard-bank``): beside its
+written row, a question also gets a row where it is only heard (the audio-only prompt fine-tuning uses), its
+wording said by a random train-pool voice. The bank holds the frozen Whisper's output already pooled as the
+projector pools it, so a GPU box needs neither a TTS engine nor Whisper; the projector trains on these rows.
+A tiny decoder fine-tuned on a few thousand heard rows kept reading some questions only through their written
+words (the scope directions stayed at chance heard); pretraining on millions of heard rows removes that gap.
+Held-out heard accuracy is measured with the bank's eval-pool voices, which no training row uses.
+
 Data: phantom clips of RANDOM clip states only (``frames.random_clip_samples``, seed ``data_seed``), never
 an annotation row. Curriculum: lesion clips are over-represented (``lesion_share`` of each batch instead
 of the prior's ~30 %) because the five lesion questions, lesion motion in particular, only exist on them
@@ -1132,7 +1140,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
     # Pretraining starts from random init unless asked to continue (-p vlm_from_scratch=false or -p vlm=DIR).
-    cfg = get_config("tiny", **{"vlm_from_scratch": True, **parse_overrides(args.param)})
+    # The projector starts random too (the bank's encoder need not be the one this machine loads); with
+    # -p pretrained_projector=true it continues from the shipped one.
+    cfg = get_config("tiny", **{"vlm_from_scratch": True, "pretrained_projector": False,
+                                **parse_overrides(args.param)})
     command = "python -m surgvqa pretrain " + shlex.join(argv)
     _, metrics = pretrain(cfg, settings, args.out, device=args.device, command=command)
     print(json.dumps({"steps": metrics["steps"], "min_accuracy": metrics["min_accuracy"],

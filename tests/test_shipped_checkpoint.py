@@ -3,6 +3,7 @@ answers the phantom renderings of the eval split as its model card says."""
 import json
 
 import pytest
+import torch
 
 from surgvqa import pretrain
 from surgvqa.config import REPO_ROOT
@@ -29,3 +30,33 @@ def test_eval_split_accuracy_matches_the_model_card():
         assert row["accuracy"] == pytest.approx(card[qtype]["eval_split_accuracy"], abs=0.07), qtype
     # what the card claims, in plain numbers: every type, the lesion and motion ones included, far above chance
     assert table["accuracy"].min() >= 0.9, table["accuracy"].idxmin()
+
+
+def test_heard_eval_split_accuracy_matches_the_model_card(tmp_path):
+    """Stage 3 taught the checkpoint to hear: audio-only questions of the eval split, said by eval-pool voices
+    (two drawn here; the card's column drew from twelve), score as its card says."""
+    model = load_checkpoint(SHIPPED)
+    card = json.loads((SHIPPED / "metrics.json").read_text())
+    bank = pretrain.build_heard_bank(model.cfg, tmp_path / "bank.npz", train_voices=1, eval_voices=2,
+                                     log=lambda *_: None)
+    assert bank.fingerprint == json.loads((SHIPPED / "projector_source.json").read_text())["whisper_fingerprint"]
+    builder = pretrain.row_builder(model, 112, bank=bank, heard_share=1.0)
+    settings = pretrain.PretrainSettings(frame_size=112)
+    table = pretrain.row_candidate_accuracy(model, builder, pretrain.eval_split_clips(settings, model.cfg), 112,
+                                            heard_split="eval")
+    assert len(table) == 20
+    for qtype, row in table.iterrows():
+        assert row["accuracy"] == pytest.approx(card["per_type"][qtype]["eval_split_heard_accuracy"], abs=0.1), qtype
+    assert table["accuracy"].min() >= 0.9, table["accuracy"].idxmin()
+
+
+def test_the_preset_starts_from_the_pretrained_projector():
+    from safetensors.torch import load_file
+
+    from surgvqa import get_config
+    from surgvqa.model import build_model
+
+    assert get_config().pretrained_projector
+    model = build_model(get_config())
+    shipped = load_file(str(SHIPPED / "projector.safetensors"))
+    assert all(torch.equal(model.projector.state_dict()[k], v) for k, v in shipped.items())

@@ -39,7 +39,10 @@ def test_metrics_chain_from_training_to_the_demo(reports):
     assert evaluated["checkpoint"] == trained["best_checkpoint"]
     assert evaluated["n_test"] == 16
     assert set(evaluated["baselines"]) == {"blind prior", "audio-only (headline)", "text-only", "audio + text",
-                                           "Whisper ASR -> text"}
+                                           "Whisper ASR -> text", "audio-only, before fine-tuning"}
+    # the starting model is scored on the same rows, type by type, and its predictions are kept
+    assert set(evaluated["audio_only_before_fine_tuning_per_type"]) == set(evaluated["audio_only_per_type"])
+    assert Path(evaluated["predictions"]["before"]).is_file()
     for row in evaluated["baselines"].values():
         assert row["n"] == 16 and 0 <= row["accuracy"] <= 1 and row["ci_low"] <= row["accuracy"] <= row["ci_high"]
     prior = evaluated["baselines"]["blind prior"]
