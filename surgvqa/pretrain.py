@@ -851,18 +851,30 @@ def write_curves(directory: Path) -> Path:
     eval_log = pd.read_csv(directory / "eval_log.csv")
     sets = [name for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard")
             if (eval_log["set"] == name).any()]
-    fig, axes = plt.subplots(1, 1 + len(sets), figsize=(5.3 * (1 + len(sets)), 4.5), squeeze=False)
+    exact = {label: train_log[[c for c in train_log.columns if c.startswith(prefix)]]
+             for label, prefix in (("read", "answer_exact/"), ("heard", "heard_answer_exact/"))}
+    exact = {label: columns for label, columns in exact.items() if columns.shape[1]}
+    panels = 2 + len(sets)
+    fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4.5), squeeze=False)
     axes = axes[0]
     axes[0].plot(train_log["step"], train_log["train_loss"])
     axes[0].set(xlabel="step", ylabel="answer-token loss", yscale="log", title="training loss")
-    for ax, name in zip(axes[1:], sets):
+    # the worst type is what held training back; the mean shows the rest
+    for label, columns in exact.items():
+        line, = axes[1].plot(train_log["step"], columns.min(axis=1), label=f"{label}: worst type")
+        axes[1].plot(train_log["step"], columns.mean(axis=1), ls="--", color=line.get_color(),
+                     label=f"{label}: mean over types")
+    axes[1].set(xlabel="step", ylabel="teacher-forced exact answers", ylim=(0, 1.02),
+                title="training rows, per logging interval")
+    axes[1].legend(fontsize=8, loc="lower right")
+    for ax, name in zip(axes[2:], sets):
         part = eval_log[eval_log["set"] == name]
         for qtype, rows in part.groupby("question_type"):
             ax.plot(rows["step"], rows["accuracy"], marker=".", label=qtype)
         mode = "heard, eval voices" if name.endswith("_heard") else "text mode"
         ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=f"{name.removesuffix('_heard')} ({mode})")
-    if len(axes) > 2 and axes[2].lines:
-        axes[2].legend(fontsize=6, loc="lower right", ncol=2)
+    if len(axes) > 3 and axes[3].lines:
+        axes[3].legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()
     path = directory / "curves.png"
     fig.savefig(path, dpi=110)
