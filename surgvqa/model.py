@@ -437,9 +437,11 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     return model
 
 
-def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY_PRETRAINED_DIR.parent) -> None:
-    """Load the projector pretrained with the tiny VLM, after checking that it was trained on this model's
-    Whisper weights (fingerprint), pooling and projector kind: any other encoder gives it other inputs."""
+def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY_PRETRAINED_DIR.parent,
+                              whisper_fingerprint: str | None = None) -> None:
+    """Load the projector pretrained with the tiny VLM, after checking that it was trained on the outputs of
+    the encoder it will get (``whisper_fingerprint``; by default this model's own Whisper weights), with the
+    same pooling and projector kind: any other encoder gives it other inputs."""
     import json
 
     from safetensors.torch import load_file
@@ -455,7 +457,8 @@ def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY
         raise FileNotFoundError(f"pretrained_projector: {source_file} is missing, so {directory} holds no "
                                 f"projector pretrained on heard questions")
     source = json.loads(source_file.read_text())
-    ours = {"whisper_fingerprint": encoder_fingerprint(model.whisper), "audio_pool": cfg.audio_pool,
+    ours = {"whisper_fingerprint": whisper_fingerprint or encoder_fingerprint(model.whisper),
+            "audio_pool": cfg.audio_pool,
             "audio_projector": cfg.audio_projector}
     differ = {k: (source.get(k), v) for k, v in ours.items() if source.get(k) != v}
     if differ:

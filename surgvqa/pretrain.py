@@ -21,7 +21,10 @@ wording said by a random train-pool voice. The bank holds the frozen Whisper's o
 projector pools it, so a GPU box needs neither a TTS engine nor Whisper; the projector trains on these rows.
 A tiny decoder fine-tuned on a few thousand heard rows kept reading some questions only through their written
 words (the scope directions stayed at chance heard); pretraining on millions of heard rows removes that gap.
-Held-out heard accuracy is measured with the bank's eval-pool voices, which no training row uses.
+With ``both_share`` a question also gets a row where it is heard and written (the prompt of the "both"
+question mode), which the model otherwise never meets before fine-tuning. ``projector_from`` continues a
+pretrained projector. Held-out heard accuracy is measured with the bank's eval-pool voices, which no
+training row uses.
 
 Data: phantom clips of RANDOM clip states only (``frames.random_clip_samples``, seed ``data_seed``), never
 an annotation row. Curriculum: lesion clips are over-represented (``lesion_share`` of each batch instead
@@ -80,7 +83,7 @@ from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .frames import ClipState
 from .model import (PROJECTOR_SOURCE_FILE, AudioGraftedQwen2VL, build_model, candidate_token_rows, collator,
-                    count_parameters, save_checkpoint, score_candidates)
+                    count_parameters, load_pretrained_projector, save_checkpoint, score_candidates)
 
 # Motion questions: one frame cannot answer them, so on a repeated frame a model that reads motion from time
 # answers as for a still clip (still_answer_accuracy), or at chance where only moving clips are asked.
@@ -91,6 +94,9 @@ TEMPLATES = ("in", "out")
 # with its cu_seqlens to the attention function instead of splitting it per slice.
 EQUAL_SEGMENT_ATTENTION = "flash_equal_segments_sdpa"
 CHECKPOINT_LIMIT_MB = 25
+# The question modes of pretraining rows, and the prefix of their per-type training metrics.
+ROW_MODES = ("text", "audio", "both")
+MODE_PREFIX = {"text": "", "audio": "heard_", "both": "both_"}
 
 
 @dataclass
@@ -117,6 +123,11 @@ class PretrainSettings:
     # of a clip gets, beside its written row, a row where it is heard (audio-only prompt, a train voice).
     heard_bank: str = ""
     heard_share: float = 0.0
+    # the probability that a question also gets a row where it is heard AND written (the "both" prompt)
+    both_share: float = 0.0
+    # a checkpoint folder whose projector starts training (its projector_source.json must name the bank's
+    # encoder fingerprint and pooling); empty: a random projector
+    projector_from: str = ""
     projector_lr: float = 1e-3  # the audio projector's learning rate (it trains only on heard rows)
     # bf16 autocast on CUDA. Off by default: the tiny model is launch-bound, so fp32 (TF32 matmuls) costs
     # little, and in bf16 some batches gave non-finite gradients (435 of 3,678 steps were skipped once).
@@ -146,6 +157,7 @@ class Row:
     question_type: int  # index in QUESTION_TYPES
     question: str  # the wording used
     audio: np.ndarray | None = None  # heard rows: the pooled Whisper frames of the question, one per placeholder
+    mode: str = "text"  # the question mode of the prompt: text, audio or both
 
 
 @dataclass
@@ -263,18 +275,19 @@ class RowBuilder:
 
     def __init__(self, text_collator: Collator, vision_tokens: int, prefix_positions: torch.Tensor,
                  text_start: int, cfg: Config, question_types: Sequence[str] | None = None,
-                 bank: HeardBank | None = None, heard_share: float = 0.0):
+                 bank: HeardBank | None = None, heard_share: float = 0.0, both_share: float = 0.0):
         if text_collator.question_mode != "text" or text_collator.frames_as != "video":
             raise ValueError("pretraining needs a text-mode collator with frames as one video")
-        if not 0 <= heard_share <= 1 or (heard_share and bank is None):
-            raise ValueError(f"heard_share {heard_share}: must be in [0, 1], and above 0 only with a heard bank")
+        for name, share in (("heard_share", heard_share), ("both_share", both_share)):
+            if not 0 <= share <= 1 or (share and bank is None):
+                raise ValueError(f"{name} {share}: must be in [0, 1], and above 0 only with a heard bank")
         if bank is not None and bank.audio_pool != text_collator.audio_pool:
             raise ValueError(f"the heard bank was pooled by {bank.audio_pool}, the model pools by "
                              f"{text_collator.audio_pool}")
-        self.bank, self.heard_share = bank, heard_share
-        self.train_utterances = bank.index("train") if bank is not None and heard_share else {}
+        self.bank, self.heard_share, self.both_share = bank, heard_share, both_share
+        self.train_utterances = bank.index("train") if bank is not None and (heard_share or both_share) else {}
         self.audio_id = text_collator.token_ids[AUDIO_TOKEN]
-        self._heard_prompt: dict[int, list[int]] = {}
+        self._heard_prompt: dict[tuple[str, str, int], list[int]] = {}
         self.collator, self.tokenizer, self.vision_tokens = text_collator, text_collator.tokenizer, vision_tokens
         self.wordings = {t: data.question_wordings(t, cfg) for t in TEMPLATES}
         self.im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
@@ -292,16 +305,20 @@ class RowBuilder:
             self._prompt[question] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._prompt[question]
 
-    def heard_prompt(self, audio_rows: int) -> list[int]:
-        """The audio-only prompt (no question text anywhere) with ``audio_rows`` audio placeholders."""
-        if audio_rows not in self._heard_prompt:
-            text = self.collator.prompt(_text_sample(""), self.vision_tokens, audio_rows, mode="audio")
-            self._heard_prompt[audio_rows] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._heard_prompt[audio_rows]
+    def heard_prompt(self, audio_rows: int, mode: str = "audio", question: str = "") -> list[int]:
+        """The prompt with ``audio_rows`` audio placeholders: audio-only (no question text anywhere), or
+        ``mode="both"``, the question heard and written."""
+        key = (mode, question if mode == "both" else "", audio_rows)
+        if key not in self._heard_prompt:
+            text = self.collator.prompt(_text_sample(key[1]), self.vision_tokens, audio_rows, mode=mode)
+            self._heard_prompt[key] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._heard_prompt[key]
 
-    def heard_row(self, audio: np.ndarray, answer_ids: list[int], question_type: str, question: str) -> Row:
-        prompt = self.heard_prompt(len(audio))
-        return Row(prompt + answer_ids, len(prompt), QUESTION_TYPES.index(question_type), question, audio)
+    def heard_row(self, audio: np.ndarray, answer_ids: list[int], question_type: str, question: str,
+                  mode: str = "audio") -> Row:
+        prompt = self.heard_prompt(len(audio), mode, question)
+        return Row(prompt + answer_ids, len(prompt), QUESTION_TYPES.index(question_type), question, audio,
+                   mode)
 
     def answer(self, sentence: str) -> list[int]:
         if sentence not in self._answer:
@@ -310,8 +327,9 @@ class RowBuilder:
 
     def rows(self, samples: Sequence[Sample], rng: np.random.Generator) -> list[Row]:
         """One row per question of a clip (those of ``question_types`` only, when set), each in a randomly
-        chosen template's wording, and with probability ``heard_share`` a second row where that wording is
-        heard, said by a random train voice of the bank. No row holds any other question or answer."""
+        chosen template's wording; with probability ``heard_share`` a row where that wording is only heard,
+        said by a random train voice of the bank, and with probability ``both_share`` one where it is heard
+        and written. No row holds any other question or answer."""
         out = []
         for s in samples:
             if self.question_types is not None and s.question_type not in self.question_types:
@@ -320,12 +338,13 @@ class RowBuilder:
             prompt = self.prompt(question)
             out.append(Row(prompt + self.answer(s.answer), len(prompt), QUESTION_TYPES.index(s.question_type),
                            question))
-            if self.heard_share and rng.random() < self.heard_share:
-                said = self.train_utterances.get(question)
-                if said is None:
-                    raise ValueError(f"the heard bank has no train-voice utterance of {question!r}")
-                audio = self.bank.utterance(int(said[rng.integers(len(said))]))
-                out.append(self.heard_row(audio, self.answer(s.answer), s.question_type, question))
+            for mode, share in (("audio", self.heard_share), ("both", self.both_share)):
+                if share and rng.random() < share:
+                    said = self.train_utterances.get(question)
+                    if said is None:
+                        raise ValueError(f"the heard bank has no train-voice utterance of {question!r}")
+                    audio = self.bank.utterance(int(said[rng.integers(len(said))]))
+                    out.append(self.heard_row(audio, self.answer(s.answer), s.question_type, question, mode))
         return out
 
     def collate(self, rows_per_clip: Sequence[Sequence[Row]], clips: np.ndarray) -> dict[str, torch.Tensor]:
@@ -373,7 +392,7 @@ class RowBuilder:
             "label_targets": torch.tensor(label_targets, dtype=torch.long),
             "label_answer": torch.tensor(label_answer, dtype=torch.long),
             "answer_type": torch.tensor([r.question_type for r in rows], dtype=torch.long),
-            "row_heard": (audio_rows > 0).long(),
+            "row_mode": torch.tensor([ROW_MODES.index(r.mode) for r in rows], dtype=torch.long),
             # the heard rows' audio in row order, as the placeholders are in the flattened rows
             **({"audio": torch.from_numpy(np.concatenate([r.audio for r in rows if r.audio is not None]))}
                if int(audio_rows.sum()) else {}),
@@ -414,7 +433,7 @@ def video_patches(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size
 
 
 def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Sequence[str] | None = None,
-                bank: HeardBank | None = None, heard_share: float = 0.0) -> RowBuilder:
+                bank: HeardBank | None = None, heard_share: float = 0.0, both_share: float = 0.0) -> RowBuilder:
     """The builder for a model's tokenizer and clips of ``frame_size``, with the M-RoPE positions of the
     shared prefix computed once by Qwen2-VL's own ``get_rope_index``."""
     check_frame_size(frame_size)
@@ -432,7 +451,7 @@ def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Seq
         ids[:, : end + 1], is_video[:, : end + 1].int() * 2,
         video_grid_thw=torch.tensor([[FRAMES_PER_CLIP // vision.temporal_patch_size, grid, grid]]))
     return RowBuilder(text_collator, vision_tokens, positions[:, 0, :end], int(positions[0, 0, end]), model.cfg,
-                      question_types, bank, heard_share)
+                      question_types, bank, heard_share, both_share)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -581,17 +600,17 @@ def shared_vision_token_losses(model: AudioGraftedQwen2VL, batch: dict[str, torc
 
 
 class TypeStats:
-    """Per question type and read/heard, on the device: token loss sum and count, answers and teacher-forced
+    """Per question type and row mode, on the device: token loss sum and count, answers and teacher-forced
     exact answers. Read rows log ``loss/<type>`` and ``answer_exact/<type>``, heard rows ``heard_loss/<type>``
-    and ``heard_answer_exact/<type>``."""
+    and ``heard_answer_exact/<type>``, heard-and-written rows ``both_...``."""
 
     def __init__(self, device: torch.device):
-        n = 2 * len(QUESTION_TYPES)  # read types, then heard types
+        n = len(ROW_MODES) * len(QUESTION_TYPES)  # the types of each row mode, in ROW_MODES order
         self.loss, self.tokens, self.answers, self.exact = (torch.zeros(n, device=device, dtype=torch.float64)
                                                              for _ in range(4))
 
     def add(self, batch: dict[str, torch.Tensor], token_loss: torch.Tensor, logits: torch.Tensor) -> None:
-        answer_slot = batch["answer_type"] + len(QUESTION_TYPES) * batch["row_heard"]
+        answer_slot = batch["answer_type"] + len(QUESTION_TYPES) * batch["row_mode"]
         token_slot = answer_slot[batch["label_answer"]]
         self.loss.index_add_(0, token_slot, token_loss.detach().double())
         self.tokens.index_add_(0, token_slot, torch.ones_like(token_loss, dtype=torch.float64))
@@ -604,7 +623,8 @@ class TypeStats:
     def read(self) -> dict[str, float]:
         loss, tokens, answers, exact = (t.cpu() for t in (self.loss, self.tokens, self.answers, self.exact))
         out = {"train_loss": float(loss.sum() / tokens.sum().clamp(min=1))}
-        for prefix, offset in (("", 0), ("heard_", len(QUESTION_TYPES))):
+        for mode_index, mode in enumerate(ROW_MODES):
+            prefix, offset = MODE_PREFIX[mode], mode_index * len(QUESTION_TYPES)
             for i, t in enumerate(QUESTION_TYPES):
                 if answers[offset + i]:
                     out[f"{prefix}loss/{t}"] = float(loss[offset + i] / tokens[offset + i])
@@ -662,7 +682,7 @@ def optimizer_for(model: AudioGraftedQwen2VL, settings: PretrainSettings, device
     no_decay = [p for p in params if p.ndim < 2]  # biases and norms
     groups = [{"params": decay, "weight_decay": settings.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    if settings.heard_share:  # the projector gets gradients from heard rows only
+    if settings.heard_share or settings.both_share:  # the projector gets gradients from heard rows only
         groups.append({"params": list(model.projector.parameters()), "weight_decay": 0.0,
                        "lr": settings.projector_lr})
     return torch.optim.AdamW(groups, lr=settings.lr, fused=device.type == "cuda")
@@ -715,11 +735,13 @@ def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[t
 def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
                            samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]], frame_size: int,
                            heard_split: str | None = None, question_types: Sequence[str] | None = None,
-                           clips_per_batch: int = 16, bf16: bool = False, seed: int = 0) -> pd.DataFrame:
+                           clips_per_batch: int = 16, bf16: bool = False, seed: int = 0,
+                           mode: str = "audio") -> pd.DataFrame:
     """``phantom_accuracy``'s table by candidate scoring on pretraining rows: every candidate answer of every
     question becomes a row after the question's prompt, written, or heard (``heard_split``: said by a
-    seeded random voice of that split of the bank), and the label of the most likely candidate wins.
-    Written, it ranks exactly as ``score_candidates`` does (the same log-likelihood of answer + end of turn)."""
+    seeded random voice of that split of the bank; ``mode`` "audio" or "both", heard and written), and the
+    label of the most likely candidate wins. Written, it ranks exactly as ``score_candidates`` does (the
+    same log-likelihood of answer + end of turn)."""
     if heard_split is not None and builder.bank is None:
         raise ValueError("heard candidate scoring needs a heard bank")
     utterances = builder.bank.index(heard_split) if heard_split is not None else {}
@@ -749,7 +771,7 @@ def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
                         prompt = builder.prompt(s.question)
                         rows.append(Row(prompt + ids, len(prompt), QUESTION_TYPES.index(s.question_type), s.question))
                     else:
-                        rows.append(builder.heard_row(heard[owner], ids, s.question_type, s.question))
+                        rows.append(builder.heard_row(heard[owner], ids, s.question_type, s.question, mode))
                 rows_per_clip.append(rows)
                 clips.append(_rendered(state, frame_size, model.cfg.phantom_seed))
                 asked.append((samples, owners, labels))
@@ -810,8 +832,8 @@ def eval_split_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[Clip
 
 def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: PretrainSettings,
                  builder: RowBuilder | None = None) -> dict[str, pd.DataFrame]:
-    """The trained question types only (all by default); with heard rows in training (``builder`` with a
-    bank), also heard accuracy, said by the bank's eval voices (never heard in training)."""
+    """The trained question types only (all by default); with heard (and heard-and-written) rows in training,
+    also their accuracy, said by the bank's eval voices (never heard in training)."""
     size, batch, types = settings.frame_size, settings.eval_batch_size, settings.question_type_list
     motion = [t for t in MOTION_TYPES if types is None or t in types]
     common = dict(batch_size=batch, bf16=settings.bf16)
@@ -822,10 +844,13 @@ def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: Pret
                                                  **common),
         "heldout_still_answer": still_answer_accuracy(heldout, motion),
     }
-    if builder is not None and builder.heard_share:
-        heard = dict(heard_split="eval", question_types=types, bf16=settings.bf16)
-        tables["heldout_heard"] = row_candidate_accuracy(model, builder, heldout, size, **heard)
-        tables["eval_split_heard"] = row_candidate_accuracy(model, builder, eval_split, size, **heard)
+    heard = dict(heard_split="eval", question_types=types, bf16=settings.bf16)
+    for mode, share in (("audio", settings.heard_share), ("both", settings.both_share)):
+        if builder is not None and share:
+            suffix = "_heard" if mode == "audio" else "_both"
+            tables["heldout" + suffix] = row_candidate_accuracy(model, builder, heldout, size, mode=mode, **heard)
+            tables["eval_split" + suffix] = row_candidate_accuracy(model, builder, eval_split, size, mode=mode,
+                                                                   **heard)
     return tables
 
 
@@ -849,10 +874,11 @@ def write_curves(directory: Path) -> Path:
 
     train_log = pd.read_csv(directory / "train_log.csv")
     eval_log = pd.read_csv(directory / "eval_log.csv")
-    sets = [name for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard")
-            if (eval_log["set"] == name).any()]
+    sets = [name for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard", "heldout_both",
+                              "eval_split_both") if (eval_log["set"] == name).any()]
     exact = {label: train_log[[c for c in train_log.columns if c.startswith(prefix)]]
-             for label, prefix in (("read", "answer_exact/"), ("heard", "heard_answer_exact/"))}
+             for label, prefix in (("read", "answer_exact/"), ("heard", "heard_answer_exact/"),
+                                   ("heard and written", "both_answer_exact/"))}
     exact = {label: columns for label, columns in exact.items() if columns.shape[1]}
     panels = 2 + len(sets)
     fig, axes = plt.subplots(1, panels, figsize=(5.3 * panels, 4.5), squeeze=False)
@@ -871,8 +897,10 @@ def write_curves(directory: Path) -> Path:
         part = eval_log[eval_log["set"] == name]
         for qtype, rows in part.groupby("question_type"):
             ax.plot(rows["step"], rows["accuracy"], marker=".", label=qtype)
-        mode = "heard, eval voices" if name.endswith("_heard") else "text mode"
-        ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=f"{name.removesuffix('_heard')} ({mode})")
+        mode = {"heard": "heard, eval voices", "both": "heard + written, eval voices"}.get(name.rsplit("_", 1)[-1],
+                                                                                           "text mode")
+        base = name.removesuffix("_heard").removesuffix("_both")
+        ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=f"{base} ({mode})")
     if len(axes) > 3 and axes[3].lines:
         axes[3].legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()
@@ -916,6 +944,10 @@ def write_model_card(directory: Path, metrics: dict[str, Any], table: pd.DataFra
            f"a random train voice of the heard bank `{s['heard_bank']}` ({json.dumps(metrics['heard_bank'])}); "
            f"the projector trains on them at lr {s['projector_lr']}; `*_heard` columns are said by the bank's "
            f"eval voices, never heard in training"] if metrics.get("heard_bank") and s.get("heard_share") else []),
+        *([f"- heard-and-written rows: with probability {s['both_share']} a question also gets a row where it is "
+           f"heard and written (the `both` prompt), same voices; `*_both` columns"]
+          if metrics.get("heard_bank") and s.get("both_share") else []),
+        *([f"- projector continued from `{s['projector_from']}`"] if s.get("projector_from") else []),
         f"- step time: {json.dumps(metrics['step_time_ms'])} (ms per step)",
         "",
         "Per-type accuracy by candidate scoring with the single-turn text prompt (`heldout`: random clips of the "
@@ -966,7 +998,13 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         model.base_vlm.model.language_model.compile()
 
     bank = HeardBank.load(settings.heard_bank) if settings.heard_bank else None
-    builder = row_builder(model, settings.frame_size, settings.question_type_list, bank, settings.heard_share)
+    builder = row_builder(model, settings.frame_size, settings.question_type_list, bank, settings.heard_share,
+                          settings.both_share)
+    if settings.projector_from:
+        if bank is None:
+            raise ValueError("projector_from: a pretrained projector continues only on a heard bank's audio")
+        # its inputs are the bank's (the encoder on this machine is never run), so the bank's fingerprint counts
+        load_pretrained_projector(model, Path(settings.projector_from), bank.fingerprint)
     loader = DataLoader(PhantomRows(builder, settings, cfg), batch_size=None,
                         num_workers=settings.num_workers, pin_memory=dev.type == "cuda",
                         prefetch_factor=4 if settings.num_workers else None,
@@ -996,7 +1034,7 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         model.train()
         with stock_attention(model):
             save_checkpoint(model, out, cfg)
-        if bank is not None and settings.heard_share:
+        if bank is not None and (settings.heard_share or settings.both_share):
             # The projector was trained on this encoder's outputs: fine-tuning may start from it only with the
             # same encoder (model.build_model checks the fingerprint).
             (out / PROJECTOR_SOURCE_FILE).write_text(json.dumps(
@@ -1014,7 +1052,8 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
                                      f"{row['chance']:.4f}" if "chance" in row else ""])
         table = per_type_table(tables)
         minimum = {name: float(tables[name]["accuracy"].min())
-                   for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard") if name in tables}
+                   for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard", "heldout_both",
+                                "eval_split_both") if name in tables}
         config = model.base_vlm.config
         metrics = {
             "command": command, "device": str(dev), "steps": step, "stopped_by": stopped_by,

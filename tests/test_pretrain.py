@@ -260,38 +260,43 @@ def test_heard_bank_rejects_a_missing_or_inconsistent_file(tmp_path, heard_bank)
         HeardBank.load(tmp_path / "broken.npz")
 
 
-def test_a_heard_row_is_the_collators_audio_only_row_with_the_same_loss(heard_model, heard_bank):
-    """A heard pretraining row holds what the fine-tuning collator makes in the audio mode for the same
-    utterance (tokens, placeholder count), and its loss equals the graft's forward on that batch (the bank's
-    float16 rounding aside)."""
+def test_heard_rows_are_the_collators_audio_and_both_rows_with_the_same_loss(heard_model, heard_bank):
+    """A heard pretraining row (and a heard-and-written one) holds what the fine-tuning collator makes in the
+    audio (both) mode for the same utterance (tokens, placeholder count), and its loss equals the graft's
+    forward on that batch (the bank's float16 rounding aside)."""
     _, bank = heard_bank
-    builder = row_builder(heard_model, SIZE, bank=bank, heard_share=1.0)
+    builder = row_builder(heard_model, SIZE, bank=bank, heard_share=1.0, both_share=1.0)
     state, samples = frames.random_clip_samples(1, seed=5, template="out")[0]
     rows = builder.rows(samples, np.random.default_rng(0))
-    assert len(rows) == 2 * len(samples)
-    read, heard = rows[0::2], rows[1::2]
-    assert all(r.audio is None for r in read) and all(r.audio is not None for r in heard)
-    assert [r.question for r in read] == [r.question for r in heard]
+    assert [r.mode for r in rows] == ["text", "audio", "both"] * len(samples)
+    assert all((r.audio is None) == (r.mode == "text") for r in rows)
+    assert all(len({r.question for r in rows[3 * i: 3 * i + 3]}) == 1 for i in range(len(samples)))
     clip = clip_frames(state, SIZE, 0, single_frame=False)
-    audio_collator = dataclasses.replace(collator(heard_model), question_mode="audio", frame_size=SIZE)
     by_key = {(w, v): i for i, (w, v) in enumerate(zip(bank.wordings, bank.voices))}
     voice_of = {v.key: v for v in voice_pools()["train"]}
     batch = builder.collate([rows], clip[None])
+    assert batch["row_mode"].tolist() == [0, 1, 2] * len(samples)
     heard_model.eval()
+    checked = 0
     with torch.no_grad():
         token_loss, _ = shared_vision_token_losses(heard_model, batch)
         per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, batch["label_answer"], token_loss.double())
         per_row /= torch.bincount(batch["label_answer"], minlength=len(rows))
-        checked = 0
-        for i, (s, row) in enumerate(zip(samples, heard)):
+        for i, row in enumerate(rows):
+            if row.mode == "text":
+                continue
+            s = samples[i // 3]
             index = next(j for (w, v), j in by_key.items() if w == row.question
                          and np.array_equal(bank.utterance(j), row.audio))
             wave = render(row.question, voice_of[bank.voices[index]], 16000)
-            single = audio_collator([(dataclasses.replace(s, question=row.question), clip, wave)])
+            mode_collator = dataclasses.replace(collator(heard_model), question_mode=row.mode, frame_size=SIZE)
+            single = mode_collator([(dataclasses.replace(s, question=row.question), clip, wave)])
             assert row.ids == single["input_ids"][0].tolist()
-            assert abs(float(heard_model(**single).answer_loss) - float(per_row[2 * i + 1])) < 2e-3
+            prompt = builder.tokenizer.decode(row.ids[: row.answer_start])
+            assert (row.question in prompt) == (row.mode == "both")
+            assert abs(float(heard_model(**single).answer_loss) - float(per_row[i])) < 2e-3
             checked += 1
-    assert checked == len(samples) and batch["row_heard"].tolist() == [0, 1] * len(samples)
+    assert checked == 2 * len(samples)
 
 
 def test_written_row_scoring_ranks_as_score_candidates(heard_model, heard_bank):
@@ -304,21 +309,25 @@ def test_written_row_scoring_ranks_as_score_candidates(heard_model, heard_bank):
     pd.testing.assert_frame_equal(rows_table, stock)
     heard = row_candidate_accuracy(heard_model, builder, clips, SIZE, heard_split="eval")
     assert heard["n"].tolist() == rows_table["n"].tolist()
+    both = row_candidate_accuracy(heard_model, builder, clips, SIZE, heard_split="eval", mode="both")
+    assert both["n"].tolist() == rows_table["n"].tolist()
     with pytest.raises(ValueError, match="heard bank"):
         row_candidate_accuracy(heard_model, row_builder(heard_model, SIZE), clips, SIZE, heard_split="eval")
 
 
 def test_heard_pretraining_trains_the_projector_and_ships_it_for_fine_tuning(tmp_path, heard_bank):
     path, bank = heard_bank
-    settings = dataclasses.replace(TOY, steps=3, heard_bank=str(path), heard_share=1.0)
+    settings = dataclasses.replace(TOY, steps=3, heard_bank=str(path), heard_share=1.0, both_share=0.5)
     out = tmp_path / "heard"
     trained, metrics = pretrain(get_config(vlm_from_scratch=True), settings, out, command="toy heard",
                                 log=lambda *_: None)
     log = pd.read_csv(out / "train_log.csv")
-    assert "heard_loss/nbi_status" in log.columns and "heard_answer_exact/nbi_status" in log.columns
+    for prefix in ("heard_", "both_"):
+        assert f"{prefix}loss/nbi_status" in log.columns and f"{prefix}answer_exact/nbi_status" in log.columns
     evals = pd.read_csv(out / "eval_log.csv")
-    assert {"heldout_heard", "eval_split_heard"} <= set(evals["set"])
-    assert set(metrics["min_accuracy"]) == {"heldout", "eval_split", "heldout_heard", "eval_split_heard"}
+    assert {"heldout_heard", "eval_split_heard", "heldout_both", "eval_split_both"} <= set(evals["set"])
+    assert set(metrics["min_accuracy"]) == {"heldout", "eval_split", "heldout_heard", "eval_split_heard",
+                                            "heldout_both", "eval_split_both"}
     assert metrics["heard_bank"]["fingerprint"] == bank.fingerprint
     assert "heard rows" in (out / "MODEL_CARD.md").read_text()
     source = json.loads((out / "projector_source.json").read_text())
@@ -337,6 +346,15 @@ def test_heard_pretraining_trains_the_projector_and_ships_it_for_fine_tuning(tmp
         load_pretrained_projector(fresh, tmp_path)
     with pytest.raises(ValueError, match="only the shipped tiny VLM"):
         load_pretrained_projector(build_model(get_config(vlm_from_scratch=True)), out)
+
+    # pretraining continues that projector on the bank's audio (the encoder there need not be tiny.en)
+    again = dataclasses.replace(settings, steps=0, both_share=0.0, projector_from=str(out))
+    continued, _ = pretrain(get_config(pretrained_projector=False), again, tmp_path / "again", command="toy again",
+                            log=lambda *_: None)
+    assert torch.equal(continued.projector.linear.weight.cpu(), trained.projector.linear.weight.cpu())
+    assert "projector continued" in (tmp_path / "again" / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="whisper_fingerprint"):
+        load_pretrained_projector(build_model(get_config(pretrained_projector=False)), out, "0" * 16)
 
 
 def test_heard_share_needs_a_bank(heard_model):
