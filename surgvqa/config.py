@@ -157,11 +157,11 @@ def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.
-    # The pretrained tiny VLM saw 112 px clips, its questions read and heard (pooled by 16 Whisper frames,
+    # The pretrained tiny VLM saw 112 px clips, its questions read, heard, and both (pooled by 16 Whisper frames,
     # 0.32 s, through a projector whose rows mix the model's own token embeddings); fine-tuning starts from
     # that projector too. "mixed" trains one model that 05-evaluate then runs with the question heard, read,
     # or both. Training reads cached Whisper outputs. A low learning rate keeps what pretraining built
-    # (at 3e-4 fine-tuning cost 2.5 points heard). README: what each step bought.
+    # (on the stage-3 checkpoint, 3e-4 cost 2.5 points heard). README: what each step bought.
     "tiny": dict(frame_size=112, question_mode="mixed", lr=3e-5, projector_lr=1e-4, max_steps=300,
                  warmup_steps=20, eval_every=100, eval_limit=200, audio_pool=16, audio_projector="vocab",
                  pretrained_projector=True),

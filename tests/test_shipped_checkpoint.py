@@ -33,21 +33,22 @@ def test_eval_split_accuracy_matches_the_model_card():
 
 
 def test_heard_eval_split_accuracy_matches_the_model_card(tmp_path):
-    """Stage 3 taught the checkpoint to hear: audio-only questions of the eval split, said by eval-pool voices
-    (two drawn here; the card's column drew from twelve), score as its card says."""
+    """Stages 3 and 4 taught the checkpoint to hear: questions of the eval split heard (audio-only, and heard
+    and written), said by eval-pool voices (two drawn here; the card's columns drew from twelve), score as its
+    card says."""
     model = load_checkpoint(SHIPPED)
     card = json.loads((SHIPPED / "metrics.json").read_text())
     bank = pretrain.build_heard_bank(model.cfg, tmp_path / "bank.npz", train_voices=1, eval_voices=2,
                                      log=lambda *_: None)
     assert bank.fingerprint == json.loads((SHIPPED / "projector_source.json").read_text())["whisper_fingerprint"]
-    builder = pretrain.row_builder(model, 112, bank=bank, heard_share=1.0)
-    settings = pretrain.PretrainSettings(frame_size=112)
-    table = pretrain.row_candidate_accuracy(model, builder, pretrain.eval_split_clips(settings, model.cfg), 112,
-                                            heard_split="eval")
-    assert len(table) == 20
-    for qtype, row in table.iterrows():
-        assert row["accuracy"] == pytest.approx(card["per_type"][qtype]["eval_split_heard_accuracy"], abs=0.1), qtype
-    assert table["accuracy"].min() >= 0.9, table["accuracy"].idxmin()
+    builder = pretrain.row_builder(model, 112, bank=bank, heard_share=1.0, both_share=1.0)
+    clips = pretrain.eval_split_clips(pretrain.PretrainSettings(frame_size=112), model.cfg)
+    for mode, column in (("audio", "eval_split_heard_accuracy"), ("both", "eval_split_both_accuracy")):
+        table = pretrain.row_candidate_accuracy(model, builder, clips, 112, heard_split="eval", mode=mode)
+        assert len(table) == 20
+        for qtype, row in table.iterrows():
+            assert row["accuracy"] == pytest.approx(card["per_type"][qtype][column], abs=0.1), (mode, qtype)
+        assert table["accuracy"].min() >= 0.9, (mode, table["accuracy"].idxmin())
 
 
 def test_the_preset_starts_from_the_pretrained_projector():
