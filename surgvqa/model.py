@@ -437,6 +437,17 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     return model
 
 
+def save_projector_source(directory: Path, whisper: str, whisper_fingerprint: str, audio_pool: int,
+                          audio_projector: str) -> Path:
+    """Record, beside a projector trained in pretraining, the encoder outputs it was trained on."""
+    import json
+
+    path = Path(directory) / PROJECTOR_SOURCE_FILE
+    path.write_text(json.dumps({"whisper": whisper, "whisper_fingerprint": whisper_fingerprint,
+                                "audio_pool": audio_pool, "audio_projector": audio_projector}, indent=2) + "\n")
+    return path
+
+
 def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY_PRETRAINED_DIR.parent,
                               whisper_fingerprint: str | None = None) -> None:
     """Load the projector pretrained with the tiny VLM, after checking that it was trained on the outputs of

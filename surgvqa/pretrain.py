@@ -82,8 +82,8 @@ from .collate import AUDIO_TOKEN, CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Coll
 from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .frames import ClipState
-from .model import (PROJECTOR_SOURCE_FILE, AudioGraftedQwen2VL, build_model, candidate_token_rows, collator,
-                    count_parameters, load_pretrained_projector, save_checkpoint, score_candidates)
+from .model import (AudioGraftedQwen2VL, build_model, candidate_token_rows, collator, count_parameters,
+                    load_pretrained_projector, save_checkpoint, save_projector_source, score_candidates)
 
 # Motion questions: one frame cannot answer them, so on a repeated frame a model that reads motion from time
 # answers as for a still clip (still_answer_accuracy), or at chance where only moving clips are asked.
@@ -97,6 +97,9 @@ CHECKPOINT_LIMIT_MB = 25
 # The question modes of pretraining rows, and the prefix of their per-type training metrics.
 ROW_MODES = ("text", "audio", "both")
 MODE_PREFIX = {"text": "", "audio": "heard_", "both": "both_"}
+# The evaluation sets whose minimum accuracy is reported: written, then heard (audio), then heard and written.
+SET_SUFFIX = {"text": "", "audio": "_heard", "both": "_both"}
+SCORED_SETS = tuple(base + suffix for suffix in SET_SUFFIX.values() for base in ("heldout", "eval_split"))
 
 
 @dataclass
@@ -182,6 +185,15 @@ class HeardBank:
 
     def utterance(self, i: int) -> np.ndarray:
         return self.features[self.offsets[i]: self.offsets[i + 1]]
+
+    def draw(self, utterances: dict[str, np.ndarray], wording: str, rng: np.random.Generator, who: str
+             ) -> np.ndarray:
+        """A random utterance of ``wording`` among ``utterances`` (one split's ``index``); ``who`` names the
+        row or sample in the error when the bank has none."""
+        said = utterances.get(wording)
+        if said is None:
+            raise ValueError(f"{who}: the heard bank has no utterance of {wording!r} by these voices")
+        return self.utterance(int(said[rng.integers(len(said))]))
 
     def index(self, split: str) -> dict[str, np.ndarray]:
         """wording -> the indices of its utterances by voices of ``split``."""
@@ -340,10 +352,7 @@ class RowBuilder:
                            question))
             for mode, share in (("audio", self.heard_share), ("both", self.both_share)):
                 if share and rng.random() < share:
-                    said = self.train_utterances.get(question)
-                    if said is None:
-                        raise ValueError(f"the heard bank has no train-voice utterance of {question!r}")
-                    audio = self.bank.utterance(int(said[rng.integers(len(said))]))
+                    audio = self.bank.draw(self.train_utterances, question, rng, f"{s.uid} (train voices)")
                     out.append(self.heard_row(audio, self.answer(s.answer), s.question_type, question, mode))
         return out
 
@@ -725,7 +734,12 @@ def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[t
             scores = score_candidates(model, batch)
         for (s, _), score in zip(chunk, scores):
             correct[s.question_type].append(score.label == s.short_answer)
-    n_labels = {t: len(v) for t, v in data.label_sets(model.cfg).items()}
+    return accuracy_table(correct, model.cfg)
+
+
+def accuracy_table(correct: dict[str, list[bool]], cfg: Config) -> pd.DataFrame:
+    """Per question type (in QUESTION_TYPES order, those with answers): n, correct, accuracy and chance."""
+    n_labels = {t: len(v) for t, v in data.label_sets(cfg).items()}
     rows = [{"question_type": t, "n": len(correct[t]), "correct": int(sum(correct[t])),
              "accuracy": float(np.mean(correct[t])), "chance": 1 / n_labels[t]}
             for t in QUESTION_TYPES if correct.get(t)]
@@ -757,14 +771,8 @@ def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
                     continue
                 owners, labels, candidates = candidate_token_rows(model, samples)
                 rows = []
-                heard = {}
-                for i, s in enumerate(samples):
-                    if heard_split is not None:
-                        if s.question not in utterances:
-                            raise ValueError(f"sample {s.uid}: the heard bank has no {heard_split}-voice "
-                                             f"utterance of {s.question!r}")
-                        said = utterances[s.question]
-                        heard[i] = builder.bank.utterance(int(said[rng.integers(len(said))]))
+                heard = {i: builder.bank.draw(utterances, s.question, rng, f"sample {s.uid} ({heard_split} voices)")
+                         for i, s in enumerate(samples)} if heard_split is not None else {}
                 for owner, ids in zip(owners, candidates):
                     s = samples[owner]
                     if heard_split is None:
@@ -792,11 +800,7 @@ def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
                     row += 1
                 for i, s in enumerate(samples):
                     correct[s.question_type].append(best[i][1] == s.short_answer)
-    n_labels = {t: len(v) for t, v in data.label_sets(model.cfg).items()}
-    out = [{"question_type": t, "n": len(correct[t]), "correct": int(sum(correct[t])),
-            "accuracy": float(np.mean(correct[t])), "chance": 1 / n_labels[t]}
-           for t in QUESTION_TYPES if correct.get(t)]
-    return pd.DataFrame(out, columns=["question_type", "n", "correct", "accuracy", "chance"]).set_index("question_type")
+    return accuracy_table(correct, model.cfg)
 
 
 def still_answer_accuracy(samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
@@ -847,7 +851,7 @@ def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: Pret
     heard = dict(heard_split="eval", question_types=types, bf16=settings.bf16)
     for mode, share in (("audio", settings.heard_share), ("both", settings.both_share)):
         if builder is not None and share:
-            suffix = "_heard" if mode == "audio" else "_both"
+            suffix = SET_SUFFIX[mode]
             tables["heldout" + suffix] = row_candidate_accuracy(model, builder, heldout, size, mode=mode, **heard)
             tables["eval_split" + suffix] = row_candidate_accuracy(model, builder, eval_split, size, mode=mode,
                                                                    **heard)
@@ -874,8 +878,7 @@ def write_curves(directory: Path) -> Path:
 
     train_log = pd.read_csv(directory / "train_log.csv")
     eval_log = pd.read_csv(directory / "eval_log.csv")
-    sets = [name for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard", "heldout_both",
-                              "eval_split_both") if (eval_log["set"] == name).any()]
+    sets = [name for name in SCORED_SETS if (eval_log["set"] == name).any()]
     exact = {label: train_log[[c for c in train_log.columns if c.startswith(prefix)]]
              for label, prefix in (("read", "answer_exact/"), ("heard", "heard_answer_exact/"),
                                    ("heard and written", "both_answer_exact/"))}
@@ -1037,9 +1040,7 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         if bank is not None and (settings.heard_share or settings.both_share):
             # The projector was trained on this encoder's outputs: fine-tuning may start from it only with the
             # same encoder (model.build_model checks the fingerprint).
-            (out / PROJECTOR_SOURCE_FILE).write_text(json.dumps(
-                {"whisper": bank.whisper, "whisper_fingerprint": bank.fingerprint, "audio_pool": bank.audio_pool,
-                 "audio_projector": cfg.audio_projector}, indent=2) + "\n")
+            save_projector_source(out, bank.whisper, bank.fingerprint, bank.audio_pool, cfg.audio_projector)
         eval_seconds = time.time() - t0
         with eval_log_path.open("a", newline="") as f:
             writer = csv.writer(f)
@@ -1051,9 +1052,7 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
                     writer.writerow([step, name, qtype, int(row["n"]), f"{row['accuracy']:.4f}",
                                      f"{row['chance']:.4f}" if "chance" in row else ""])
         table = per_type_table(tables)
-        minimum = {name: float(tables[name]["accuracy"].min())
-                   for name in ("heldout", "eval_split", "heldout_heard", "eval_split_heard", "heldout_both",
-                                "eval_split_both") if name in tables}
+        minimum = {name: float(tables[name]["accuracy"].min()) for name in SCORED_SETS if name in tables}
         config = model.base_vlm.config
         metrics = {
             "command": command, "device": str(dev), "steps": step, "stopped_by": stopped_by,
@@ -1191,8 +1190,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
     # Pretraining starts from random init unless asked to continue (-p vlm_from_scratch=false or -p vlm=DIR).
-    # The projector starts random too (the bank's encoder need not be the one this machine loads); with
-    # -p pretrained_projector=true it continues from the shipped one.
+    # The projector starts random too (the encoder loaded here may stand in for the bank's); --projector-from
+    # continues a pretrained one, checked against the bank's encoder.
     cfg = get_config("tiny", **{"vlm_from_scratch": True, "pretrained_projector": False,
                                 **parse_overrides(args.param)})
     command = "python -m surgvqa pretrain " + shlex.join(argv)
