@@ -11,6 +11,8 @@ COMMANDS = {
     "score": "surgvqa.evaluate:main",
     "pretrain": "surgvqa.pretrain:main",
     "heard-bank": "surgvqa.pretrain:heard_bank_main",
+    "make-checkpoint": "surgvqa.dryrun:main",
+    "phantom-frames": "surgvqa.frames:phantom_frames_main",
 }
 
 

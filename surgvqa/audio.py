@@ -716,9 +716,9 @@ def convert_ctranslate2_whisper(source_dir: Path, parts: Sequence[Path], target:
 def whisper_dir(name: str = "tiny.en", cfg: Config | None = None) -> Path | str:
     """A transformers Whisper folder for ``name``: offline presets are converted once (cached);
     a local folder or a hub id is returned unchanged."""
-    if name not in OFFLINE_WHISPER:
-        return Path(name) if Path(name).is_dir() else name
     cfg = cfg or get_config()
+    if name not in OFFLINE_WHISPER:  # a folder (absolute or repository-relative) or a hub id
+        return next((p for p in (Path(name), cfg.path(name)) if p.is_dir()), name)
     target = cfg.path(WHISPER_CACHE_DIR) / name
     if (target / "model.safetensors").is_file() and (target / "processor_config.json").is_file():
         return target
@@ -738,11 +738,16 @@ def whisper_dir(name: str = "tiny.en", cfg: Config | None = None) -> Path | str:
 
 
 def load_whisper(name_or_path: str = "tiny.en", cfg: Config | None = None):
-    """(WhisperForConditionalGeneration in eval mode, WhisperProcessor) of an offline preset, folder or hub id."""
+    """(WhisperForConditionalGeneration in eval mode, WhisperProcessor) of an offline preset, folder or hub id,
+    on the config's device, in bf16 on a GPU when the config's dtype is bfloat16 (float32 otherwise)."""
+    import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+    cfg = cfg or get_config()
     where = str(whisper_dir(name_or_path, cfg))
-    model = WhisperForConditionalGeneration.from_pretrained(where).eval()
+    device = cfg.torch_device()
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
+    model = WhisperForConditionalGeneration.from_pretrained(where, dtype=dtype).to(device).eval()
     return model, WhisperProcessor.from_pretrained(where)
 
 
@@ -789,7 +794,7 @@ def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: in
         features = processor.feature_extractor(batch, sampling_rate=sample_rate, return_tensors="pt",
                                                padding="max_length", max_length=length,
                                                truncation=True).input_features
-        features = features[..., :features.shape[-1] // 2 * 2].to(model.dtype)
+        features = features[..., :features.shape[-1] // 2 * 2].to(model.device, model.dtype)
         with torch.inference_mode():
             encoded = BaseModelOutput(last_hidden_state=whisper_encode(model.model.encoder, features))
             ids = model.generate(encoder_outputs=encoded, do_sample=False, num_beams=1,

@@ -53,6 +53,8 @@ class Config:
     # --- model ------------------------------------------------------------------------------------
     vlm: str = "tiny"  # "tiny" (built locally) or a local folder / hub id of a Qwen2-VL checkpoint
     vlm_from_scratch: bool = False  # tiny only: random init instead of the shipped phantom-pretrained weights
+    # where the model, Whisper and every batch live: "auto" (the GPU when there is one), "cpu" or "cuda"
+    device: str = "auto"
     # "audio" (heard only), "text", "both"; "mixed" trains on all three (drawn per item) so that one model
     # is evaluated under each mode
     question_mode: str = "audio"
@@ -90,7 +92,11 @@ class Config:
     early_stop_metric: str = "eval_accuracy"
     patience: int = 3
     phantom_extra_per_epoch: int = 0
+    # DataLoader worker processes that decode frames and collate batches (real JPEGs: enough that decoding
+    # never bounds a GPU step); 0 decodes in the main process
     num_workers: int = 0
+    # the accelerate config training is launched with (repository-relative); empty: a plain process
+    accelerate_config: str = ""
     limit_train: int = 0  # 0: all training rows (a smoke run uses a few)
     limit_test: int = 0
     wandb: bool = False  # also log to Weights & Biases (must be installed)
@@ -111,15 +117,28 @@ class Config:
             "audio_projector": ("linear", "vocab"),
             "dtype": ("float32", "bfloat16"),
             "schedule": ("cosine", "linear"),
+            "device": ("auto", "cpu", "cuda"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {key}={getattr(self, key)!r}: must be one of {allowed}")
+        if self.vlm_from_scratch and self.vlm != "tiny":
+            raise ValueError(f"config vlm_from_scratch=True builds the tiny VLM from scratch; vlm={self.vlm!r} is "
+                             f"loaded from its checkpoint (for random weights at real shapes: python -m surgvqa "
+                             f"make-checkpoint)")
 
     def path(self, value: str) -> Path:
         """Resolve a config path: relative paths are relative to the repository root."""
         p = Path(value)
         return p if p.is_absolute() else REPO_ROOT / p
+
+    def torch_device(self) -> "torch.device":
+        """The device the model and its batches live on (``device``; "auto": the GPU when there is one)."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("config device='cuda' but no CUDA GPU is available (device='auto' uses the CPU then)")
+        return torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -155,6 +174,10 @@ def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
     return values
 
 
+_REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
+                             dtype="bfloat16", lr=1e-4, projector_lr=1e-4, max_steps=3000, eval_every=200,
+                             audio_pool=4, tts_engine="edge-tts", num_workers=8)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.
     # The pretrained tiny VLM saw 112 px clips, its questions read, heard, and both (pooled by 16 Whisper frames,
@@ -168,25 +191,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A few samples and steps: what the tests and a quick look run.
     "smoke": dict(frame_size=64, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_limit=8,
                   limit_train=16, limit_test=16),
-    # Real study on a user's GPU box: real frames, real checkpoints (local folder or hub id).
-    "qwen2vl-2b": dict(frames_source="real", vlm="Qwen/Qwen2-VL-2B-Instruct",
-                       whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
-                       dtype="bfloat16", lr=1e-4, projector_lr=1e-4, batch_size=4, grad_accum=4,
-                       max_steps=3000, eval_every=200, audio_pool=4),
-    "qwen2vl-7b": dict(frames_source="real", vlm="Qwen/Qwen2-VL-7B-Instruct",
-                       whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
-                       dtype="bfloat16", lr=1e-4, projector_lr=1e-4, batch_size=2, grad_accum=8,
-                       max_steps=3000, eval_every=200, audio_pool=4),
+    # Real study on a user's GPU box: real frames, real checkpoints (local folder or hub id), the original
+    # study's neural voices (edge-tts needs Microsoft's service; offline: -p tts_engine=espeak-ng), frames
+    # decoded by DataLoader workers.
+    "qwen2vl-2b": dict(**_REAL, vlm="Qwen/Qwen2-VL-2B-Instruct", batch_size=4, grad_accum=4,
+                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    "qwen2vl-7b": dict(**_REAL, vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=2, grad_accum=8,
+                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
     # 4-bit nf4 QLoRA on two 24 GB cards (launched with accelerate, configs/accelerate/2gpu-ddp.yaml).
-    "qlora-2x24gb": dict(frames_source="real", vlm="Qwen/Qwen2-VL-7B-Instruct",
-                         whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
-                         load_in_4bit=True, dtype="bfloat16", lr=1e-4, projector_lr=1e-4,
-                         batch_size=1, grad_accum=8, max_steps=3000, eval_every=200, audio_pool=4),
+    "qlora-2x24gb": dict(**_REAL, vlm="Qwen/Qwen2-VL-7B-Instruct", load_in_4bit=True, batch_size=1, grad_accum=8,
+                         accelerate_config="configs/accelerate/2gpu-ddp.yaml"),
     # bf16 LoRA on one 80-141 GB card.
-    "bf16-lora-1gpu": dict(frames_source="real", vlm="Qwen/Qwen2-VL-7B-Instruct",
-                           whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
-                           dtype="bfloat16", lr=1e-4, projector_lr=1e-4, batch_size=8, grad_accum=2,
-                           max_steps=3000, eval_every=200, audio_pool=4),
+    "bf16-lora-1gpu": dict(**_REAL, vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2,
+                           accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
 }
 
 

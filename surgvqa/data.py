@@ -339,3 +339,17 @@ def single_class_types(samples: Sequence[Sample]) -> list[str]:
     for s in samples:
         labels[s.question_type].add(s.short_answer)
     return sorted(t for t, v in labels.items() if len(v) == 1)
+
+
+def limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """A seeded subset of ``limit`` rows spread over question types (all rows when limit is 0)."""
+    if not limit or limit >= len(samples):
+        return samples
+    order = np.random.default_rng(seed).permutation(len(samples))
+    by_type: dict[str, list[int]] = {}
+    for i in order:
+        by_type.setdefault(samples[i].question_type, []).append(int(i))
+    picked, rounds = [], max(len(v) for v in by_type.values())
+    for r in range(rounds):  # round-robin over types so a small subset still covers them
+        picked += [v[r] for v in by_type.values() if r < len(v)]
+    return [samples[i] for i in sorted(picked[:limit])]

@@ -1,7 +1,7 @@
 """Evaluation: a strict answer scorer, per-sample prediction files, accuracy with n, a 95 % interval,
 chance and the blind prior, and error analysis (confusion, mode collapse, failures by group, calibration).
 
-Scoring rule (DESIGN.md section 6): a free-text answer maps to exactly one label of its question type, or
+Scoring rule: a free-text answer maps to exactly one label of its question type, or
 to ``"unparseable"``. Matching is by whole words (a hyphenated word counts as one word, so "close-up"
 holds no "up"), with the obvious inflections and synonyms; never by substring, so the "no" inside "not",
 "know", "normal" or "nothing" never counts. A text that names two different answers is unparseable,
@@ -77,8 +77,10 @@ _MM = r"(?:\s*mm)?"
 # lighting_mode, 5-9 mm for lesion_size_range, ...) is listed so that naming it makes the text
 # unparseable instead of letting a stray label word decide.
 _CONTENT_CUES: dict[str, list[tuple[str, str]]] = {
+    # "clip" alone is the video clip ("the tool in the clip is a snare"), so only a named clip is a tool
     "tool_identification": [("catheter", _CATHETER), ("forceps", _FORCEPS), ("snare", _SNARE),
-                            ("other tool", _words(r"(?:hemo)?clips?", r"needles?"))],
+                            ("other tool", _words(r"ha?emo-?clips?", r"(?:ha?emostatic|metal|endo) clips?",
+                                                  r"endoclips?", r"needles?"))],
     "lighting_mode": [("NBI", _NBI), ("white light", _WHITE_LIGHT)],
     "fluid_occlusion_level": [
         ("absent", _words(r"absent", r"none", r"no (?:fluid|occlusion)")),
@@ -551,6 +553,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     batch divided by its size.
     """
     import dataclasses
+    import functools
     import time
 
     import torch
@@ -574,8 +577,11 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     mode_cfg = cfg.replace(question_mode=mode)
     collate = dataclasses.replace(graft.collator(model), question_mode=mode, frame_size=cfg.frame_size)
     dataset = QADataset(rows, mode_cfg, {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
+    # Workers are spawned, not forked: a notebook kernel's sockets do not survive a fork (the worker aborts).
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                        collate_fn=lambda items: collate(items, for_generation=True))
+                        collate_fn=functools.partial(collate, for_generation=True),
+                        multiprocessing_context="spawn" if cfg.num_workers else None,
+                        persistent_workers=False)
     records = []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"predict ({mode})", disable=not progress, unit="batch"):

@@ -1,7 +1,9 @@
 """Frames: the real REAL-Colon loader and a phantom colonoscopy renderer whose pixels carry every label.
 
-Real frames are read from ``frames/<video>/<video>_<n>.jpg`` (or ``<n>.jpg``); a missing or unreadable
-frame is an error naming the sample and every bad file, never a black image.
+Real frames are read in REAL-Colon's own layout (``<frames_dir>/<video>_frames/<video>_<n>.jpg``) or from
+``<frames_dir>/<video>/``, resized keeping their aspect ratio to sides that are multiples of 28 (Qwen2-VL's
+patch 14 x merge 2); a missing or unreadable frame is an error naming the sample and every bad file, never a
+black image. ``python -m surgvqa phantom-frames`` writes phantom clips in that layout.
 
 The phantom is for running the whole study offline. Every annotated clip gets a ``ClipState``: every
 visual attribute of the clip, fixed by the annotation rows that share the clip and by the video's lesion
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,22 +53,59 @@ class FrameError(ValueError):
     """Frames of a sample are missing or unreadable; the message names the sample and every bad file."""
 
 
+# REAL-Colon ships each recording as a folder ``{SSS}-{VVV}_frames/`` of ``SSS-VVV_t.jpg`` files (1240x1080);
+# SurgViVQA's frame names are the same ``VVV-VVV_N`` stems.
+REAL_COLON_FOLDER = "{video}_frames"
+REAL_COLON_FRAME_SIZE = (1240, 1080)  # width, height
+# Qwen2-VL's image processor keeps the pixel count within these bounds (preprocessor_config.json).
+QWEN2_VL_MIN_PIXELS = 56 * 56
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
+_MAX_FRAME_PIXELS = 50_000_000  # a frame larger than this is not a video frame (and could be a decompression bomb)
+
+
 def real_frame_candidates(frames_dir: Path, video_id: str, frame_name: str) -> list[Path]:
-    """Where a frame may live: ``<video>/<video>_<n>.jpg``, then ``<video>/<n>.jpg``."""
+    """Where a frame may live: REAL-Colon's ``<video>_frames/<video>_<n>.jpg``, then ``<video>/<video>_<n>.jpg``
+    and ``<video>/<n>.jpg``."""
     number = frame_name.rsplit("_", 1)[-1]
-    return [frames_dir / video_id / f"{frame_name}.jpg", frames_dir / video_id / f"{number}.jpg"]
+    return [frames_dir / REAL_COLON_FOLDER.format(video=video_id) / f"{frame_name}.jpg",
+            frames_dir / video_id / f"{frame_name}.jpg", frames_dir / video_id / f"{number}.jpg"]
+
+
+def resized_frame_shape(height: int, width: int, frame_size: int, unit: int = 28,
+                        min_pixels: int = QWEN2_VL_MIN_PIXELS, max_pixels: int = QWEN2_VL_MAX_PIXELS
+                        ) -> tuple[int, int]:
+    """(height, width) a frame is resized to: the longer side to ``frame_size``, the aspect ratio kept, both
+    sides rounded to a multiple of ``unit`` (patch 14 x merge 2) and the area kept within Qwen2-VL's pixel
+    bounds, as its processor's smart_resize does. 1240x1080 at 392 gives 392x336 (width x height)."""
+    scale = frame_size / max(height, width)
+    h = max(unit, round(height * scale / unit) * unit)
+    w = max(unit, round(width * scale / unit) * unit)
+    if h * w > max_pixels:
+        shrink = math.sqrt(h * w / max_pixels)
+        h, w = (max(unit, math.floor(side / shrink / unit) * unit) for side in (h, w))
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (h * w))
+        h, w = (math.ceil(side * grow / unit) * unit for side in (h, w))
+    return h, w
+
+
+def vision_tokens(height: int, width: int, frames: int = 8, frames_as: str = "video", patch: int = 14,
+                  merge: int = 2, temporal: int = 2) -> int:
+    """Vision tokens a clip of frames of this (resized) shape costs the language model."""
+    per_frame = (height // patch) * (width // patch) // (merge * merge)
+    return per_frame * (frames // temporal if frames_as == "video" else frames)
 
 
 def load_real_clip(sample: Sample, cfg: Config | None = None) -> np.ndarray:
-    """The 8 real frames of a sample as uint8 (8, size, size, 3), each resized to the square frame size.
+    """The 8 real frames of a sample as uint8 (8, H, W, 3), resized as ``resized_frame_shape`` says.
 
-    Frames are resized, not cropped, so that nothing near the border (a lesion, a tool) is cut away.
+    Frames are resized, not cropped, so that nothing near the border (a lesion, a tool) is cut away, and
+    keep their aspect ratio. Every frame of a clip must have the size of the first.
     """
     cfg = cfg or get_config()
     frames_dir = cfg.path(cfg.frames_dir)
-    size = cfg.frame_size
-    out = np.empty((len(sample.frames), size, size, 3), np.uint8)
-    problems = []
+    images: list[np.ndarray | None] = [None] * len(sample.frames)
+    problems, shape = [], None
     for i, name in enumerate(sample.frames):
         candidates = real_frame_candidates(frames_dir, sample.video_id, name)
         path = next((p for p in candidates if p.is_file()), None)
@@ -74,14 +114,81 @@ def load_real_clip(sample: Sample, cfg: Config | None = None) -> np.ndarray:
             continue
         try:
             with Image.open(path) as image:
+                if image.width * image.height > _MAX_FRAME_PIXELS:
+                    problems.append(f"unreadable: {path} ({image.width}x{image.height} pixels is not a video frame)")
+                    continue
                 image.load()
-                out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
-        except (OSError, ValueError, SyntaxError) as e:
+                if shape is None:
+                    shape = (image.height, image.width)
+                elif (image.height, image.width) != shape:
+                    problems.append(f"wrong size: {path} is {image.width}x{image.height}, the clip's first frame "
+                                    f"{shape[1]}x{shape[0]}")
+                    continue
+                h, w = resized_frame_shape(image.height, image.width, cfg.frame_size)
+                images[i] = np.asarray(image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             problems.append(f"unreadable: {path} ({type(e).__name__}: {e})")
     if problems:
         raise FrameError(f"sample {sample.uid} ({sample.source}): {len(problems)} of {len(sample.frames)} "
                          f"frames missing or unreadable under {frames_dir}:\n  " + "\n  ".join(problems))
-    return out
+    return np.stack(images)
+
+
+def write_real_colon_frames(samples: Sequence[Sample], out_dir: str | Path, cfg: Config | None = None,
+                            render_size: int = 392, quality: int = 90) -> list[Path]:
+    """Phantom clips of ``samples`` written as REAL-Colon JPEGs: 1240x1080, ``<video>_frames/<video>_<n>.jpg``.
+
+    The phantom renders square frames (at ``render_size``); they are stretched to REAL-Colon's frame size so
+    that the real-frames path (layout, decoding, aspect-keeping resize, token count) runs end to end anywhere.
+    Frames shared by several clips are written once. Returns the files written.
+    """
+    cfg = cfg or get_config()
+    out_dir = Path(out_dir)
+    written, done = [], set()
+    for s in samples:
+        if all(name in done for name in s.frames):
+            continue
+        clip = render_phantom_clip(clip_state_of(s, cfg), render_size, cfg.phantom_seed)
+        folder = out_dir / REAL_COLON_FOLDER.format(video=s.video_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, frame in zip(s.frames, clip):
+            if name in done:
+                continue
+            path = folder / f"{name}.jpg"
+            image = Image.fromarray(frame).resize(REAL_COLON_FRAME_SIZE, Image.Resampling.BICUBIC)
+            tmp = path.with_name(f".{path.name}.tmp")
+            image.save(tmp, format="JPEG", quality=quality)
+            tmp.replace(path)
+            done.add(name)
+            written.append(path)
+    return written
+
+
+def phantom_frames_main(argv: list[str] | None = None) -> int:
+    """``python -m surgvqa phantom-frames --out DIR [--splits test] [--limit N] [-p key=value]``"""
+    import argparse
+    import sys
+
+    from .config import parse_overrides
+    from .data import limited, load_split
+
+    parser = argparse.ArgumentParser(prog="python -m surgvqa phantom-frames",
+                                     description="Write phantom clips of annotation rows as REAL-Colon JPEGs "
+                                                 "(1240x1080, <video>_frames/<video>_<n>.jpg), for frames_dir.")
+    parser.add_argument("--out", required=True, help="the frames_dir to write")
+    parser.add_argument("--splits", default="train,eval,test")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="rows per split (0: all), chosen as training and evaluation choose them")
+    parser.add_argument("--render-size", type=int, default=392, help="phantom render size before the stretch")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = get_config(None, **parse_overrides(args.param))
+    splits = load_split(cfg)
+    rows = [s for name in args.splits.split(",") for s in limited(splits[name.strip()], args.limit, cfg.seed)]
+    out = cfg.path(args.out)
+    written = write_real_colon_frames(rows, out, cfg, render_size=args.render_size)
+    print(f"[phantom-frames] {len(rows)} rows: {len(written)} frames written under {out}")
+    return 0
 
 
 # --- clip states ---------------------------------------------------------------------------------

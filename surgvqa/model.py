@@ -397,15 +397,16 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     return get_peft_model(vlm, lora)
 
 
-def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] | None = None
-                ) -> AudioGraftedQwen2VL:
+def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] | None = None,
+                device: torch.device | str | None = None) -> AudioGraftedQwen2VL:
     """The graft for a config.
 
     ``cfg.vlm == "tiny"``: the small Qwen2-VL pretrained on phantom clips that ships in
     ``checkpoints/tiny-phantom`` (see its MODEL_CARD.md), or, with ``vlm_from_scratch``, a random-init one
     of the same architecture with the task tokenizer. Otherwise Qwen2-VL is loaded from ``cfg.vlm`` (a local folder or a
     hub id), in 4-bit nf4 when ``load_in_4bit``. Whisper comes from ``surgvqa.audio`` unless ``whisper``
-    gives ``(model or encoder, feature_extractor)``.
+    gives ``(model or encoder, feature_extractor)``. Everything is placed on ``device`` (default: the
+    config's, see ``Config.torch_device``).
     """
     if whisper is None:
         encoder, feature_extractor = _load_whisper_from_cfg(cfg)
@@ -434,7 +435,30 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
                                     cfg, whisper_from_cfg=whisper is None)
     if cfg.pretrained_projector and not (cfg.vlm == "tiny" and cfg.vlm_from_scratch):
         load_pretrained_projector(model)
-    return model
+    return place(model, device)
+
+
+def place(model: AudioGraftedQwen2VL, device: torch.device | str | None = None) -> AudioGraftedQwen2VL:
+    """Whisper, the projector and the VLM on one device (default: the config's). A 4-bit VLM stays where
+    bitsandbytes put it (the current CUDA device), and the rest joins it there."""
+    if model.cfg.load_in_4bit:
+        target = model.base_vlm.device
+        model.whisper.to(target)
+        model.projector.to(target)
+        return model
+    return model.to(torch.device(device) if device is not None else model.cfg.torch_device())
+
+
+def on_device(batch: dict[str, Any], model: AudioGraftedQwen2VL) -> dict[str, Any]:
+    """A collated batch with its tensors on the model's device (nested teacher rows included)."""
+    device = model.base_vlm.device
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        return {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def save_projector_source(directory: Path, whisper: str, whisper_fingerprint: str, audio_pool: int,
@@ -508,10 +532,6 @@ def _evaluating(model: nn.Module):
         model.train(was_training)
 
 
-def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _check_generation_batch(batch: dict[str, Any]) -> None:
     if "labels" in batch or not bool(batch["attention_mask"][:, -1].all()):
         raise ValueError("expected a generation batch (collate with for_generation=True: left-padded, "
@@ -531,7 +551,7 @@ def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:
     """Greedy free-text answers of a left-padded generation batch, one string per sample."""
     _check_generation_batch(batch)
-    batch = _on_device(batch, model.base_vlm.device)
+    batch = on_device(batch, model)
     with _evaluating(model):
         return _greedy_answers(model, _prefill(model, batch), max_new_tokens)[0]
 
@@ -648,7 +668,7 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
     candidates of the batch are scored in one more forward.
     """
     _check_generation_batch(batch)
-    batch = _on_device(batch, model.base_vlm.device)
+    batch = on_device(batch, model)
     with _evaluating(model):
         return _scores(model, _prefill(model, batch), batch["samples"])
 
@@ -658,7 +678,7 @@ def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_
     """``generate``'s greedy answers and ``score_candidates``' scores from ONE run of the prompt: the answer
     is decoded on the prompt's cache, which is then cut back to the prompt and scores the candidates."""
     _check_generation_batch(batch)
-    batch = _on_device(batch, model.base_vlm.device)
+    batch = on_device(batch, model)
     with _evaluating(model):
         pre = _prefill(model, batch)
         answers, added = _greedy_answers(model, pre, max_new_tokens)
@@ -705,8 +725,10 @@ def save_checkpoint(model: AudioGraftedQwen2VL, directory: str | Path, cfg: Conf
     return directory
 
 
-def load_checkpoint(directory: str | Path, trainable: bool = False, **overrides: Any) -> AudioGraftedQwen2VL:
-    """The model saved by save_checkpoint (same logits); ``overrides`` change the config (e.g. load_in_4bit)."""
+def load_checkpoint(directory: str | Path, trainable: bool = False, device: torch.device | str | None = None,
+                    **overrides: Any) -> AudioGraftedQwen2VL:
+    """The model saved by save_checkpoint (same logits), placed like ``build_model``; ``overrides`` change the
+    config (e.g. load_in_4bit)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -735,7 +757,17 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, **overrides:
                                 whisper_from_cfg=not (directory / "whisper").is_dir())
     model.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
     model.projector.requires_grad_(trainable)
-    return model
+    return place(model, device)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: AudioGraftedQwen2VL):
+    """Within it the model is its base VLM: the LoRA adapter is switched off (no second copy is loaded), which
+    is the zero-shot baseline of a LoRA run."""
+    if not model.cfg.lora:
+        raise ValueError("the model has no LoRA adapter to switch off")
+    with model.vlm.disable_adapter():
+        yield model
 
 
 def merge_for_export(model: AudioGraftedQwen2VL) -> AudioGraftedQwen2VL:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import audio, data, frames
 from .config import Config, get_config, parse_overrides
 from .collate import EncodedQuestion
-from .data import Sample
+from .data import Sample, limited
 from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
 
 STATE_FILE = "trainer_state.json"
@@ -113,20 +113,6 @@ def phantom_extra(cfg: Config, epoch: int) -> tuple[list[Sample], dict[str, Any]
         chosen.append(sample)
         states[sample.uid] = state
     return chosen, states
-
-
-def limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
-    """A seeded subset of ``limit`` rows spread over question types (all rows when limit is 0)."""
-    if not limit or limit >= len(samples):
-        return samples
-    order = np.random.default_rng(seed).permutation(len(samples))
-    by_type: dict[str, list[int]] = {}
-    for i in order:
-        by_type.setdefault(samples[i].question_type, []).append(int(i))
-    picked, rounds = [], max(len(v) for v in by_type.values())
-    for r in range(rounds):  # round-robin over types so a small subset still covers them
-        picked += [v[r] for v in by_type.values() if r < len(v)]
-    return [samples[i] for i in sorted(picked[:limit])]
 
 
 @dataclass
@@ -241,12 +227,16 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     ``stop_after`` ends the run after that many optimizer steps as if interrupted (the last state is
     saved), which is how resuming is tested.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+    # NCCL's default 10 min would end a run whose first rank still fills the audio caches or loads weights
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no")
+                              mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
     main = accelerator.is_main_process
     out = cfg.path(cfg.output_dir)
     last_dir, best_dir = out / "last", out / "best"
@@ -261,7 +251,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     with accelerator.main_process_first():  # one process writes the audio cache, the others read it
         train_audio = question_audio_paths(train_rows, "train", cfg)
         eval_audio = question_audio_paths(eval_rows, "eval", cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, device=accelerator.device)
     collate = collator(model)
     with accelerator.main_process_first():
         train_encoded = encode_question_audio(model, train_rows, train_audio, cfg)
@@ -401,28 +391,40 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     return summary
 
 
-def launch(preset: str | None, overrides: dict[str, Any], processes: int = 1,
-           accelerate_config: str | None = None, resume: bool = False, echo=print) -> dict[str, Any]:
-    """Run training in a subprocess (``accelerate launch`` when several processes or a config file are
-    asked for), echo its output as it comes, and return its summary. A notebook calls this so that no
-    CUDA state or process group ever lives in the notebook kernel."""
-    import subprocess
-
+def launch_command(preset: str | None, overrides: dict[str, Any], accelerate_config: str | None = None,
+                   resume: bool = False) -> list[str]:
+    """The command that trains ``preset`` with ``overrides``: ``accelerate launch --config_file F -m
+    surgvqa.train ...`` with the config's (or the given) accelerate config, resolved from the repository
+    root, or a plain ``python -m surgvqa.train ...`` when there is none (the CPU presets)."""
     cfg = get_config(preset, **overrides)  # validate here: a typo fails before anything starts
     args = ["-m", "surgvqa.train"] + (["--preset", preset] if preset else [])
     for key, value in overrides.items():
         args += ["-p", f"{key}={json.dumps(value)}"]
     if resume:
         args.append("--resume")
-    if processes > 1 or accelerate_config:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-        launcher += ["--config_file", accelerate_config] if accelerate_config else []
-        launcher += ["--num_processes", str(processes)] if processes > 1 else []
-        command = launcher + args
-    else:
-        command = [sys.executable] + args
+    config_file = accelerate_config if accelerate_config is not None else cfg.accelerate_config
+    if not config_file:
+        return [sys.executable] + args
+    path = cfg.path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"accelerate config {config_file!r} not found (looked for {path})")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)] + args
+
+
+def launch(preset: str | None, overrides: dict[str, Any], accelerate_config: str | None = None,
+           resume: bool = False, echo=print) -> dict[str, Any]:
+    """Run ``launch_command`` in a subprocess from the repository root, echo its output as it comes, and
+    return the run's summary. A notebook calls this so that no CUDA state or process group ever lives in
+    the notebook kernel."""
+    import subprocess
+
+    from .config import REPO_ROOT
+
+    cfg = get_config(preset, **overrides)
+    command = launch_command(preset, overrides, accelerate_config, resume)
     echo("$ " + " ".join(command))
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            cwd=REPO_ROOT)
     tail: list[str] = []
     for line in proc.stdout:
         line = line.split("\r")[-1]  # progress bars redraw with carriage returns: keep the last state

@@ -54,6 +54,8 @@ def test_all_45_sentences_are_covered():
     ("(<5 mm, 5-9 mm, >9 mm)", "lesion_size_range"),  # echoing the question's options
     ("Forceps or a snare", "tool_identification"),
     ("A clip", "tool_identification"),
+    ("A hemoclip is visible in the clip.", "tool_identification"),  # a named clip is a tool outside the labels
+    ("Forceps and an endoclip", "tool_identification"),
     ("partially", "fluid_occlusion_level"),
     ("Fluid occlusion is not complete.", "fluid_occlusion_level"),
     ("advancing or withdrawing", "scope_motion_type"),
@@ -126,6 +128,16 @@ def test_unparseable(text, question_type):
     ("NBI is on.", "nbi_status", "yes"),
     ("The tool is a snare.", "tool_catheter_check", "no"),
     ("It's a catheter.", "tool_catheter_check", "yes"),
+    # zero-shot VLMs speak of "the clip" and "these frames": the video clip is no hemoclip
+    ("The instrument present in the clip is a biopsy forceps.", "tool_identification", "forceps"),
+    ("In this clip, a snare is being used.", "tool_identification", "snare"),
+    ("In these frames, the scope is withdrawing.", "scope_motion_type", "withdrawing"),
+    ("The lesion in the clip moves to the left across the frames.", "lesion_motion_direction", "left"),
+    ("The lesion is in the upper-left part of the frame in this clip.", "lesion_screen_position", "upper-left"),
+    ("The polyp shown in this clip is in the sigmoid colon.", "lesion_site", "sigma"),
+    ("No fluid is seen in the clip.", "fluid_occlusion_level", "absent"),
+    ("There is no catheter in the clip; a snare is used.", "tool_catheter_check", "no"),
+    ("The video clip shows narrow-band imaging.", "nbi_status", "yes"),
 ])
 def test_parses(text, question_type, label):
     assert score_answer(text, question_type) == label

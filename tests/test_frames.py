@@ -67,19 +67,61 @@ def _sample(video="002-004", start=100) -> data.Sample:
                        short_answer="yes", source="test:1")
 
 
-def _write_jpeg(path, value):
+def _write_jpeg(path, value, size=(124, 108)):
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((54, 62, 3), value, np.uint8)).save(path)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
 
 
-def test_real_clip_reads_both_names_and_resizes(tmp_path):
+def test_real_clip_reads_every_layout_and_keeps_the_aspect_ratio(tmp_path):
+    sample = _sample()
+    layouts = [lambda name, n: f"002-004_frames/{name}.jpg", lambda name, n: f"002-004/{name}.jpg",
+               lambda name, n: f"002-004/{n}.jpg"]  # REAL-Colon's own folders, then the flat ones
+    for k, name in enumerate(sample.frames):
+        _write_jpeg(tmp_path / layouts[k % 3](name, name.rsplit("_", 1)[1]), 20 * k)
+    clip = F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=112))
+    # 124x108 (REAL-Colon's 1240x1080 shrunk): the width to 112, the height 97.5 rounded to 3 x 28
+    assert clip.shape == (8, 84, 112, 3) and clip.dtype == np.uint8
+    assert [int(round(clip[k].mean())) for k in range(8)] == pytest.approx([20 * k for k in range(8)], abs=2)
+
+
+@pytest.mark.parametrize("height, width, size, expected", [
+    (1080, 1240, 392, (336, 392)),  # REAL-Colon at the real presets' 392 px
+    (1080, 1240, 224, (196, 224)),
+    (1240, 1080, 392, (392, 336)),
+    (100, 100, 20, (56, 56)),  # Qwen2-VL's minimum of 56 x 56 pixels
+    (1000, 1000, 1400, (980, 980)),  # shrunk under its maximum of 28 x 28 x 1280 pixels
+])
+def test_resized_frame_shape_follows_qwen2_vl(height, width, size, expected):
+    assert F.resized_frame_shape(height, width, size) == expected
+    h, w = expected
+    assert h % 28 == 0 and w % 28 == 0 and 56 * 56 <= h * w <= 28 * 28 * 1280
+
+
+def test_vision_tokens_of_a_real_colon_clip():
+    assert F.vision_tokens(336, 392, 8, "video") == 12 * 14 * 4  # (4, 24, 28) patches, merged 2 x 2
+    assert F.vision_tokens(336, 392, 8, "images") == 12 * 14 * 8
+
+
+def test_phantom_clips_written_in_the_real_colon_layout_load_as_real_frames(tmp_path, annotations):
+    rows = [s for s in annotations if s.video_id == "002-004"][:2]
+    written = F.write_real_colon_frames(rows, tmp_path, get_config(), render_size=56)
+    assert written and all(p.parent.name == "002-004_frames" and p.suffix == ".jpg" for p in written)
+    with Image.open(written[0]) as image:
+        assert image.size == (1240, 1080)
+    cfg = get_config(frames_source="real", frames_dir=str(tmp_path), frame_size=224)
+    clip = F.load_clip(rows[0], cfg)
+    assert clip.shape == (8, 196, 224, 3)
+    rendered = F.render_phantom_clip(F.clip_state_of(rows[0], get_config()), 56, 0).astype(float)
+    shrunk = np.stack([np.asarray(Image.fromarray(f).resize((56, 56), Image.Resampling.BILINEAR)) for f in clip])
+    assert np.abs(shrunk.astype(float) - rendered).mean() < 12  # the same picture back, through JPEG and resizing
+
+
+def test_a_frame_of_another_size_in_a_clip_is_named(tmp_path):
     sample = _sample()
     for k, name in enumerate(sample.frames):
-        n = name.rsplit("_", 1)[1]
-        _write_jpeg(tmp_path / "002-004" / (f"{name}.jpg" if k % 2 else f"{n}.jpg"), 20 * k)
-    clip = F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=32))
-    assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8
-    assert [int(round(clip[k].mean())) for k in range(8)] == pytest.approx([20 * k for k in range(8)], abs=2)
+        _write_jpeg(tmp_path / "002-004_frames" / f"{name}.jpg", 50, size=(124, 108) if k != 3 else (108, 124))
+    with pytest.raises(F.FrameError, match=f"wrong size: .*{sample.frames[3]}.jpg is 108x124"):
+        F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=112))
 
 
 def test_missing_and_corrupt_real_frames_raise_one_error_naming_every_file(tmp_path):

@@ -192,7 +192,7 @@ def test_4bit_load_of_a_saved_tiny_model(whisper, items, tmp_path):
 
     saved = M.build_model(tiny_config(lora=False), whisper=whisper)
     M.save_checkpoint(saved, tmp_path)
-    cfg = tiny_config(vlm=str(tmp_path / "vlm"), load_in_4bit=True, lora_dropout=0.05)
+    cfg = tiny_config(vlm=str(tmp_path / "vlm"), vlm_from_scratch=False, load_in_4bit=True, lora_dropout=0.05)
     quantized = M.build_model(cfg, whisper=whisper)
     layers = dict(quantized.base_vlm.named_modules())
     assert isinstance(layers["model.language_model.layers.0.mlp.down_proj"].base_layer, bnb.nn.Linear4bit)

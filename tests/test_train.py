@@ -10,7 +10,8 @@ import torch
 from surgvqa import get_config
 from surgvqa.config import REPO_ROOT
 from surgvqa.model import load_checkpoint
-from surgvqa.train import limited, train
+from surgvqa.data import limited
+from surgvqa.train import train
 
 SMOKE = dict(max_steps=6, eval_every=2, batch_size=4, limit_train=12, eval_limit=6, frame_size=56, patience=10)
 

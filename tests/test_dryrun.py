@@ -1,0 +1,96 @@
+"""Dry-run checkpoints: the real Qwen2 tokenizer built offline, the real prompt with it, and few-layer folders of
+the real widths that load and run through the same code as the real checkpoints (CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+from surgvqa import dryrun
+from surgvqa import model as M
+from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX, Collator
+from surgvqa.config import get_config
+from surgvqa.data import load_template
+
+from test_collate import make_items
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen2-tokenizer")
+    dryrun.qwen2_vl_tokenizer().save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples():
+    by_type = {}
+    for s in load_template("out"):
+        by_type.setdefault(s.question_type, s)
+    return [by_type["tool_identification"], by_type["lesion_motion_direction"], by_type["nbi_status"]]
+
+
+def test_the_offline_qwen2_tokenizer_gives_the_published_ids(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer" and len(tokenizer) == 151657
+    ids = tokenizer("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert ids == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]
+    assert tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]) == [151652, 151655, 151656]
+    assert tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [9707, 1879]
+    text = "Is the lesion in the sigmoid — über 5 mm?\n\n  (NBI)"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_a_rank_file_with_a_gap_is_refused(tmp_path):
+    path = tmp_path / "ranks.tiktoken"
+    path.write_text("IQ== 0\nIg== 2\n")
+    with pytest.raises(ValueError, match="without gaps"):
+        dryrun.read_ranks(path)
+
+
+def test_the_real_prompt_expands_placeholders_and_labels_decode_to_the_answer(tokenizer_dir, samples):
+    tokenizer = M._load_tokenizer(tokenizer_dir, get_config("qwen2vl-2b"))
+    assert tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) == 151657  # added after Qwen2-VL's own tokens
+    collate = Collator(tokenizer, WhisperFeatureExtractor(feature_size=128), question_mode="audio", frame_size=56,
+                       audio_pool=4)
+    items = make_items(samples, size=56, seconds=(1.0, 1.7, 2.3))
+    batch = collate(items)
+    audio = (batch["input_ids"] == 151657).sum(dim=1).tolist()
+    # 1.0 s -> 100 mel frames padded to 104 (a multiple of 2 x pool 4) -> 13 rows; 1.7 s -> 22; 2.3 s -> 29
+    assert audio == [13, 22, 29]
+    assert (batch["input_ids"] == 151656).sum(dim=1).tolist() == [16] * 3  # a (4, 4, 4) grid, merged 2 x 2
+    for row, labels, sample in zip(batch["input_ids"], batch["labels"], samples):
+        answer = labels[labels != IGNORE_INDEX]
+        assert tokenizer.decode(answer) == sample.answer + "<|im_end|>"
+        assert sample.question not in tokenizer.decode(row)  # heard only
+    generation = collate(items, for_generation=True)
+    prompt = tokenizer.decode(generation["input_ids"][0][generation["attention_mask"][0].bool()])
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                             "<|vision_start|><|video_pad|>")
+    assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_few_layer_checkpoints_of_the_real_widths_load_and_run_like_real_ones(tmp_path, samples):
+    vlm = dryrun.make_checkpoint("qwen2vl-2b", tmp_path / "vlm", layers=1, vision_layers=1)
+    whisper = dryrun.make_checkpoint("whisper-large-v3-turbo", tmp_path / "whisper", layers=1)
+    assert dryrun.is_dry_run(vlm) and dryrun.is_dry_run(whisper)
+    config = json.loads((vlm / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 1536 and config["vision_config"]["embed_dim"] == 1280
+    assert config["text_config"]["vocab_size"] == 151936 and config["text_config"]["num_hidden_layers"] == 1
+    cfg = get_config("qwen2vl-2b", vlm=str(vlm), whisper=str(whisper), frames_source="phantom", frame_size=56,
+                     lora_r=4, device="cpu")
+    model = M.build_model(cfg)
+    assert model.whisper.config.num_mel_bins == 128 and model.whisper.config.d_model == 1280
+    assert model.feature_extractor.feature_size == 128
+    assert next(model.parameters()).device.type == "cpu" and model.base_vlm.dtype == torch.bfloat16
+    batch = M.collator(model)(make_items(samples, size=56))
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 5  # random weights over a 152k vocabulary
+    scored = M.score_candidates(model, M.collator(model)(make_items(samples, size=56), for_generation=True))
+    assert [sorted(s.probabilities) for s in scored] == [["catheter", "forceps", "snare"],
+                                                          ["down", "left", "right", "stable", "up"], ["no", "yes"]]
+    assert all(np.isclose(sum(s.probabilities.values()), 1.0) for s in scored)
