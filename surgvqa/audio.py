@@ -46,6 +46,9 @@ from .data import SPLIT_NAMES, Sample, load_split
 
 ENGINES = ("espeak-ng", "piper", "edge-tts")
 EDGE_TTS_TIMEOUT_S = 15.0
+EDGE_TTS_RETRIES = 3
+# requests in flight at once per engine: the online service throttles many parallel connections
+ENGINE_WORKERS = {"espeak-ng": None, "piper": None, "edge-tts": 4}  # None: every core
 SILENCE_RMS = 1e-3  # about -60 dBFS: quieter than any speech the engines produce
 WHISPER_CACHE_DIR = "data/interim/whisper"
 DEFAULT_RATE = 175  # words per minute: espeak-ng's default, the reference for every engine
@@ -150,6 +153,18 @@ class VoiceSpec:
         return f"{self.engine}|{self.voice}|{self.rate}|{self.pitch}"
 
 
+def accent_and_timbre(engine: str, voice: str) -> tuple[str, str]:
+    """A voice's accent and timbre (the speaker): espeak-ng "en-gb+m3" -> ("en-gb", "m3"), edge-tts
+    "en-GB-SoniaNeural" -> ("en-GB", "SoniaNeural"), piper "joe-us" -> ("en-us", "joe-us")."""
+    if engine == "espeak-ng":
+        accent, _, variant = voice.partition("+")
+        return accent, variant or "default"
+    if engine == "edge-tts":
+        language, region, name = voice.split("-", 2)
+        return f"{language}-{region}", name
+    return "en-us", voice
+
+
 def _speakers(engine: str) -> tuple[str, ...]:
     if engine == "espeak-ng":
         return tuple(f"{a}+{v}" for v in ESPEAK_VARIANTS for a in ESPEAK_ACCENTS)
@@ -238,11 +253,14 @@ def _piper(text: str, spec: VoiceSpec) -> tuple[np.ndarray, int]:
     return audio, chunks[0].sample_rate
 
 
-def _edge_tts(text: str, spec: VoiceSpec, timeout_s: float = EDGE_TTS_TIMEOUT_S) -> tuple[np.ndarray, int]:
-    needs = "edge-tts needs Microsoft's online speech service"
+def _edge_tts(text: str, spec: VoiceSpec, timeout_s: float = EDGE_TTS_TIMEOUT_S,
+              retries: int = EDGE_TTS_RETRIES) -> tuple[np.ndarray, int]:
+    """One utterance from Microsoft's service: each try bounded by ``timeout_s``; a failed or timed-out try is
+    retried after 1, 2, 4 ... s, but a service that cannot be reached at all (no DNS, no route) fails at once."""
+    offline = (f"edge-tts needs Microsoft's online speech service, which this machine cannot reach; offline, "
+               f"use -p tts_engine=espeak-ng (or piper)")
     if importlib.util.find_spec("edge_tts") is None:
-        raise TTSError(f"edge-tts is not installed (pip install edge-tts), and {needs}; "
-                       f"use espeak-ng or piper offline")
+        raise TTSError(f"edge-tts is not installed (pip install edge-tts); {offline}")
     import edge_tts
 
     async def fetch() -> bytes:
@@ -254,20 +272,37 @@ def _edge_tts(text: str, spec: VoiceSpec, timeout_s: float = EDGE_TTS_TIMEOUT_S)
     async def bounded() -> bytes:
         return await asyncio.wait_for(fetch(), timeout_s)
 
-    try:
-        # a thread of its own, so this also works where an event loop already runs (a notebook)
-        with ThreadPoolExecutor(1) as thread:
-            mp3 = thread.submit(asyncio.run, bounded()).result()
-    except asyncio.TimeoutError:
-        raise TTSError(f"edge-tts gave no answer within {timeout_s:g} s: {needs}, which this machine "
-                       f"cannot reach; use espeak-ng or piper offline") from None
-    except Exception as e:  # DNS, TLS, HTTP errors: all mean the service is out of reach
-        raise TTSError(f"edge-tts failed ({type(e).__name__}: {e}): {needs}, which this machine cannot "
-                       f"reach; use espeak-ng or piper offline") from None
+    for attempt in range(retries + 1):
+        try:
+            # a thread of its own, so this also works where an event loop already runs (a notebook)
+            with ThreadPoolExecutor(1) as thread:
+                mp3 = thread.submit(asyncio.run, bounded()).result()
+            break
+        except asyncio.TimeoutError:
+            problem = f"no answer within {timeout_s:g} s"
+        except Exception as e:  # DNS, TLS, HTTP errors
+            if _unreachable(e):
+                raise TTSError(f"edge-tts failed ({type(e).__name__}: {e}): {offline}") from None
+            problem = f"{type(e).__name__}: {e}"
+        if attempt == retries:
+            raise TTSError(f"edge-tts gave {problem} for {spec} after {retries + 1} tries: {offline}") from None
+        time.sleep(2 ** attempt)
     if not mp3:
         raise TTSError(f"edge-tts returned no audio for {spec}: {text!r}")
     audio, rate = sf.read(io.BytesIO(mp3), dtype="float32", always_2d=True)
     return audio.mean(axis=1), rate
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether an error says the service cannot be reached at all (name resolution or routing), not a
+    passing failure worth a retry."""
+    import socket
+
+    while error is not None:
+        if isinstance(error, (socket.gaierror, ConnectionRefusedError)) or "Cannot connect to host" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def resample_audio(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -357,16 +392,20 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
         if not (root / rel).exists():
             todo[rel] = (text, spec, str(root / rel), cfg.sample_rate)
     jobs = list(todo.values())
-    workers = workers or os.cpu_count() or 1
+    workers = workers or ENGINE_WORKERS[cfg.tts_engine] or os.cpu_count() or 1
     n_files = len({r["path"] for r in rows})
     bar = tqdm(total=len(jobs), desc=f"synthesize {split} ({n_files - len(jobs)} of {n_files} files cached)",
                unit="file", disable=not progress or not jobs)
-    if workers > 1 and len(jobs) > 1:
+    if jobs:  # the first one alone: an engine that cannot speak fails once, before the pool starts
+        _render_job(jobs[0])
+        bar.update()
+    rest = jobs[1:]
+    if workers > 1 and len(rest) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for _ in pool.map(_render_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
+            for _ in pool.map(_render_job, rest, chunksize=max(1, min(16, len(rest) // (4 * workers)))):
                 bar.update()
     else:
-        for job in jobs:
+        for job in rest:
             _render_job(job)
             bar.update()
     bar.close()

@@ -21,8 +21,9 @@ gradient and pulls the heard row's hidden states towards it on the tokens both r
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -325,6 +326,29 @@ class Collator:
                                 "tail": torch.tensor(tails, dtype=torch.long)}
         batch["samples"] = [item[0] for item in items]
         return batch
+
+
+def prefetched_batches(dataset: Sequence, batch_size: int, collate: Callable[[list], dict[str, Any]],
+                       threads: int = 0) -> Iterator[dict[str, Any]]:
+    """Collated batches of ``dataset`` in order; with ``threads``, the next batch's items are loaded (frames
+    decoded, audio read) by a thread pool while the caller runs this one. Threads, not worker processes: a
+    notebook kernel's sockets do not survive a fork, and spawned workers re-import torch for every call
+    (measured: 40 s for 16 rows with 2 spawned workers, 3 s with none); JPEG decoding and resizing release
+    the GIL."""
+    starts = list(range(0, len(dataset), batch_size))
+    if not threads:
+        for start in starts:
+            yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        def submit(start: int) -> list:
+            return [pool.submit(dataset.__getitem__, i) for i in range(start, min(start + batch_size, len(dataset)))]
+
+        pending = submit(starts[0]) if starts else []
+        for k in range(len(starts)):
+            items = [f.result() for f in pending]
+            pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
+            yield collate(items)
 
 
 def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -92,8 +92,9 @@ class Config:
     early_stop_metric: str = "eval_accuracy"
     patience: int = 3
     phantom_extra_per_epoch: int = 0
-    # DataLoader worker processes that decode frames and collate batches (real JPEGs: enough that decoding
-    # never bounds a GPU step); 0 decodes in the main process
+    # workers that decode frames and collate the next batch while the model runs this one (real JPEGs: enough
+    # that decoding never bounds a GPU step): DataLoader processes in training, threads in evaluation (a
+    # notebook kernel cannot fork); 0 decodes in the main process
     num_workers: int = 0
     # the accelerate config training is launched with (repository-relative); empty: a plain process
     accelerate_config: str = ""

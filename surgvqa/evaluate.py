@@ -557,10 +557,10 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     import time
 
     import torch
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from . import model as graft
+    from .collate import prefetched_batches
     from .train import QADataset
 
     if mode not in ("audio", "text", "both"):
@@ -577,14 +577,11 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     mode_cfg = cfg.replace(question_mode=mode)
     collate = dataclasses.replace(graft.collator(model), question_mode=mode, frame_size=cfg.frame_size)
     dataset = QADataset(rows, mode_cfg, {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
-    # Workers are spawned, not forked: a notebook kernel's sockets do not survive a fork (the worker aborts).
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.num_workers,
-                        collate_fn=functools.partial(collate, for_generation=True),
-                        multiprocessing_context="spawn" if cfg.num_workers else None,
-                        persistent_workers=False)
+    batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
     records = []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=f"predict ({mode})", disable=not progress, unit="batch"):
+        for batch in tqdm(batches, desc=f"predict ({mode})", disable=not progress, unit="batch",
+                          total=math.ceil(len(dataset) / batch_size)):
             started = time.perf_counter()
             if generate_answers:
                 texts, scored = graft.answer_and_score(model, batch, max_new_tokens=max_new_tokens)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.machinery
+import io
 import importlib.util
 import sys
 import time
@@ -110,9 +111,62 @@ def test_edge_tts_that_hangs_is_cut_off_by_the_timeout(monkeypatch):
     fake.Communicate = Hanging
     monkeypatch.setitem(sys.modules, "edge_tts", fake)
     start = time.time()
-    with pytest.raises(TTSError, match="no answer within 0.5 s: edge-tts needs Microsoft"):
-        audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"), timeout_s=0.5)
+    with pytest.raises(TTSError, match="no answer within 0.5 s .* after 1 tries: edge-tts needs Microsoft"):
+        audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"), timeout_s=0.5, retries=0)
     assert time.time() - start < 5
+
+
+def test_edge_tts_retries_a_passing_failure_and_names_the_offline_fix_when_unreachable(monkeypatch):
+    import socket
+
+    wav = io.BytesIO()
+    sf.write(wav, (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000, format="WAV")
+    calls = []
+
+    class Flaky:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        async def stream(self):
+            calls.append(1)
+            if len(calls) == 1:
+                raise ConnectionResetError("reset by peer")
+            yield {"type": "audio", "data": wav.getvalue()}
+
+    fake = types.ModuleType("edge_tts")
+    fake.__spec__ = importlib.machinery.ModuleSpec("edge_tts", None)
+    fake.Communicate = Flaky
+    monkeypatch.setitem(sys.modules, "edge_tts", fake)
+    monkeypatch.setattr(audio.time, "sleep", lambda s: None)
+    waveform, rate = audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
+    assert len(calls) == 2 and rate == 16000 and len(waveform) == 16000
+
+    class Unreachable(Flaky):
+        async def stream(self):
+            calls.append(1)
+            raise OSError("Cannot connect to host") from socket.gaierror(-2, "Name or service not known")
+            yield {}
+
+    fake.Communicate = Unreachable
+    calls.clear()
+    with pytest.raises(TTSError, match="offline, use -p tts_engine=espeak-ng"):
+        audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
+    assert len(calls) == 1  # not retried
+
+
+@pytest.mark.parametrize("engine, voice, expected", [
+    ("espeak-ng", "en-gb-scotland+m3", ("en-gb-scotland", "m3")), ("espeak-ng", "en-us", ("en-us", "default")),
+    ("edge-tts", "en-GB-SoniaNeural", ("en-GB", "SoniaNeural")), ("piper", "joe-us", ("en-us", "joe-us")),
+])
+def test_accent_and_timbre_of_every_engine(engine, voice, expected):
+    assert audio.accent_and_timbre(engine, voice) == expected
+
+
+def test_edge_voice_pools_are_disjoint_by_speaker():
+    pools = audio.voice_pools("edge-tts")
+    timbres = {split: {audio.accent_and_timbre("edge-tts", v.voice)[1] for v in pool} for split, pool in pools.items()}
+    assert all(timbres[a].isdisjoint(timbres[b]) for a in timbres for b in timbres if a < b)
+    assert sum(map(len, timbres.values())) == len(audio.EDGE_VOICES)
 
 
 def test_pools_are_disjoint_and_assignment_is_seeded(eval_samples, cfg):

@@ -254,3 +254,17 @@ def test_distilling_batches_carry_the_written_row_of_each_heard_only_item(tokeni
     assert "teacher" not in collate(items, for_generation=True)
     assert "teacher" not in make_collator(tokenizer, feature_extractor, question_mode="text", distill=True)(
         [(s, f, None) for s, f, _ in items])
+
+
+def test_prefetched_batches_are_the_same_batches_in_order_with_threads(tokenizer, feature_extractor, samples):
+    from surgvqa.collate import prefetched_batches
+
+    items = make_items(samples * 3, seconds=(1.0, 1.7, 2.3) * 3)
+    collate = make_collator(tokenizer, feature_extractor)
+    plain = list(prefetched_batches(items, 4, collate))
+    threaded = list(prefetched_batches(items, 4, collate, threads=3))
+    assert [len(b["samples"]) for b in plain] == [4, 4, 1]
+    for a, b in zip(plain, threaded, strict=True):
+        assert [s.uid for s in a["samples"]] == [s.uid for s in b["samples"]]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["audio_features"], b["audio_features"])
+    assert list(prefetched_batches([], 4, collate, threads=2)) == []
