@@ -21,6 +21,7 @@ gradient and pulls the heard row's hidden states towards it on the tokens both r
 """
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -154,7 +155,7 @@ class Collator:
     def __post_init__(self) -> None:
         if self.question_mode not in (*ITEM_MODES, "mixed"):
             raise ValueError(f"question_mode {self.question_mode!r}: must be audio, text, both or mixed")
-        self.mode_rng = np.random.default_rng(self.mode_seed)
+        self.draw_key: tuple[int, ...] = ()
         if self.frames_as not in ("video", "images"):
             raise ValueError(f"frames_as {self.frames_as!r}: must be video or images")
         vocab = self.tokenizer.get_vocab()
@@ -165,14 +166,20 @@ class Collator:
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
 
-    def item_mode(self) -> str:
-        """The question mode of the next item: the collator's own, or a seeded draw when ``mixed``."""
+    def reseed(self, *key: int) -> None:
+        """Key the mixed mode's draws by ``key`` (training: the epoch; evaluation: one key for every pass)."""
+        self.draw_key = tuple(key)
+
+    def item_mode(self, sample: Sample) -> str:
+        """The question mode of an item: the collator's own, or, when ``mixed``, a draw that depends on
+        (mode_seed, draw_key, the sample's uid) alone, so it is the same whatever the batch, the order, the
+        worker process that collates it, or the batches a resumed run skips without collating."""
         if self.question_mode != "mixed":
             return self.question_mode
+        digest = int.from_bytes(hashlib.sha256(sample.uid.encode()).digest()[:8], "little")
+        rng = np.random.default_rng([self.mode_seed, *self.draw_key, digest])
         weights = np.asarray(self.mixed_weights, dtype=float)
-        if np.all(weights == weights[0]):  # equal weights: the uniform draw every earlier run used
-            return ITEM_MODES[int(self.mode_rng.integers(len(ITEM_MODES)))]
-        return ITEM_MODES[int(self.mode_rng.choice(len(ITEM_MODES), p=weights / weights.sum()))]
+        return ITEM_MODES[int(rng.choice(len(ITEM_MODES), p=weights / weights.sum()))]
 
     # --- pieces of one item ---------------------------------------------------------------------------
 
@@ -262,7 +269,7 @@ class Collator:
             pixel_list.append(patches)
             grid_list.append(grid)
             vision_tokens_each = int(grid[0].prod()) // self.merge_size ** 2
-            audio_tokens, mode = 0, self.item_mode()
+            audio_tokens, mode = 0, self.item_mode(sample)
             if mode in ("audio", "both"):
                 if isinstance(waveform, EncodedQuestion):
                     encoded.append(self.check_encoded(sample, waveform.frames))

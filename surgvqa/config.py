@@ -73,6 +73,9 @@ class Config:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     load_in_4bit: bool = False
+    # recompute each decoder layer's activations in the backward pass (non-reentrant, so DDP and frozen
+    # inputs work) instead of keeping them: the real presets' memory saver
+    gradient_checkpointing: bool = False
     dtype: str = "float32"  # "float32" or "bfloat16"
 
     # --- training ---------------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 _REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
                              dtype="bfloat16", lr=1e-4, projector_lr=1e-4, max_steps=3000, eval_every=200,
-                             audio_pool=4, tts_engine="edge-tts", num_workers=8)
+                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.

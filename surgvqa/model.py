@@ -378,6 +378,8 @@ def _load_whisper_from_cfg(cfg: Config) -> tuple[WhisperEncoder, WhisperFeatureE
 
 def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> nn.Module:
     """LoRA on every language-model linear layer (all else frozen), or the whole VLM trainable."""
+    if cfg.gradient_checkpointing:
+        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora:
         if cfg.load_in_4bit:
             raise ValueError("4-bit weights cannot be trained directly: set lora=True with load_in_4bit")
@@ -385,7 +387,8 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.load_in_4bit:
-        vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=False)
+        vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                              gradient_checkpointing_kwargs={"use_reentrant": False})
     vlm.requires_grad_(False)
     # A random-init VLM's frozen output layer caps the logits (unit-RMS hidden states times 0.02-scale
     # weights): LoRA alone stalled at 4.14 nats a token overfitting 10 samples. There the output layer is

@@ -134,6 +134,92 @@ class TrainerState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
+TRAIN_DRAWS, EVAL_DRAWS = 0, 1  # keys of the collators' mode draws
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+# What --resume lets differ from the interrupted run's config: where caches live and how work is spread,
+# nothing that changes a number.
+RESUMABLE_CHANGES = frozenset({"num_workers", "wandb", "device", "accelerate_config", "phantom_cache_dir",
+                               "audio_features_dir", "cache_audio_features"})
+
+
+def check_resumable(last_dir: Path, cfg: Config) -> None:
+    """Refuse to resume when there is no saved state or when ``cfg`` differs from the saved run's config in
+    anything outside ``RESUMABLE_CHANGES``; the message names each key with both values."""
+    if not (last_dir / STATE_FILE).exists():
+        raise FileNotFoundError(f"nothing to resume: no {last_dir / STATE_FILE}")
+    saved = json.loads((last_dir / "config.json").read_text())
+    differ = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
+              if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if differ:
+        raise ValueError(f"--resume: this config differs from the run saved in {last_dir} in "
+                         + ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in sorted(differ.items()))
+                         + f"; only {sorted(RESUMABLE_CHANGES)} may change. Start a new output_dir instead.")
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-{rank}.pt"
+
+
+def save_training_state(directory: Path, model, optimizer, scheduler, state: "TrainerState", cfg: Config,
+                        accelerator) -> None:
+    """What training changes and nothing else: trainable weights (adapter, projector), optimizer and scheduler,
+    every process's random generators, step counters and the config. Written into a new folder that is then
+    renamed into place, so a run killed while saving resumes from the previous state, whole."""
+    import random
+    import shutil
+
+    from safetensors.torch import save_file
+
+    staging = directory.with_name(f".{directory.name}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, staging / _rng_file(accelerator.process_index))
+    if accelerator.is_main_process:
+        trainable = {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(staging / TRAINABLE_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
+        state.save(staging)
+        cfg.save(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        staging.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_last(directory: Path, model, optimizer, scheduler, rank: int) -> "TrainerState":
+    """Restore ``save_training_state``'s folder into a freshly built model, optimizer and scheduler."""
+    import random
+
+    from safetensors.torch import load_file
+
+    trainable = load_file(str(directory / TRAINABLE_FILE))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainable) != expected:
+        raise ValueError(f"{directory / TRAINABLE_FILE} holds other trainable weights than this model: missing "
+                         f"{sorted(expected - set(trainable))[:5]}, unexpected {sorted(set(trainable) - expected)[:5]}")
+    model.load_state_dict(trainable, strict=False)
+    saved = torch.load(directory / OPTIMIZER_FILE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = torch.load(directory / _rng_file(rank), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainerState.load(directory)
+
+
 def adapter_inputs_uncast(model, active: bool):
     """Within it, peft does not cast each adapter's input to the adapter's dtype. Under bf16 autocast the
     fp32 adapter weights are cast per matmul anyway, so peft's cast of every activation to fp32 only adds a
@@ -230,16 +316,22 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     # NCCL's default 10 min would end a run whose first rank still fills the audio caches or loads weights
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+                                               # a batch in which nobody hears the question leaves the
+                                               # projector without a gradient
+                                               DistributedDataParallelKwargs(
+                                                   find_unused_parameters=cfg.question_mode != "audio")])
     main = accelerator.is_main_process
     out = cfg.path(cfg.output_dir)
     last_dir, best_dir = out / "last", out / "best"
+    if resume:
+        check_resumable(last_dir, cfg)  # before anything is written
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
@@ -252,7 +344,9 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
         train_audio = question_audio_paths(train_rows, "train", cfg)
         eval_audio = question_audio_paths(eval_rows, "eval", cfg)
     model = build_model(cfg, device=accelerator.device)
-    collate = collator(model)
+    # The mixed mode's draws: a training epoch's from (seed, epoch), every evaluation's the same, so that a
+    # resumed run draws what an uninterrupted one does and evaluations stay comparable.
+    collate, eval_collate = collator(model), collator(model)
     with accelerator.main_process_first():
         train_encoded = encode_question_audio(model, train_rows, train_audio, cfg)
         eval_encoded = encode_question_audio(model, eval_rows, eval_audio, cfg)
@@ -263,15 +357,15 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
 
     optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.0)
     make_schedule = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
+    # Not through accelerator.prepare: a prepared scheduler steps once per process for every optimizer step
+    # (it assumes each process sees a share of the epoch), so under N processes the schedule ran N times too
+    # fast. It is stepped below once per optimizer step, the same in any number of processes.
     scheduler = make_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     state = TrainerState()
     if resume:
-        if not (last_dir / STATE_FILE).exists():
-            raise FileNotFoundError(f"nothing to resume: no {last_dir / STATE_FILE}")
-        accelerator.load_state(str(last_dir))
-        state = TrainerState.load(last_dir)
+        state = load_last(last_dir, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
         log(f"[train] resumed at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     logger = Logger(out, cfg, main, resume)
 
@@ -288,19 +382,21 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                                                                       extra_encoded.width)
             epoch_set = QADataset(train_rows + extra, cfg, {**train_audio, **extra_audio}, clip_states=states,
                                   encoded_audio=encoded)
+        collate.reseed(TRAIN_DRAWS, epoch)
         loader = DataLoader(epoch_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                             collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
                             persistent_workers=False)
         return accelerator.prepare_data_loader(loader, device_placement=True)
 
     eval_loader = accelerator.prepare_data_loader(
-        DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=collate, num_workers=cfg.num_workers),
+        DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=eval_collate, num_workers=cfg.num_workers),
         device_placement=True)
     eval_gen_loader = accelerator.prepare_data_loader(
         DataLoader(eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                   collate_fn=lambda items: collate(items, for_generation=True)), device_placement=True)
+                   collate_fn=lambda items: eval_collate(items, for_generation=True)), device_placement=True)
 
     def run_eval() -> dict[str, float]:
+        eval_collate.reseed(EVAL_DRAWS)
         # the unwrapped module: scoring reaches into the graft's parts, which DDP's wrapper hides
         metrics = evaluate_split(accelerator.unwrap_model(model), eval_loader, eval_gen_loader)
         # every process sees its shard; average the shard results weighted equally by shard size
@@ -309,10 +405,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
         return {"eval_loss": float(gathered[:, 0].mean()), "eval_accuracy": float(gathered[:, 1].mean())}
 
     def save_last() -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(last_dir))
-        if main:
-            state.save(last_dir)
+        save_training_state(last_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg, accelerator)
 
     from tqdm.auto import tqdm
 
@@ -331,7 +424,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                     loss = output.loss
                 accelerator.backward(loss)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             state.batches_in_epoch += 1
             samples_seen += len(batch["samples"]) * accelerator.num_processes

@@ -191,8 +191,16 @@ def test_answer_text_is_taken_from_the_sample(tokenizer, feature_extractor, samp
     assert tokenizer.decode(kept) == "Yes, the snare is visible." + IM_END
 
 
+def distinct(samples, copies):
+    """``copies`` of each sample under new ids (uids differ, so mixed-mode draws do)."""
+    import dataclasses
+
+    return [dataclasses.replace(s, id=f"{s.id}-{k}") for k in range(copies) for s in samples]
+
+
 def test_mixed_mode_draws_a_mode_per_item_and_lists_the_rows_that_hear(tokenizer, feature_extractor, samples):
-    items = make_items(samples * 4, seconds=(1.0, 1.7, 2.3) * 4)
+    samples = distinct(samples, 4)
+    items = make_items(samples, seconds=(1.0, 1.7, 2.3) * 4)
     collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3)
     batch = collate(items)
     audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
@@ -202,7 +210,12 @@ def test_mixed_mode_draws_a_mode_per_item_and_lists_the_rows_that_hear(tokenizer
     assert len(batch["audio_features"]) == sum(hears)
     again = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3)(items)
     assert torch.equal(again["input_ids"], batch["input_ids"])  # the draw is seeded
-    for row, s, h in zip(batch["input_ids"], samples * 4, hears):
+    reordered = collate(items[::-1])  # an item's mode does not depend on its batch or position
+    assert [bool((row == audio_id).any()) for row in reordered["input_ids"]] == hears[::-1]
+    collate.reseed(1)
+    other = [bool((row == audio_id).any()) for row in collate(items)["input_ids"]]
+    assert other != hears  # another key (another epoch) draws again
+    for row, s, h in zip(batch["input_ids"], samples, hears):
         text = tokenizer.decode(row)
         # an item that hears its question may also read it ("both"); one that does not must read it
         assert h or s.question in text
@@ -211,12 +224,12 @@ def test_mixed_mode_draws_a_mode_per_item_and_lists_the_rows_that_hear(tokenizer
 @pytest.mark.parametrize("weights, allowed", [((1, 0, 0), {"audio"}), ((0, 1, 0), {"text"}), ((0, 1, 1), {"text", "both"})])
 def test_mixed_weights_choose_which_modes_are_drawn(tokenizer, feature_extractor, weights, allowed):
     collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mixed_weights=weights)
-    assert {collate.item_mode() for _ in range(200)} == allowed
+    assert {collate.item_mode(s) for s in distinct(load_template("out")[:1], 200)} == allowed
 
 
 def test_mixed_weights_tilt_the_draw(tokenizer, feature_extractor):
     collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mixed_weights=(2, 1, 1))
-    draws = [collate.item_mode() for _ in range(4000)]
+    draws = [collate.item_mode(s) for s in distinct(load_template("out")[:1], 4000)]
     assert draws.count("audio") / len(draws) == pytest.approx(0.5, abs=0.03)
 
 
@@ -231,11 +244,11 @@ def test_mixed_weights_are_checked():
 
 
 def test_distilling_batches_carry_the_written_row_of_each_heard_only_item(tokenizer, feature_extractor, samples):
-    items = make_items(samples * 4, seconds=(1.0, 1.7, 2.3) * 4)
+    items = make_items(distinct(samples, 4), seconds=(1.0, 1.7, 2.3) * 4)
     collate = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3, distill=True)
     batch = collate(items)
     modes = make_collator(tokenizer, feature_extractor, question_mode="mixed", mode_seed=3)
-    drawn = [modes.item_mode() for _ in items]
+    drawn = [modes.item_mode(item[0]) for item in items]
     teacher = batch["teacher"]
     assert teacher["students"].tolist() == [i for i, m in enumerate(drawn) if m == "audio"]
     written = make_collator(tokenizer, feature_extractor, question_mode="text")(
