@@ -634,17 +634,19 @@ def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sa
     device = pre.mask.device
     owner = torch.tensor(owners, device=device)
     pre.cache.batch_select_indices(owner)
-    # Feed every candidate token but the last; the prompt's last position already predicted the first.
+    # Feed every candidate token but the last; the prompt's last position already predicted the first. When
+    # every candidate is one token (a small tokenizer can have whole answers as tokens), nothing is fed.
     length = max(len(r) for r in rows) - 1
-    feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
-    feed_mask = torch.zeros_like(feed)
-    for r, row in enumerate(rows):
-        feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=device)
-        feed_mask[r, : len(row) - 1] = 1
-    text_positions = (pre.next_position[owner] + torch.arange(length, device=device)).unsqueeze(0).expand(3, -1, -1)
-    cont = base.model(input_ids=feed, attention_mask=torch.cat([pre.mask[owner], feed_mask], dim=1),
-                      position_ids=text_positions, cache=pre.cache, use_cache=True)
-    logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
+    if length:
+        feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        feed_mask = torch.zeros_like(feed)
+        for r, row in enumerate(rows):
+            feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=device)
+            feed_mask[r, : len(row) - 1] = 1
+        text_positions = (pre.next_position[owner] + torch.arange(length, device=device)).unsqueeze(0).expand(3, -1, -1)
+        cont = base.model(input_ids=feed, attention_mask=torch.cat([pre.mask[owner], feed_mask], dim=1),
+                          position_ids=text_positions, cache=pre.cache, use_cache=True)
+        logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
 
     totals = []
     for r, row in enumerate(rows):

@@ -435,3 +435,14 @@ def test_a_batch_cannot_mix_waveforms_and_cached_outputs(model, items):
     mixed = [items[0], (s, f, EncodedQuestion(np.zeros((4, 64), np.float32)))]
     with pytest.raises(CollateError, match="mixes waveforms and cached encoder outputs"):
         M.collator(model)(mixed)
+
+
+def test_candidates_of_one_token_each_are_scored_from_the_prompt_alone(model):
+    # the tiny tokenizer holds blue_dye_presence's answer prefixes as single tokens: nothing to feed after the prompt
+    from test_collate import make_items
+
+    rows = [s for s in load_template("out") if s.question_type == "blue_dye_presence"][:2]
+    scores = M.score_candidates(model, M.collator(model)(make_items(rows, size=FRAME_SIZE, seconds=(1.0, 1.5)),
+                                                         for_generation=True))
+    assert [sorted(s.probabilities) for s in scores] == [["no", "yes"]] * 2
+    assert all(abs(sum(s.probabilities.values()) - 1) < 1e-9 for s in scores)
