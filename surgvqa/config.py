@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class Config:
     wandb: bool = False  # also log to Weights & Biases (must be installed)
 
     def __post_init__(self) -> None:
+        self._check_types_and_ranges()
         self.trainval_videos = tuple(self.trainval_videos)
         self.mixed_weights = tuple(float(w) for w in self.mixed_weights)
         if len(self.mixed_weights) != 3 or min(self.mixed_weights) < 0 or not sum(self.mixed_weights):
@@ -135,6 +137,23 @@ class Config:
         """Resolve a config path: relative paths are relative to the repository root."""
         p = Path(value)
         return p if p.is_absolute() else REPO_ROOT / p
+
+    def _check_types_and_ranges(self) -> None:
+        """Every value has its field's type (an int is accepted for a float, a bool is never a number) and lies
+        in its range; one error names the key, the value and what is allowed."""
+        for name, field in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            kind = field.split("[")[0]
+            ok = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+                  "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                  "tuple": lambda v: isinstance(v, (tuple, list))}[kind](value)
+            if not ok:
+                raise ValueError(f"config {name}={value!r}: must be {_TYPE_WORDS[kind]}")
+            low, high = _RANGES.get(name, (None, None))
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ValueError(f"config {name}={value!r}: must be {bounds}")
 
     def torch_device(self) -> "torch.device":
         """The device the model and its batches live on (``device``; "auto": the GPU when there is one)."""
@@ -169,6 +188,19 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+_TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
+               "tuple": "a list"}
+# (lowest, highest) allowed; None: unbounded. Rates and counts that must be positive start above 0.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, None), "split_seed": (0, None), "phantom_seed": (0, None), "eval_fraction": (0.01, 0.99),
+    "frame_size": (28, 4096), "sample_rate": (8000, 48000), "min_audio_s": (0.05, None), "max_audio_s": (0.1, 30.0),
+    "lora_r": (1, None), "lora_alpha": (1, None), "lora_dropout": (0.0, 0.99), "distill_weight": (0.0, None),
+    "lr": (1e-12, 1.0), "projector_lr": (1e-12, 1.0), "batch_size": (1, None), "grad_accum": (1, None),
+    "max_steps": (1, None), "warmup_steps": (0, None), "eval_every": (1, None), "eval_limit": (0, None),
+    "patience": (1, None), "phantom_extra_per_epoch": (0, None), "num_workers": (0, 256), "limit_train": (0, None),
+    "limit_test": (0, None),
+}
 
 
 def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:

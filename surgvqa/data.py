@@ -93,6 +93,9 @@ def _parse_row(line: str, labels: dict[str, frozenset[str]] | None) -> tuple[dic
     wrong = [k for k, t in _REQUIRED.items() if not isinstance(row[k], t)]
     if wrong:
         return None, f"field(s) of the wrong type {wrong}"
+    empty = [k for k in ("id", "video_id", "question", "answer", "short_answer") if not str(row[k]).strip()]
+    if empty:
+        return None, f"empty field(s) {empty} (id {row['id']!r})"
     qtype = row["question_type"]
     if qtype not in QUESTION_TYPES:
         return None, f"unknown question_type {qtype!r} (id {row['id']})"
@@ -111,6 +114,17 @@ def _parse_row(line: str, labels: dict[str, frozenset[str]] | None) -> tuple[dic
     return row, None
 
 
+def text_lines(path: Path):
+    """(line number, text) of every line of a UTF-8 file; the text is None where a line is not UTF-8, so the
+    caller can name file:line instead of failing with a bare decoding error."""
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield lineno, None
+
+
 def load_annotations(path: str | Path, skip_bad: bool = False,
                      labels: dict[str, frozenset[str]] | None = None) -> list[Sample]:
     """Load one JSONL annotation file into validated samples.
@@ -123,24 +137,26 @@ def load_annotations(path: str | Path, skip_bad: bool = False,
     if labels is None:
         labels = label_sets()
     samples, bad, seen = [], [], {}
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row, reason = _parse_row(line, labels)
-            # ids are numbered per video in the published split files, so (video, id) is the key
-            key = (row["video_id"], row["id"]) if row is not None else None
-            if key in seen:
-                row, reason = None, f"duplicate id {key[1]} of video {key[0]} (first at line {seen[key]})"
-            if row is None:
-                bad.append(BadRow(str(path), lineno, reason))
-                continue
-            seen[key] = lineno
-            samples.append(Sample(
-                id=row["id"], video_id=row["video_id"], frames=tuple(row["frames"]),
-                frame_numbers=tuple(int(n) for n in row["frame_numbers"]), question=row["question"],
-                question_type=row["question_type"], answer=row["answer"],
-                short_answer=row["short_answer"], source=f"{path}:{lineno}"))
+    for lineno, line in text_lines(path):
+        if line is None:
+            bad.append(BadRow(str(path), lineno, "not UTF-8 text"))
+            continue
+        if not line.strip():
+            continue
+        row, reason = _parse_row(line, labels)
+        # ids are numbered per video in the published split files, so (video, id) is the key
+        key = (row["video_id"], row["id"]) if row is not None else None
+        if key in seen:
+            row, reason = None, f"duplicate id {key[1]} of video {key[0]} (first at line {seen[key]})"
+        if row is None:
+            bad.append(BadRow(str(path), lineno, reason))
+            continue
+        seen[key] = lineno
+        samples.append(Sample(
+            id=row["id"], video_id=row["video_id"], frames=tuple(row["frames"]),
+            frame_numbers=tuple(int(n) for n in row["frame_numbers"]), question=row["question"],
+            question_type=row["question_type"], answer=row["answer"],
+            short_answer=row["short_answer"], source=f"{path}:{lineno}"))
     if bad and not skip_bad:
         shown = "\n".join(map(str, bad[:20])) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise AnnotationError(f"{len(bad)} malformed row(s) in {path}:\n{shown}")

@@ -14,6 +14,7 @@ predictions file (one JSON object a line, schema in ``PREDICTION_FIELDS``), prin
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import re
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .data import (QUESTION_TYPES, YES_NO, AnnotationError, Sample, answer_sentences, blind_prior, candidate_answers,
-                   candidate_labels, load_annotations, load_split, published_split)
+                   candidate_labels, load_annotations, load_split, published_split, text_lines)
 
 UNPARSEABLE = "unparseable"
 
@@ -137,12 +138,27 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _negated(text: str, start: int) -> bool:
-    """Whether a negating word stands shortly before ``start`` in the same clause."""
-    # "but", "rather" and "instead" start a new clause: "not a catheter but forceps" names forceps.
-    clause = re.split(r"[,.;:!?()]|\b(?:but|rather|instead)\b", text[:start])[-1]
-    recent = re.findall(r"[\w'-]+", clause)[-_NEGATION_WINDOW:]
-    return any(w in _NEGATORS or w.endswith("n't") for w in recent)
+_CLAUSE_BREAK = re.compile(r"[,.;:!?()]|\b(?:but|rather|instead)\b")
+_WORD = re.compile(r"[\w'-]+")
+
+
+class _Negations:
+    """Whether a negating word stands shortly before a position of ``text``, in the same clause. Clause breaks
+    and words are found once per text, so checking every mention stays linear in the text's length."""
+
+    def __init__(self, text: str):
+        # "but", "rather" and "instead" start a new clause: "not a catheter but forceps" names forceps.
+        self.breaks = [m.end() for m in _CLAUSE_BREAK.finditer(text)]
+        words = list(_WORD.finditer(text))
+        self.word_starts = [w.start() for w in words]
+        self.word_ends = [w.end() for w in words]
+        self.negating = [w.group() in _NEGATORS or w.group().endswith("n't") for w in words]
+
+    def before(self, start: int) -> bool:
+        clause = self.breaks[bisect.bisect_right(self.breaks, start) - 1] if self.breaks and self.breaks[0] <= start else 0
+        last = bisect.bisect_right(self.word_ends, start)  # words that end before the mention
+        first = max(bisect.bisect_left(self.word_starts, clause), last - _NEGATION_WINDOW)
+        return any(self.negating[first:last])
 
 
 @lru_cache(maxsize=None)
@@ -175,8 +191,9 @@ def score_answer(text: str, question_type: str) -> str:
         leading = _LEADING_YES_NO.match(text)
         if leading:
             return leading.group(1)
+    negations = _Negations(text)
     named = {answer for answer, pattern in _cues(question_type)
-             for m in pattern.finditer(text) if not _negated(text, m.start())}
+             for m in pattern.finditer(text) if not negations.before(m.start())}
     if len(named) == 1 and next(iter(named)) in labels:
         return next(iter(named))
     return UNPARSEABLE
@@ -204,8 +221,9 @@ def _record_problem(record: Any) -> str | None:
             return f"{key} must be a string, got {type(record[key]).__name__}"
     for key in _OPTIONAL_NUMBERS:
         value = record.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or value < 0):
-            return f"{key} must be a non-negative number, got {value!r}"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)
+                                  or value < 0):
+            return f"{key} must be a finite non-negative number, got {value!r}"
     probs = record.get("probabilities")
     if probs is not None:
         if not isinstance(probs, dict) or not probs:
@@ -228,21 +246,28 @@ def _raise_bad(bad: list[str], where: str) -> None:
 def read_predictions(path: str | Path) -> list[dict]:
     """Read and check a predictions JSONL; every bad row is reported as ``file:line: reason``."""
     path = Path(path)
-    records, bad = [], []
-    with path.open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})")
-                continue
-            problem = _record_problem(record)
-            if problem:
-                bad.append(f"{path}:{lineno}: {problem}")
-            else:
-                records.append(record)
+    records, bad, uid_line = [], [], {}
+    for lineno, line in text_lines(path):
+        if line is None:
+            bad.append(f"{path}:{lineno}: not UTF-8 text")
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})")
+            continue
+        problem = _record_problem(record)
+        uid = record.get("uid") if isinstance(record, dict) else None
+        if not problem and uid is not None and uid in uid_line:
+            problem = f"duplicate uid {uid!r} (first at line {uid_line[uid]}): a sample would be scored twice"
+        if problem:
+            bad.append(f"{path}:{lineno}: {problem}")
+        else:
+            if uid is not None:
+                uid_line[uid] = lineno
+            records.append(record)
     if bad:
         _raise_bad(bad, str(path))
     if not records:

@@ -47,3 +47,49 @@ def test_save_load_round_trip_and_overrides(tmp_path):
     again = Config.load(tmp_path)
     assert again == cfg and again.trainval_videos == ("002-001",)
     assert parse_overrides(["lr=0.01", "template=in", "lora=true"]) == {"lr": 0.01, "template": "in", "lora": True}
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("lr=-1", r"lr=-1: must be in \[1e-12, 1.0\]"), ("lr=abc", "lr='abc': must be a finite number"),
+    ("lr=NaN", "lr=nan: must be a finite number"), ("max_steps=0", "max_steps=0: must be >= 1"),
+    ("max_steps=2.5", "max_steps=2.5: must be an integer"), ("max_steps=abc", "max_steps='abc': must be an integer"),
+    ("eval_every=0", "eval_every=0: must be >= 1"), ("batch_size=true", "batch_size=True: must be an integer"),
+    ("lora=1", "lora=1: must be true or false"), ("frame_size=[1]", r"frame_size=\[1\]: must be an integer"),
+])
+def test_values_are_typed_and_range_checked_naming_the_key(pair, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("smoke", **parse_overrides([pair]))
+
+
+def test_vlm_from_scratch_needs_the_tiny_vlm():
+    with pytest.raises(ValueError, match="vlm_from_scratch=True builds the tiny VLM"):
+        get_config("qwen2vl-2b", vlm_from_scratch=True)
+
+
+def test_real_presets_launch_with_their_accelerate_config_and_the_cpu_ones_without():
+    import sys
+
+    from surgvqa.train import launch_command
+
+    for preset, expected in [("qwen2vl-2b", "1gpu-bf16.yaml"), ("qwen2vl-7b", "1gpu-bf16.yaml"),
+                             ("bf16-lora-1gpu", "1gpu-bf16.yaml"), ("qlora-2x24gb", "2gpu-ddp.yaml")]:
+        command = launch_command(preset, {"max_steps": 5})
+        assert command[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        assert command[4] == str(get_config().path(f"configs/accelerate/{expected}"))  # from the repository root
+        assert command[5:] == ["-m", "surgvqa.train", "--preset", preset, "-p", "max_steps=5"]
+        assert get_config(preset).gradient_checkpointing and get_config(preset).device == "auto"
+    assert launch_command("tiny", {}) == [sys.executable, "-m", "surgvqa.train", "--preset", "tiny"]
+    with pytest.raises(FileNotFoundError, match="accelerate config 'configs/nowhere.yaml' not found"):
+        launch_command("tiny", {}, accelerate_config="configs/nowhere.yaml")
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_cuda_without_one_is_refused():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert get_config().torch_device().type == "cpu" and get_config(device="cpu").torch_device().type == "cpu"
+    with pytest.raises(RuntimeError, match="device='cuda' but no CUDA GPU"):
+        get_config(device="cuda").torch_device()
+    with pytest.raises(ValueError, match="device='tpu'"):
+        get_config(device="tpu")

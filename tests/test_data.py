@@ -38,6 +38,8 @@ def test_one_wording_per_type_per_template():
     (lambda r: {**r, "frames": r["frames"][:7], "frame_numbers": r["frame_numbers"][:7]}, "7 frames"),
     (lambda r: {**r, "frames": ["002-001_3806"] + r["frames"][1:]}, "is not of video 002-003"),
     (lambda r: {**r, "frame_numbers": [1] + r["frame_numbers"][1:]}, "does not match frame number 1"),
+    (lambda r: {**r, "answer": ""}, "empty field(s) ['answer']"),
+    (lambda r: {**r, "question": "   "}, "empty field(s) ['question']"),
 ])
 def test_each_malformed_row_is_reported_with_file_and_line(tmp_path, mutate, reason):
     path = write_rows(tmp_path / "rows.jsonl", [GOOD, mutate(dict(GOOD)), {**GOOD, "id": "qa_9"}])
@@ -45,6 +47,14 @@ def test_each_malformed_row_is_reported_with_file_and_line(tmp_path, mutate, rea
         data.load_annotations(path)
     assert f"{path}:2: " in str(err.value) and reason in str(err.value)
     assert "1 malformed row" in str(err.value)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = write_rows(tmp_path / "rows.jsonl", [GOOD, {**GOOD, "id": "qa_9"}])
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], lines[1].replace(b'"qa_9"', b'"qa_\xff9"')] + lines[2:]))
+    with pytest.raises(data.AnnotationError, match=rf"{path}:2: not UTF-8 text"):
+        data.load_annotations(path)
 
 
 def test_skipping_bad_rows_says_how_many_and_why(tmp_path, caplog):

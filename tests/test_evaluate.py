@@ -212,19 +212,27 @@ def test_bad_rows_are_named_by_line(tmp_path):
         json.dumps(record("scope_motion", "yes", "yes", probabilities={"yes": 1.5})),
         json.dumps(record("scope_motion", "yes", "yes", probabilities={"up": 0.5})),
         json.dumps(record("scope_motion", "yes", "yes", latency_ms=-1)),
+        json.dumps(record("scope_motion", "yes", "yes", latency_ms=float("nan"))),
+        json.dumps(record("scope_motion", "yes", "yes", uid="002-004/qa_1")),
+        json.dumps(record("scope_motion", "no", "no", uid="002-004/qa_1")),
     ]) + "\n")
     with pytest.raises(evaluate.PredictionsError) as e:
         evaluate.read_predictions(path)
     message = str(e.value)
-    assert "8 malformed prediction row(s)" in message
+    assert "10 malformed prediction row(s)" in message
     for line, reason in [(2, "bad JSON"), (3, "missing field(s) ['prediction']"),
                          (4, "'maybe' is not a label"),
                          (5, "unknown question_type"), (6, "prediction must be a string"),
-                         (7, "must lie in [0, 1]"), (8, "outside scope_motion"), (9, "non-negative")]:
+                         (7, "must lie in [0, 1]"), (8, "outside scope_motion"), (9, "non-negative"),
+                         (10, "finite non-negative number, got nan"),
+                         (12, "duplicate uid '002-004/qa_1' (first at line 11)")]:
         assert f"{path}:{line}: " in message and reason in message, (line, reason)
     assert f"{path}:1:" not in message
     with pytest.raises(evaluate.PredictionsError, match="row 0: missing field"):
         evaluate.score_predictions([{"question_type": "scope_motion"}])
+    path.write_bytes(json.dumps(record("scope_motion", "yes", "yes")).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(evaluate.PredictionsError, match=rf"{path}:2: not UTF-8 text"):
+        evaluate.read_predictions(path)
 
 
 def test_type_accuracy_matches_accuracy_table_and_uses_the_train_prior():
