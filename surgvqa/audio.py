@@ -354,6 +354,29 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
+STALE_TEMPORARY_S = 3600.0  # a write_atomic temporary this old belongs to a run that was killed
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> int:
+    """Delete ``write_atomic``'s leftovers of killed runs in ``folder`` (never read, but they pile up)."""
+    removed, now = 0, time.time()
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # another run finished or removed it meanwhile
+            pass
+    return removed
+
+
+def _readable_wav(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 44 and sf.info(str(path)).frames > 0  # 44 bytes: a WAV header alone
+    except (OSError, RuntimeError, sf.LibsndfileError):
+        return False
+
+
 def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     write_atomic(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV"))
 
@@ -381,6 +404,7 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
 
     cfg = cfg or get_config()
     root = cfg.path(cfg.audio_dir)
+    remove_stale_temporaries(root / cfg.tts_engine)
     voices = assign_voices(samples, split, cfg)
     rows, todo = [], {}
     for s in samples:
@@ -389,7 +413,7 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
         rows.append(dict(uid=s.uid, sample_id=s.id, video_id=s.video_id, split=split,
                          question_type=s.question_type, path=rel, engine=spec.engine, voice=spec.voice,
                          rate=spec.rate, pitch=spec.pitch, text=text))
-        if not (root / rel).exists():
+        if not _readable_wav(root / rel):  # missing, or a cached file left empty or unreadable: render it
             todo[rel] = (text, spec, str(root / rel), cfg.sample_rate)
     jobs = list(todo.values())
     workers = workers or ENGINE_WORKERS[cfg.tts_engine] or os.cpu_count() or 1
@@ -528,10 +552,11 @@ def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarra
                 load_question_audio(uid, full, cfg)  # raises the error that names the sample and file
             digest_of[full] = hashlib.sha256(full.read_bytes()).hexdigest()[:24]
         wav_of[uid] = full
+    remove_stale_temporaries(folder)
     out = {uid: folder / f"{digest_of[full]}.npy" for uid, full in wav_of.items()}
     todo: dict[Path, str] = {}  # array path -> one uid that names it in errors
     for uid, target in out.items():
-        if not target.exists():
+        if not (target.exists() and _facts_path(target).exists()):  # an array without its facts is re-encoded
             todo.setdefault(target, uid)
     if not todo:
         return out
@@ -548,6 +573,9 @@ def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarra
                 frames = encode(torch.stack([mel for _, mel in chunk])).float().cpu().numpy()
             for (target, _), array in zip(chunk, frames):
                 write_atomic(target, lambda tmp: _save_array(tmp, array))
+                facts = {"frames": int(array.shape[0]), "width": int(array.shape[1]), "sha256": _array_digest(array),
+                         "audio_sha256": target.stem, "encoder": folder.name}
+                write_atomic(_facts_path(target), lambda tmp: Path(tmp).write_text(json.dumps(facts) + "\n"))
             bar.update(len(chunk))
     bar.close()
     return out
@@ -558,15 +586,38 @@ def _save_array(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _facts_path(array_path: Path) -> Path:
+    return array_path.with_suffix(".json")
+
+
+def _array_digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()[:24]
+
+
 def load_encoded_audio(uid: str, path: str | Path, width: int) -> np.ndarray:
-    """A cached encoder output, ``(frames, width)`` float32 and finite, or an ``AudioError`` naming the file."""
+    """A cached encoder output, ``(frames, width)`` float32 and finite, exactly as it was written: its facts
+    file (frame count, digest of the array, of the WAV it came from and of the encoder, the folder's name)
+    must agree, so an array replaced by zeros or cut short is refused. Errors name the sample and file."""
+    path = Path(path)
+
+    def fail(reason: str) -> AudioError:
+        return AudioError(f"cached question audio features of sample {uid} ({path}): {reason}; delete the file "
+                          f"to encode it again")
+
     try:
         array = np.load(path, allow_pickle=False)
+        facts = json.loads(_facts_path(path).read_text())
     except (OSError, ValueError) as e:
-        raise AudioError(f"cached question audio features of sample {uid} ({path}): cannot be read ({e})") from None
+        raise fail(f"cannot be read ({e})") from None
     if array.ndim != 2 or array.shape[1] != width or array.dtype != np.float32 or not np.isfinite(array).all():
-        raise AudioError(f"cached question audio features of sample {uid} ({path}): expected finite float32 "
-                         f"(frames, {width}), got {array.dtype} {array.shape}")
+        raise fail(f"expected finite float32 (frames, {width}), got {array.dtype} {array.shape}")
+    written = {"frames": facts.get("frames"), "sha256": facts.get("sha256"), "audio_sha256": facts.get("audio_sha256"),
+               "encoder": facts.get("encoder")}
+    found = {"frames": array.shape[0], "sha256": _array_digest(array), "audio_sha256": path.stem,
+             "encoder": path.parent.name}
+    differ = {k: (written[k], found[k]) for k in written if written[k] != found[k]}
+    if differ:
+        raise fail(f"not what was written (written, found): {differ}")
     return array
 
 

@@ -232,6 +232,19 @@ def adapter_inputs_uncast(model, active: bool):
     return disable_input_dtype_casting(model)
 
 
+def timed(iterable, waited: list[float]):
+    """The items of ``iterable``, adding the seconds spent waiting for each to ``waited[0]``."""
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield item
+
+
 def improved(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -413,11 +426,12 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not main, unit="step")
     model.train()
     started, samples_seen, window_loss, window_n, window_distill = time.time(), 0, 0.0, 0, []
+    waited = [0.0]  # seconds the loop waited for its next batch (frames decoded, audio read, collated)
     while state.step < cfg.max_steps and not state.stopped_early:
         loader = epoch_loader(state.epoch)
         skip = state.batches_in_epoch
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
+        for batch in timed(batches, waited):
             with accelerator.accumulate(model):
                 with adapter_inputs_uncast(model, uncast):
                     output = model(**batch)
@@ -478,7 +492,9 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                "processes": accelerator.num_processes,
                "rank_checksums": checksums.tolist(),
                "ranks_in_sync": bool(torch.allclose(checksums, checksums[:1].expand_as(checksums), rtol=0, atol=0)),
-               "samples_per_s": samples_seen / max(1e-9, time.time() - started)}
+               "samples_per_s": samples_seen / max(1e-9, time.time() - started),
+               # > a few %: the data workers bound the step (raise num_workers)
+               "data_wait_fraction": waited[0] / max(1e-9, time.time() - started)}
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()

@@ -382,3 +382,21 @@ def test_command_line_synthesizes_a_split(tmp_path, capsys):
     assert audio.main(["--split", "eval", "--limit", "3", "--workers", "1", "-p", f"audio_dir={tmp_path}"]) == 0
     assert "eval: 3 questions" in capsys.readouterr().out
     assert len(pd.read_csv(tmp_path / "manifest_out_eval.csv")) == 3
+
+
+def test_an_empty_cached_wav_is_rendered_again_and_stale_temporaries_go(tmp_path, cfg):
+    import os
+
+    local = cfg.replace(audio_dir=str(tmp_path))
+    rows = published_split()["eval"][:2]
+    first = audio.synthesize_split(rows, "eval", local, workers=1, progress=False)
+    broken = tmp_path / first["path"].iloc[0]
+    broken.write_bytes(b"")
+    stale, fresh = broken.parent / ".old.abc.tmp", broken.parent / ".new.def.tmp"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    again = audio.synthesize_split(rows, "eval", local, workers=1, progress=False)
+    assert again["sha256"].tolist() == first["sha256"].tolist()  # the same audio back, rendered again
+    assert audio.load_question_audio(rows[0].uid, broken, local).size > 0
+    assert not stale.exists() and fresh.exists()  # a recent temporary may belong to a run still writing

@@ -409,6 +409,24 @@ def test_a_corrupt_cached_encoder_output_names_the_sample_and_file(model, items,
         audio.load_encoded_audio(uid, cached[items[1][0].uid], 32)
 
 
+def test_a_cached_encoder_output_replaced_or_cut_short_is_refused(model, items, tmp_path):
+    from surgvqa import audio
+
+    cfg = tiny_config(audio_features_dir=str(tmp_path / "features"), audio_dir=str(tmp_path))
+    _, cached, _ = cached_items(model, items, tmp_path, cfg)
+    uid = items[0][0].uid
+    array = audio.load_encoded_audio(uid, cached[uid], 64)
+    np.save(cached[uid], np.zeros_like(array))  # well-formed, wrong
+    with pytest.raises(audio.AudioError, match=f"sample {uid} .*not what was written.*sha256"):
+        audio.load_encoded_audio(uid, cached[uid], 64)
+    np.save(cached[uid], array[: len(array) // 2])
+    with pytest.raises(audio.AudioError, match="not what was written.*'frames': \\(" + str(len(array))):
+        audio.load_encoded_audio(uid, cached[uid], 64)
+    cached[uid].with_suffix(".json").unlink()  # facts missing: encoded again on the next pass
+    again, calls = cached_items(model, items, tmp_path, cfg)[1:]
+    assert calls == [1] and audio.load_encoded_audio(uid, again[uid], 64).shape == array.shape
+
+
 def test_a_missing_question_wav_is_named_before_anything_is_encoded(model, items, tmp_path):
     from surgvqa import audio
 

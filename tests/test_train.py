@@ -42,6 +42,7 @@ def test_training_logs_evaluates_and_keeps_the_best_checkpoint(tmp_path, audio_d
     out = tmp_path / "run"
     assert summary["steps"] == 6 and [h["step"] for h in summary["history"]] == [2, 4, 6]
     assert summary["ranks_in_sync"] and summary["processes"] == 1
+    assert 0 <= summary["data_wait_fraction"] < 1
     log = pd.read_csv(out / "log.csv")
     assert {"train_loss", "eval_loss", "eval_accuracy", "samples_per_s"} <= set(log.columns)
     assert log["train_loss"].dropna().iloc[-1] < log["train_loss"].dropna().iloc[0]
