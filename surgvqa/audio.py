@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -861,6 +863,28 @@ def whisper_encode(encoder, input_features: "torch.Tensor") -> "torch.Tensor":
     return encoder.layer_norm(hidden)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_whisper_generate():
+    """Whisper's own generate passes suppress_tokens beside its generation config, which transformers 5.24
+    reports as deprecated at every call (nothing a caller passes can avoid it): dropped here, once explained."""
+    logger = logging.getLogger("transformers.generation.utils")
+    drop = _DropMessage("together with generation-related arguments")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: int = 8,
                sample_rate: int = 16000, tokens_per_s: float = 6.0, tail_s: float = 1.0) -> list[str]:
     """Greedy English transcription of 16 kHz mono waveforms, in batches.
@@ -887,8 +911,13 @@ def transcribe(waveforms: Sequence[np.ndarray], model, processor, batch_size: in
         features = features[..., :features.shape[-1] // 2 * 2].to(model.device, model.dtype)
         with torch.inference_mode():
             encoded = BaseModelOutput(last_hidden_state=whisper_encode(model.model.encoder, features))
-            ids = model.generate(encoder_outputs=encoded, do_sample=False, num_beams=1,
-                                 max_new_tokens=int(tokens_per_s * longest / sample_rate) + 4, **language)
+            # the cap as max_length (decoder prompt of at most 4 tokens + the answer): Whisper's generate sets a
+            # max_length of its own, and a max_new_tokens beside it draws a warning per batch
+            with _quiet_whisper_generate():
+                # every row's decoder prompt is the same start tokens, so nothing is padded: a full mask
+                mask = torch.ones(features.shape[0], features.shape[-1], dtype=torch.long, device=model.device)
+                ids = model.generate(encoder_outputs=encoded, attention_mask=mask, do_sample=False, num_beams=1,
+                                     max_length=int(tokens_per_s * longest / sample_rate) + 8, **language)
         texts += [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
     return texts
 

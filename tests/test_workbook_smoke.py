@@ -18,7 +18,7 @@ SMOKE_PARAMS = {
 def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("workbook")
     params = {**SMOKE_PARAMS, "audio_dir": str(root / "audio"), "output_dir": str(root / "run")}
-    workbook.run_workbook(None, preset="smoke", params=params, reports_dir=root / "reports", html=False,
+    workbook.run_workbook(None, preset="smoke", params=params, reports_dir=root / "reports", html=True,
                           cell_timeout=600, log=lambda *_: None)
     return root / "reports"
 
@@ -30,6 +30,15 @@ def test_every_notebook_ran_and_stored_metrics(reports):
     for name in names:
         assert (reports / f"{name}.ipynb").exists()
         assert workbook.read_metrics(name, reports)
+
+
+@pytest.mark.parametrize("name", ["01-explore-data", "02-synthesize-audio", "03-feasibility-overfit", "04-train",
+                                  "05-evaluate", "06-error-analysis"])
+def test_each_html_copy_shows_its_figures_and_no_warning_spam(reports, name):
+    html = (reports / f"{name}.html").read_text()
+    assert html.count("data:image/png;base64,") >= 1, "the figures are missing from the HTML copy"
+    for noise in ("max_length", "kernels-community", "is deprecated", "Kernel is running over TCP"):
+        assert noise not in html, noise
 
 
 def test_metrics_chain_from_training_to_the_demo(reports):
