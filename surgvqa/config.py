@@ -226,19 +226,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                  pretrained_projector=True),
     # A few samples and steps: what the tests and a quick look run.
     "smoke": dict(frame_size=64, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_limit=8,
-                  limit_train=16, limit_test=16),
+                  limit_train=16, limit_test=16, output_dir="data/processed/smoke"),
     # Real study on a user's GPU box: real frames, real checkpoints (local folder or hub id), the original
     # study's neural voices (edge-tts needs Microsoft's service; offline: -p tts_engine=espeak-ng), frames
     # decoded by DataLoader workers.
-    "qwen2vl-2b": dict(**_REAL, vlm="Qwen/Qwen2-VL-2B-Instruct", batch_size=4, grad_accum=4,
+    "qwen2vl-2b": dict(**_REAL, output_dir="data/processed/qwen2vl-2b",
+                       vlm="Qwen/Qwen2-VL-2B-Instruct", batch_size=4, grad_accum=4,
                        accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
-    "qwen2vl-7b": dict(**_REAL, vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=2, grad_accum=8,
+    "qwen2vl-7b": dict(**_REAL, output_dir="data/processed/qwen2vl-7b",
+                       vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=2, grad_accum=8,
                        accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
     # 4-bit nf4 QLoRA on two 24 GB cards (launched with accelerate, configs/accelerate/2gpu-ddp.yaml).
-    "qlora-2x24gb": dict(**_REAL, vlm="Qwen/Qwen2-VL-7B-Instruct", load_in_4bit=True, batch_size=1, grad_accum=8,
+    "qlora-2x24gb": dict(**_REAL, output_dir="data/processed/qlora-2x24gb",
+                         vlm="Qwen/Qwen2-VL-7B-Instruct", load_in_4bit=True, batch_size=1, grad_accum=8,
                          accelerate_config="configs/accelerate/2gpu-ddp.yaml"),
     # bf16 LoRA on one 80-141 GB card.
-    "bf16-lora-1gpu": dict(**_REAL, vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2,
+    "bf16-lora-1gpu": dict(**_REAL, output_dir="data/processed/bf16-lora-1gpu",
+                           vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2,
                            accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
 }
 

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import csv
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -167,7 +168,6 @@ def save_training_state(directory: Path, model, optimizer, scheduler, state: "Tr
     every process's random generators, step counters and the config. Written into a new folder that is then
     renamed into place, so a run killed while saving resumes from the previous state, whole."""
     import random
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -288,6 +288,8 @@ class Logger:
             return
         if not resume and self.path.exists():
             self.path.unlink()
+        if not resume:  # one run per TensorBoard folder: a fresh run's curves never mix with an older one's
+            shutil.rmtree(directory / "tb", ignore_errors=True)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(directory / "tb"))

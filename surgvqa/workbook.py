@@ -43,6 +43,11 @@ def notebook_paths(names: list[str] | None = None) -> list[Path]:
     return chosen
 
 
+def default_reports_dir(preset: str) -> str:
+    """Where a preset's executed notebooks go unless told: reports/ for the offline default, else reports/<preset>."""
+    return "reports" if preset == DEFAULT_PRESET else f"reports/{preset}"
+
+
 def metrics_path(notebook: str, reports_dir: str | Path = "reports") -> Path:
     return Config().path(str(reports_dir)) / "metrics" / f"{notebook}.json"
 
@@ -200,7 +205,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("names", nargs="*", help="notebooks to run (default: all, in order)")
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--reports-dir", default="reports")
+    parser.add_argument("--reports-dir", default=None,
+                        help="default: reports/ for the offline default preset, reports/<preset>/ for any other, "
+                             "so that one preset's run never writes over another's")
     parser.add_argument("--no-html", action="store_true")
     parser.add_argument("--cell-timeout", type=int, default=None, help="fail a cell that runs longer (seconds)")
     args = parser.parse_args(argv)
@@ -213,8 +220,9 @@ def main(argv: list[str]) -> int:
             params[key] = json.loads(raw)
         except json.JSONDecodeError:
             params[key] = raw
+    reports_dir = args.reports_dir or default_reports_dir(args.preset)
     try:
-        run_workbook(args.names, args.preset, params, args.reports_dir, html=not args.no_html,
+        run_workbook(args.names, args.preset, params, reports_dir, html=not args.no_html,
                      cell_timeout=args.cell_timeout)
     except NotebookFailed as e:
         print(f"[workbook] FAILED: {e}", file=sys.stderr)

@@ -125,6 +125,8 @@ def test_last_holds_only_what_training_changes(tmp_path, audio_dir):
     assert sorted(p.name for p in last.iterdir()) == ["config.json", "optimizer.pt", "rng-0.pt",
                                                       "trainable.safetensors", "trainer_state.json"]
     assert not list(last.parent.glob(".last.*"))  # the staging folder was renamed into place
+    train(cfg, stop_after=1, log=lambda *_: None)  # a fresh run in the same folder
+    assert len(list((last.parent / "tb").glob("events.*"))) == 1  # one run per TensorBoard folder
 
 
 def test_resume_refuses_another_config_before_writing_anything(tmp_path, audio_dir):

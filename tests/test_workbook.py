@@ -75,3 +75,13 @@ def test_a_cell_that_runs_too_long_fails_and_is_quoted(tmp_path, monkeypatch):
     assert err.value.notebook == "08-slow" and "CellTimeoutError" in str(err.value)
     assert "time.sleep(60)" in str(err.value)  # the failing cell is quoted
 
+
+
+def test_each_preset_reports_into_its_own_folder_unless_told():
+    assert workbook.default_reports_dir("tiny") == "reports"
+    assert workbook.default_reports_dir("smoke") == "reports/smoke"
+    assert workbook.default_reports_dir("qwen2vl-2b") == "reports/qwen2vl-2b"
+    from surgvqa import get_config
+
+    outputs = {get_config(p).output_dir for p in ("tiny", "smoke", "qwen2vl-2b", "qlora-2x24gb")}
+    assert len(outputs) == 4  # nor does training write into another preset's run
