@@ -738,6 +738,8 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not directory.is_absolute() and not directory.exists():  # repository-relative, as config paths are
+        directory = REPO_ROOT / directory
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint (no config.json)")
     cfg = Config.load(directory).replace(**overrides)

@@ -464,3 +464,20 @@ def test_candidates_of_one_token_each_are_scored_from_the_prompt_alone(model):
                                                          for_generation=True))
     assert [sorted(s.probabilities) for s in scores] == [["no", "yes"]] * 2
     assert all(abs(sum(s.probabilities.values()) - 1) < 1e-9 for s in scores)
+
+
+def test_a_repository_relative_checkpoint_loads_from_any_working_directory(whisper, tmp_path, monkeypatch):
+    # a notebook's kernel runs in notebooks/, while -p checkpoint=data/processed/... names a repository path
+    from surgvqa.config import REPO_ROOT
+
+    target = REPO_ROOT / "data" / "interim" / "test-relative-checkpoint"
+    M.save_checkpoint(M.build_model(tiny_config(lora=False), whisper=whisper), target)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert M.load_checkpoint("data/interim/test-relative-checkpoint").cfg.lora is False
+    finally:
+        import shutil
+
+        shutil.rmtree(target)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        M.load_checkpoint("data/interim/no-such-checkpoint")
