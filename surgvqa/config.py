@@ -196,7 +196,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, None), "split_seed": (0, None), "phantom_seed": (0, None), "eval_fraction": (0.01, 0.99),
     "frame_size": (28, 4096), "sample_rate": (8000, 48000), "min_audio_s": (0.05, None), "max_audio_s": (0.1, 30.0),
     "lora_r": (1, None), "lora_alpha": (1, None), "lora_dropout": (0.0, 0.99), "distill_weight": (0.0, None),
-    "lr": (1e-12, 1.0), "projector_lr": (1e-12, 1.0), "batch_size": (1, None), "grad_accum": (1, None),
+    "lr": (0.0, 1.0), "projector_lr": (0.0, 1.0), "batch_size": (1, None), "grad_accum": (1, None),
     "max_steps": (1, None), "warmup_steps": (0, None), "eval_every": (1, None), "eval_limit": (0, None),
     "patience": (1, None), "phantom_extra_per_epoch": (0, None), "num_workers": (0, 256), "limit_train": (0, None),
     "limit_test": (0, None),

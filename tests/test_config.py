@@ -50,7 +50,7 @@ def test_save_load_round_trip_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("lr=-1", r"lr=-1: must be in \[1e-12, 1.0\]"), ("lr=abc", "lr='abc': must be a finite number"),
+    ("lr=-1", r"lr=-1: must be in \[0.0, 1.0\]"), ("lr=abc", "lr='abc': must be a finite number"),
     ("lr=NaN", "lr=nan: must be a finite number"), ("max_steps=0", "max_steps=0: must be >= 1"),
     ("max_steps=2.5", "max_steps=2.5: must be an integer"), ("max_steps=abc", "max_steps='abc': must be an integer"),
     ("eval_every=0", "eval_every=0: must be >= 1"), ("batch_size=true", "batch_size=True: must be an integer"),
