@@ -18,6 +18,7 @@ Public API: ``build_model(cfg)``, ``AudioGraftedQwen2VL`` (``model(**batch).loss
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -397,7 +398,10 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LM_LINEAR_LAYERS, bias="none",
                       modules_to_save=["lm_head"] if train_output_layer else None)
-    return get_peft_model(vlm, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: a FutureWarning per model built
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(vlm, lora)
 
 
 def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] | None = None,
