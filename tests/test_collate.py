@@ -26,14 +26,18 @@ def feature_extractor():
     return WhisperFeatureExtractor(feature_size=80)
 
 
+def first_of_types(*types):
+    """The first out-template row of each question type, in the order given."""
+    by_type = {}
+    for s in load_template("out"):
+        by_type.setdefault(s.question_type, s)
+    return [by_type[t] for t in types]
+
+
 @pytest.fixture(scope="module")
 def samples():
-    rows = load_template("out")
     # different question types, so prompts and answers differ in length
-    by_type = {}
-    for s in rows:
-        by_type.setdefault(s.question_type, s)
-    return [by_type["mucosa_visibility"], by_type["lesion_motion_direction"], by_type["tool_identification"]]
+    return first_of_types("mucosa_visibility", "lesion_motion_direction", "tool_identification")
 
 
 def make_items(samples, size=FRAME_SIZE, seconds=(1.0, 1.7, 2.3), seed=0):

@@ -13,9 +13,8 @@ from surgvqa import dryrun
 from surgvqa import model as M
 from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX, Collator
 from surgvqa.config import get_config
-from surgvqa.data import load_template
 
-from test_collate import make_items
+from test_collate import first_of_types, make_items
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +26,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples():
-    by_type = {}
-    for s in load_template("out"):
-        by_type.setdefault(s.question_type, s)
-    return [by_type["tool_identification"], by_type["lesion_motion_direction"], by_type["nbi_status"]]
+    return first_of_types("tool_identification", "lesion_motion_direction", "nbi_status")
 
 
 def test_the_offline_qwen2_tokenizer_gives_the_published_ids(tokenizer_dir):

@@ -15,7 +15,7 @@ from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX
 from surgvqa.config import get_config
 from surgvqa.data import answer_sentences, candidate_labels, load_template
 
-from test_collate import make_items
+from test_collate import first_of_types, make_items
 
 FRAME_SIZE = 56
 
@@ -57,11 +57,8 @@ def model(whisper):
 
 @pytest.fixture(scope="module")
 def samples():
-    by_type = {}
-    for s in load_template("out"):
-        by_type.setdefault(s.question_type, s)
     # 2, 5 and 3 candidate labels; prompts and answers of different lengths
-    return [by_type["mucosa_visibility"], by_type["lesion_motion_direction"], by_type["tool_identification"]]
+    return first_of_types("mucosa_visibility", "lesion_motion_direction", "tool_identification")
 
 
 @pytest.fixture(scope="module")
