@@ -58,9 +58,10 @@ from surgvqa.collate import SAMPLE_RATE, Collator  # noqa: E402
 from surgvqa.config import get_config  # noqa: E402
 from surgvqa.fastpath import (CLIP_ATTENTION, CandidateScorer, FastQuery, GraphedScorer, model_inputs,  # noqa: E402
                               prefill, register_clip_attention, set_text_attention, set_vision_attention)
+from surgvqa.fastpath import answer_and_score as fastpath_answer_and_score  # noqa: E402
 from surgvqa.train import adapter_inputs_uncast  # noqa: E402
-from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, build_tiny_tokenizer,  # noqa: E402
-                           parameter_groups, score_candidates, tiny_vlm_config)
+from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, answer_and_score,  # noqa: E402
+                           build_tiny_tokenizer, parameter_groups, score_candidates, tiny_vlm_config)
 
 # --- shapes ----------------------------------------------------------------------------------------------
 
@@ -393,6 +394,7 @@ class Run:
                         (graphed.scorer.totals - scorer.totals).abs().max())
             finally:
                 set_vision_attention(self.model.base_vlm, "sdpa")
+            self.guarded("checks", "inference path", lambda: self.check_inference_path(batch))
             project = self.guarded("checks", "surgvqa.score_candidates", lambda: score_candidates(self.model, batch))
             if project is not None:
                 expected = torch.tensor([ll for c in project for ll in c.log_likelihoods.values()])
@@ -401,6 +403,25 @@ class Run:
                 self.results["checks"]["scoring_reference_scale"] = float(expected.abs().max())
         log(f"checks: {self.results['checks']}")
         self.save()
+
+    def check_inference_path(self, batch: dict[str, Any]) -> None:
+        """The path notebooks 05 and 07 and training-time evaluation take (surgvqa.model.answer_and_score,
+        on CUDA the fast path with graphs) answers and scores as the plain path."""
+        m, cuda = self.model, self.device.type == "cuda"
+        plain_cfg, m.cfg = m.cfg, m.cfg.replace(fast_inference=False)
+        try:
+            plain_answers, plain_scores = answer_and_score(m, batch, ANSWER_TOKENS)
+        finally:
+            m.cfg = plain_cfg
+        with torch.no_grad():
+            fast_answers, fast_scores = fastpath_answer_and_score(m, batch, ANSWER_TOKENS, use_graph=cuda)
+        plain = torch.tensor([v for c in plain_scores for v in c.log_likelihoods.values()])
+        fast = torch.tensor([v for c in fast_scores for v in c.log_likelihoods.values()])
+        self.results["checks"].update(
+            inference_path_answer_agreement=float(np.mean([a == b for a, b in zip(plain_answers, fast_answers)])),
+            inference_path_label_agreement=float(np.mean([a.label == b.label
+                                                          for a, b in zip(plain_scores, fast_scores)])),
+            inference_path_scoring_max_abs_diff=float((plain - fast).abs().max()))
 
     def query(self) -> None:
         m, n = self.model, ANSWER_TOKENS
@@ -474,6 +495,10 @@ class Run:
         for size in self.eval_batches:
             add("scoring: graphed prefill and continuation", "video", size,
                 lambda b: GraphedScorer(m, b, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
+        for size in self.eval_batches:
+            # what notebook 05 runs per batch: candidate scores and the free-text answer, on the fast path
+            add(f"05's path: answer_and_score ({ANSWER_TOKENS}-token answer)", "video", size,
+                lambda b: lambda: answer_and_score(m, b, ANSWER_TOKENS), "sdpa")
         for size in ends:
             add("scoring: shared prefix + clip attention", "video", size, lambda b: CandidateScorer(m, b),
                 CLIP_ATTENTION)
@@ -628,6 +653,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="Whisper frames per audio token (default: the qwen2vl-7b preset's, 4: 50 tokens "
                              "for a 4 s question; 2 gives the 100 tokens of DESIGN.md's anchors)")
     parser.add_argument("--profile", action="store_true", help="profile one query and one training step only")
+    parser.add_argument("--sections", default="checks,query,evaluation,train",
+                        help="comma-separated subset of checks, query, evaluation, train")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: use --smoke for the CPU")
@@ -638,7 +665,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run.build()
         profile(run)
         return run.results
-    for name in ("meta", "build", "checks", "query", "evaluation", "train", "summary"):
+    chosen = set(args.sections.split(","))
+    if not chosen <= {"checks", "query", "evaluation", "train"}:
+        parser.error(f"--sections {args.sections}: choose among checks, query, evaluation, train")
+    for name in ("meta", "build", *[s for s in ("checks", "query", "evaluation", "train") if s in chosen], "summary"):
         log(f"section {name} ({time.perf_counter() - t0:.0f} s in)")
         getattr(run, name)()
     run.print_table()

@@ -56,6 +56,10 @@ class Config:
     vlm_from_scratch: bool = False  # tiny only: random init instead of the shipped phantom-pretrained weights
     # where the model, Whisper and every batch live: "auto" (the GPU when there is one), "cpu" or "cuda"
     device: str = "auto"
+    # inference on CUDA (notebooks 05 and 07, training-time evaluation): the prompt through stock Qwen2-VL with
+    # batched clip attention, then candidate scoring and greedy decoding over a static KV cache, decoding
+    # replayed as a CUDA graph (surgvqa.fastpath); False: the plain path, which a CPU always runs
+    fast_inference: bool = True
     # "audio" (heard only), "text", "both"; "mixed" trains on all three (drawn per item) so that one model
     # is evaluated under each mode
     question_mode: str = "audio"

@@ -9,13 +9,20 @@
 * ``GraphedPrefill`` / ``GraphedScorer``: the prompt's host reads (M-RoPE and vision positions, segment
   bounds) done once ahead; Whisper + projector, the vision tower and the continuation replayed as graphs.
 
-Each path computes what ``surgvqa.model.score_candidates`` / ``generate`` compute (checked by
-``benchmarks/gpu.py`` on every run and by its CPU smoke test); on a CPU the same code runs without graphs.
+* ``answer_and_score``: what ``surgvqa.model.answer_and_score`` / ``score_candidates`` / ``generate`` run on
+  CUDA (notebooks 05 and 07, training-time evaluation): a stock prefill with clip attention, the candidates
+  over a static copy of its cache, the greedy answer over another, replayed as a CUDA graph per token.
+
+Each path computes what ``surgvqa.model.score_candidates`` / ``generate`` compute on the plain path (checked
+by ``benchmarks/gpu.py`` on every run and by its CPU smoke test, and ``answer_and_score`` by tests/test_model.py);
+on a CPU the same code runs without graphs.
 ``benchmarks/NOTES.md`` has what each one gains on an H200 at 7B shapes.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -24,7 +31,8 @@ from transformers import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .collate import IGNORE_INDEX
-from .model import AudioGraftedQwen2VL, audio_inputs, candidate_token_rows, vision_inputs
+from .model import (AudioGraftedQwen2VL, CandidateScores, audio_inputs, candidate_scores, candidate_token_rows,
+                    vision_inputs)
 
 # Vision attention routed to a registered function. transformers passes the packed sequence with its
 # cu_seqlens only to implementations whose name contains "flash" (is_flash_attention_requested); any other
@@ -103,12 +111,18 @@ class ClipAttention:
         return out.transpose(0, 1).unsqueeze(0), None
 
 
+_registered: ClipAttention | None = None
+
+
 def register_clip_attention() -> ClipAttention:
+    """The registered clip attention (registered at the first call; its call counters are shared)."""
+    global _registered
     from transformers import AttentionInterface
 
-    fn = ClipAttention()
-    AttentionInterface.register(CLIP_ATTENTION, fn)
-    return fn
+    if _registered is None:
+        _registered = ClipAttention()
+        AttentionInterface.register(CLIP_ATTENTION, _registered)
+    return _registered
 
 
 # --- decoding and scoring over a preallocated KV cache ---------------------------------------------------
@@ -128,7 +142,8 @@ class StaticKVDecoder:
     decoding step can be captured as a CUDA graph: one replay per token instead of ~600 kernel launches.
     """
 
-    def __init__(self, base: Qwen2VLForConditionalGeneration, batch: int, max_length: int):
+    def __init__(self, base: Qwen2VLForConditionalGeneration, batch: int, max_length: int,
+                 dtype: torch.dtype | None = None):
         lm = base.model.language_model
         cfg = lm.config
         self.layers, self.norm, self.lm_head, self.embed = lm.layers, lm.norm, base.lm_head, lm.embed_tokens
@@ -138,7 +153,8 @@ class StaticKVDecoder:
         self.rope_scale = getattr(lm.rotary_emb, "attention_scaling", 1.0)
         weight = base.lm_head.weight
         shape = (len(self.layers), batch, self.kv_heads, max_length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        # the prompt cache's dtype (4-bit preparation keeps hidden states in fp32 where the lm_head is bf16)
+        self.keys = torch.zeros(shape, dtype=dtype or weight.dtype, device=weight.device)
         self.values = torch.zeros_like(self.keys)
         self.filled = torch.zeros(batch, max_length, dtype=torch.bool, device=weight.device)
         self.slots = torch.arange(max_length, device=weight.device)
@@ -167,8 +183,8 @@ class StaticKVDecoder:
         angles = positions[..., None].float() * self.inv_freq  # (batch, T, head_dim / 2)
         angles = torch.cat((angles, angles), dim=-1)
         x = self.embed(tokens)
-        cos = (angles.cos() * self.rope_scale).to(x.dtype)[:, None]
-        sin = (angles.sin() * self.rope_scale).to(x.dtype)[:, None]
+        cos = (angles.cos() * self.rope_scale).to(self.keys.dtype)[:, None]
+        sin = (angles.sin() * self.rope_scale).to(self.keys.dtype)[:, None]
         batch = tokens.shape[0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -176,12 +192,13 @@ class StaticKVDecoder:
             q = attn.q_proj(h).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
             k = attn.k_proj(h).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
             v = attn.v_proj(h).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = (t.to(self.keys.dtype) for t in (q, k, v))
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
             self.keys[i].index_copy_(2, new_slots, k)
             self.values[i].index_copy_(2, new_slots, v)
             out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=visible[:, None],
                                                  enable_gqa=True)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1).to(x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.next_slot += steps
         return self.norm(x)
@@ -195,17 +212,24 @@ class StaticKVDecoder:
         """Record one greedy step as a CUDA graph."""
         self.graph = capture_graph(self._greedy_step)
 
-    def greedy(self, first_tokens: torch.Tensor, first_positions: torch.Tensor, steps: int) -> torch.Tensor:
-        """``steps`` greedy tokens after the first (which the prompt's last position predicted)."""
+    def greedy(self, first_tokens: torch.Tensor, first_positions: torch.Tensor, steps: int,
+               stop_token: int | None = None) -> torch.Tensor:
+        """``steps`` greedy tokens after the first (which the prompt's last position predicted); with
+        ``stop_token``, fewer once every row has produced it (one host read a step, as the plain path)."""
         self.tokens.copy_(first_tokens)
         self.positions.copy_(first_positions)
         out = [first_tokens.clone()]
+        done = first_tokens[:, 0] == stop_token if stop_token is not None else None
         for _ in range(steps):
+            if done is not None and bool(done.all()):
+                break
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self._greedy_step()
             out.append(self.tokens.clone())
+            if done is not None:
+                done = done | (self.tokens[:, 0] == stop_token)
         return torch.cat(out, dim=1)
 
 
@@ -214,7 +238,7 @@ class StaticKVDecoder:
 def model_inputs(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> dict[str, Any]:
     """What Qwen2-VL's forward takes from a batch, with the audio rows in the embeddings."""
     base = model.base_vlm
-    embeds = model.embed(batch["input_ids"], **audio_inputs(batch))
+    embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **audio_inputs(batch))
     extra = accepted_kwargs(base.model.forward, mm_token_type_ids=batch["mm_token_type_ids"])
     return dict(input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                 **extra, **vision_inputs(batch))
@@ -386,9 +410,10 @@ class CandidateScorer:
     batch in one forward over the static KV cache, with logits only at the scored positions and one
     host read at the end (surgvqa.model.score_candidates reads each candidate's total separately)."""
 
-    def __init__(self, model: AudioGraftedQwen2VL, batch: dict[str, Any]):
+    def __init__(self, model: AudioGraftedQwen2VL, batch: dict[str, Any], dtype: torch.dtype | None = None):
         self.model, self.batch = model, batch
         owners, labels, rows = candidate_token_rows(model, batch["samples"])
+        self.owners = owners
         device = batch["input_ids"].device
         self.labels = labels
         self.owner = torch.tensor(owners, device=device)
@@ -399,7 +424,8 @@ class CandidateScorer:
         for r, row in enumerate(rows):
             self.feed[r, : len(row) - 1] = torch.tensor(row[:-1])
             self.target[r, : len(row)] = torch.tensor(row)
-        self.decoder = StaticKVDecoder(model.base_vlm, len(rows), batch["input_ids"].shape[1] + self.feed.shape[1])
+        self.decoder = StaticKVDecoder(model.base_vlm, len(rows), batch["input_ids"].shape[1] + self.feed.shape[1],
+                                       dtype)
 
     @torch.no_grad()
     def __call__(self) -> list[str]:
@@ -426,3 +452,76 @@ class CandidateScorer:
                 chosen.setdefault(int(self.owner[r]), self.labels[r])
         self.totals = totals
         return [chosen[i] for i in range(len(self.batch["samples"]))]
+
+
+# --- the project's inference on the fast path ----------------------------------------------------------
+
+# Greedy decoders kept per model and shape, so that a batch of a shape seen before replays its captured
+# graph: KV buffers are rounded up to this many tokens (prompts of one study differ by a few tokens).
+DECODER_BUCKET = 256
+KEPT_DECODERS = 4
+_decoders: "weakref.WeakKeyDictionary[AudioGraftedQwen2VL, dict[tuple, StaticKVDecoder]]" = weakref.WeakKeyDictionary()
+
+
+def release_buffers(model: AudioGraftedQwen2VL) -> None:
+    """Drop the model's kept decoders and their graphs (training frees them after each evaluation)."""
+    _decoders.pop(model, None)
+
+
+def _greedy_decoder(model: AudioGraftedQwen2VL, batch: int, length: int, dtype: torch.dtype,
+                    use_graph: bool) -> StaticKVDecoder:
+    kept = _decoders.setdefault(model, {})
+    key = (batch, -(-length // DECODER_BUCKET) * DECODER_BUCKET, dtype, use_graph)
+    if key not in kept:
+        while len(kept) >= KEPT_DECODERS:
+            kept.pop(next(iter(kept)))
+        kept[key] = StaticKVDecoder(model.base_vlm, batch, key[1], dtype)
+    return kept[key]
+
+
+@contextlib.contextmanager
+def clip_attention(model: AudioGraftedQwen2VL):
+    """The vision tower on the batched clip attention for the duration (restored after)."""
+    register_clip_attention()
+    visual = model.base_vlm.model.visual
+    before = visual.config._attn_implementation
+    set_vision_attention(model.base_vlm, CLIP_ATTENTION)
+    try:
+        yield
+    finally:
+        set_vision_attention(model.base_vlm, before)
+
+
+@torch.no_grad()
+def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int, score: bool = True,
+                     use_graph: bool = True) -> tuple[list[str] | None, list[CandidateScores] | None]:
+    """What ``surgvqa.model.answer_and_score`` computes, on the fast path: one prefill through stock
+    Qwen2-VL (clip attention), then the candidates scored over a static copy of its cache and the greedy
+    answer decoded over another (a CUDA graph replayed per token when ``use_graph``). ``max_new_tokens`` 0:
+    no answers; ``score`` False: no scores. The batch is a generation batch on the model's device."""
+    with clip_attention(model):
+        logp_first, cache, next_position = prefill(model, batch)
+    mask = batch["attention_mask"]
+    dtype = cache_layers(cache)[0][0].dtype
+    answers = scores = None
+    if max_new_tokens:
+        decoder = _greedy_decoder(model, mask.shape[0], mask.shape[1] + max_new_tokens, dtype, use_graph)
+        first = logp_first.argmax(-1, keepdim=True)
+        if use_graph and decoder.graph is None:
+            decoder.load_prompt(cache, mask)
+            decoder.tokens.copy_(first)
+            decoder.positions.copy_(next_position)
+            decoder.capture()  # its warm-up steps write past the prompt: loaded again below
+        decoder.load_prompt(cache, mask)
+        tokens = decoder.greedy(first, next_position, max_new_tokens - 1, stop_token=model.im_end_id)
+        # a row's answer ends at its first end-of-turn (the plain path feeds finished rows padding instead)
+        ended = (tokens == model.im_end_id).int().cumsum(dim=1) - (tokens == model.im_end_id).int() > 0
+        tokens = tokens.masked_fill(ended, model.tokenizer.pad_token_id)
+        answers = [t.strip() for t in model.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    if score:
+        scorer = CandidateScorer(model, batch, dtype)
+        scorer.decoder.load_prompt(cache, mask, rows=scorer.owner)
+        positions = next_position[scorer.owner] + torch.arange(scorer.feed.shape[1], device=scorer.feed.device)
+        scorer.pick(logp_first, scorer.decoder.forward(scorer.feed, positions))
+        scores = candidate_scores(batch["samples"], scorer.owners, scorer.labels, scorer.totals.tolist())
+    return answers, scores

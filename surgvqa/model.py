@@ -14,6 +14,10 @@ call its ``max_source_positions`` is shrunk and its position table sliced to the
 Public API: ``build_model(cfg)``, ``AudioGraftedQwen2VL`` (``model(**batch).loss``), ``collator(model)``,
 ``parameter_groups(model)``, ``generate``, ``score_candidates``, ``save_checkpoint`` / ``load_checkpoint``,
 ``merge_for_export``.
+
+Inference (``generate``, ``score_candidates``, ``answer_and_score``) runs here on a CPU; on CUDA the same
+functions run ``surgvqa.fastpath.answer_and_score`` (static KV cache, clip attention, graphed decoding),
+which computes the same answers and scores (``Config.fast_inference`` switches it off).
 """
 from __future__ import annotations
 
@@ -560,6 +564,10 @@ def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: 
     _check_generation_batch(batch)
     batch = on_device(batch, model)
     with _evaluating(model):
+        if fast_inference(model):
+            from . import fastpath
+
+            return fastpath.answer_and_score(model, batch, max_new_tokens, score=False)[0]
         return _greedy_answers(model, _prefill(model, batch), max_new_tokens)[0]
 
 
@@ -658,14 +666,24 @@ def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sa
         if len(row) > 1:
             total = total + logp[r, torch.arange(len(row) - 1), torch.tensor(row[1:])].sum()
         totals.append(float(total))
+    return candidate_scores(samples, owners, labels, totals)
+
+
+def candidate_scores(samples: Sequence[data.Sample], owners: Sequence[int], labels: Sequence[str],
+                     totals: Sequence[float]) -> list[CandidateScores]:
+    """Each sample's scores from the log-likelihood of every candidate (rows as ``candidate_token_rows``)."""
     results = []
     for i, s in enumerate(samples):
-        mine = [r for r, o in enumerate(owners) if o == i]
-        ll = {labels[r]: totals[r] for r in mine}
+        ll = {labels[r]: float(totals[r]) for r, o in enumerate(owners) if o == i}
         probs = torch.softmax(torch.tensor(list(ll.values()), dtype=torch.float64), dim=0).tolist()
         results.append(CandidateScores(uid=s.uid, label=max(ll, key=ll.get), probabilities=dict(zip(ll, probs)),
                                        log_likelihoods=ll))
     return results
+
+
+def fast_inference(model: AudioGraftedQwen2VL) -> bool:
+    """Whether inference runs on surgvqa.fastpath: on CUDA unless the config's fast_inference is off."""
+    return model.cfg.fast_inference and model.base_vlm.device.type == "cuda"
 
 
 def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
@@ -679,6 +697,10 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
     _check_generation_batch(batch)
     batch = on_device(batch, model)
     with _evaluating(model):
+        if fast_inference(model):
+            from . import fastpath
+
+            return fastpath.answer_and_score(model, batch, 0)[1]
         return _scores(model, _prefill(model, batch), batch["samples"])
 
 
@@ -689,6 +711,10 @@ def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_
     _check_generation_batch(batch)
     batch = on_device(batch, model)
     with _evaluating(model):
+        if fast_inference(model):
+            from . import fastpath
+
+            return fastpath.answer_and_score(model, batch, max_new_tokens)
         pre = _prefill(model, batch)
         answers, added = _greedy_answers(model, pre, max_new_tokens)
         if added:

@@ -140,8 +140,8 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 # What --resume lets differ from the interrupted run's config: where caches live and how work is spread,
 # nothing that changes a number.
-RESUMABLE_CHANGES = frozenset({"num_workers", "wandb", "device", "accelerate_config", "phantom_cache_dir",
-                               "audio_features_dir", "cache_audio_features"})
+RESUMABLE_CHANGES = frozenset({"num_workers", "wandb", "device", "fast_inference", "accelerate_config",
+                               "phantom_cache_dir", "audio_features_dir", "cache_audio_features"})
 
 
 def check_resumable(last_dir: Path, cfg: Config) -> None:

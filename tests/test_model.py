@@ -478,3 +478,61 @@ def test_a_repository_relative_checkpoint_loads_from_any_working_directory(whisp
         shutil.rmtree(target)
     with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
         M.load_checkpoint("data/interim/no-such-checkpoint")
+
+
+@pytest.mark.parametrize("mode", ["audio", "text", "both"])
+def test_the_fast_path_answers_and_scores_as_the_plain_path(model, items, mode):
+    """What CUDA runs (surgvqa.fastpath: static KV cache, clip attention; graphs off on a CPU) computes what
+    the plain path computes: the same greedy answers and candidate labels, log-likelihoods within float
+    rounding."""
+    from surgvqa import fastpath
+
+    batch = dataclasses.replace(M.collator(model), question_mode=mode)(items, for_generation=True)
+    plain_answers, plain_scores = M.answer_and_score(model, batch, max_new_tokens=12)
+    with M._evaluating(model):
+        fast_answers, fast_scores = fastpath.answer_and_score(model, batch, 12, use_graph=False)
+        only_scores = fastpath.answer_and_score(model, batch, 0, use_graph=False)
+    assert fast_answers == plain_answers
+    assert only_scores[0] is None and [s.label for s in only_scores[1]] == [s.label for s in fast_scores]
+    for plain, fast in zip(plain_scores, fast_scores):
+        assert fast.uid == plain.uid and fast.label == plain.label
+        assert list(fast.log_likelihoods) == list(plain.log_likelihoods)
+        for label, value in plain.log_likelihoods.items():
+            assert fast.log_likelihoods[label] == pytest.approx(value, rel=1e-4, abs=1e-4), (mode, label)
+
+
+def test_the_fast_path_ends_each_answer_at_its_end_of_turn_as_the_plain_path():
+    """The shipped model answers in sentences that end: rows finish at different steps, and decoding stops
+    once all have (the plain path feeds finished rows padding; the fast path cuts after the end-of-turn)."""
+    from surgvqa import fastpath
+
+    shipped = M.load_checkpoint(M.REPO_ROOT / "checkpoints" / "tiny-phantom")
+    samples = first_of_types("mucosa_visibility", "lesion_motion_direction", "tool_identification", "lesion_site")
+    items = make_items(samples, size=shipped.cfg.frame_size, seconds=(1.0, 1.7, 2.3, 1.2))
+    batch = dataclasses.replace(M.collator(shipped), question_mode="text")(items, for_generation=True)
+    plain, _ = M.answer_and_score(shipped, batch, max_new_tokens=40)
+    with M._evaluating(shipped):
+        fast, _ = fastpath.answer_and_score(shipped, batch, 40, use_graph=False)
+    assert fast == plain
+    lengths = {len(shipped.tokenizer(a)["input_ids"]) for a in plain}
+    assert len(lengths) > 1 and max(lengths) < 39, plain  # ended, at different lengths
+
+
+def test_the_fast_path_on_a_4bit_model_scores_as_the_plain_path(whisper, items, tmp_path):
+    """4-bit preparation keeps the embeddings and lm_head in fp32 around nf4 layers: the static cache takes
+    the prompt cache's dtype and the answers and labels stay those of the plain path."""
+    from surgvqa import fastpath
+
+    M.save_checkpoint(M.build_model(tiny_config(lora=False), whisper=whisper), tmp_path)
+    quantized = M.build_model(tiny_config(vlm=str(tmp_path / "vlm"), vlm_from_scratch=False, load_in_4bit=True),
+                              whisper=whisper)
+    batch = M.collator(quantized)(items, for_generation=True)
+    M.answer_and_score(quantized, batch, max_new_tokens=6)  # bitsandbytes' CPU backend repacks at first use
+    plain_answers, plain_scores = M.answer_and_score(quantized, batch, max_new_tokens=6)
+    with M._evaluating(quantized):
+        fast_answers, fast_scores = fastpath.answer_and_score(quantized, batch, 6, use_graph=False)
+    assert fast_answers == plain_answers
+    for plain, fast in zip(plain_scores, fast_scores):
+        assert fast.label == plain.label
+        for label, value in plain.log_likelihoods.items():
+            assert fast.log_likelihoods[label] == pytest.approx(value, rel=1e-3, abs=1e-3)
