@@ -9,6 +9,7 @@ COMMANDS = {
     "workbook": "surgvqa.workbook:main",
     "synthesize": "surgvqa.audio:main",
     "score": "surgvqa.evaluate:main",
+    "merge": "surgvqa.evaluate:merge_main",
     "pretrain": "surgvqa.pretrain:main",
     "heard-bank": "surgvqa.pretrain:heard_bank_main",
     "make-checkpoint": "surgvqa.dryrun:main",

@@ -687,6 +687,64 @@ def load_train(source: str) -> list[Sample]:
     return load_annotations(source)
 
 
+MERGE_AGREEMENT = 0.99  # the least answer agreement at which a merged export counts as the adapter's model
+
+
+def merge_parity(adapter_records: Sequence[dict], merged_records: Sequence[dict]) -> dict:
+    """How alike two predictions of the same rows are: free-text answers read to the same label, the same
+    most likely candidate, and the largest difference of a candidate's log-probability (normalised over its
+    question type's candidates)."""
+    if [r["uid"] for r in adapter_records] != [r["uid"] for r in merged_records]:
+        raise ValueError("the two predictions are not of the same rows in the same order")
+    answers = [score_answer(a["prediction"], a["question_type"]) == score_answer(b["prediction"], b["question_type"])
+               for a, b in zip(adapter_records, merged_records)]
+    labels = [a["candidate_label"] == b["candidate_label"] for a, b in zip(adapter_records, merged_records)]
+    gap = max(abs(math.log(max(a["probabilities"][k], 1e-300)) - math.log(max(b["probabilities"][k], 1e-300)))
+              for a, b in zip(adapter_records, merged_records) for k in a["probabilities"])
+    return {"n": len(answers), "answer_agreement": float(np.mean(answers)),
+            "candidate_agreement": float(np.mean(labels)), "max_abs_logprob_diff": gap}
+
+
+def merge_main(argv: list[str]) -> int:
+    """``python -m surgvqa merge CHECKPOINT --out DIR``: the adapter folded into full-precision base weights
+    (a QLoRA run's base is reloaded unquantised), written as a checkpoint, and checked against the adapter
+    on eval rows; exit 1 when fewer than 99 % of answers agree."""
+    import torch
+
+    from . import model as graft
+    from .data import limited
+
+    parser = argparse.ArgumentParser(prog="python -m surgvqa merge", description=merge_main.__doc__.split(":")[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder with a LoRA adapter (best/ of a run)")
+    parser.add_argument("--out", required=True, help="folder for the merged checkpoint and merge_parity.json")
+    parser.add_argument("--rows", type=int, default=200, help="eval rows to compare on (0: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"{out} exists and is not empty: choose a new folder")
+    adapter = graft.load_checkpoint(args.checkpoint)
+    cfg = adapter.cfg
+    # The adapter changes the language model only; written questions reach every adapted layer.
+    rows = limited(load_split(cfg)["eval"], args.rows, cfg.seed)
+    before = predict(adapter, rows, cfg, "text", batch_size=args.batch_size)
+    del adapter
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    merged = graft.merge_for_export(graft.load_checkpoint(args.checkpoint, load_in_4bit=False))
+    after = predict(merged, rows, cfg, "text", batch_size=args.batch_size)
+    graft.save_checkpoint(merged, out)
+    parity = {"checkpoint": str(args.checkpoint), "quantized_adapter": cfg.load_in_4bit,
+              **merge_parity(before, after)}
+    (out / "merge_parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+    print(json.dumps(parity, indent=2))
+    if parity["answer_agreement"] < MERGE_AGREEMENT:
+        print(f"[merge] only {parity['answer_agreement']:.1%} of answers agree (at least {MERGE_AGREEMENT:.0%} "
+              f"expected): the merged model is not the adapter's model", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m surgvqa score",
                                      description="Score a predictions JSONL strictly and print accuracy "

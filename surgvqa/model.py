@@ -402,10 +402,16 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LM_LINEAR_LAYERS, bias="none",
                       modules_to_save=["lm_head"] if train_output_layer else None)
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: a FutureWarning per model built
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _peft_quiet():
         return get_peft_model(vlm, lora)
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    # peft 0.21 reads transformers' deprecated is_gradient_checkpointing: a FutureWarning per model wrapped
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] | None = None,
@@ -787,7 +793,8 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
 
             vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=False)
         vlm.requires_grad_(False)
-        vlm = PeftModel.from_pretrained(vlm, str(directory / "adapter"), is_trainable=trainable)
+        with _peft_quiet():
+            vlm = PeftModel.from_pretrained(vlm, str(directory / "adapter"), is_trainable=trainable)
     else:
         vlm.requires_grad_(trainable)
     model = AudioGraftedQwen2VL(vlm, encoder, tokenizer, feature_extractor, cfg,
