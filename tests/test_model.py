@@ -536,3 +536,16 @@ def test_the_fast_path_on_a_4bit_model_scores_as_the_plain_path(whisper, items, 
         assert fast.label == plain.label
         for label, value in plain.log_likelihoods.items():
             assert fast.log_likelihoods[label] == pytest.approx(value, rel=1e-3, abs=1e-3)
+
+
+def test_a_4bit_model_keeps_its_frozen_parts_in_their_dtype(whisper, tmp_path):
+    """QLoRA leaves the frozen vision tower, embeddings and lm_head in the checkpoint's dtype (bf16 here, as
+    the real presets load them) instead of casting them to fp32; only the adapters and projector train."""
+    M.save_checkpoint(M.build_model(tiny_config(lora=False, dtype="bfloat16"), whisper=whisper), tmp_path)
+    quantized = M.build_model(tiny_config(vlm=str(tmp_path / "vlm"), vlm_from_scratch=False, load_in_4bit=True,
+                                          dtype="bfloat16"), whisper=whisper)
+    base = quantized.base_vlm
+    for part in (base.model.visual, base.get_input_embeddings(), base.lm_head):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    trainable = {n for n, p in quantized.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("projector.") for n in trainable)
