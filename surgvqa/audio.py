@@ -402,7 +402,7 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
     Files already in the cache (same text, same voice spec) are not rendered again. ``path`` in the
     manifest is relative to ``cfg.audio_dir``; the manifest is saved there as CSV and JSONL.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     cfg = cfg or get_config()
     root = cfg.path(cfg.audio_dir)
@@ -420,7 +420,7 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
     jobs = list(todo.values())
     workers = workers or ENGINE_WORKERS[cfg.tts_engine] or os.cpu_count() or 1
     n_files = len({r["path"] for r in rows})
-    bar = tqdm(total=len(jobs), desc=f"synthesize {split} ({n_files - len(jobs)} of {n_files} files cached)",
+    bar = progress_bar(total=len(jobs), desc=f"synthesize {split} ({n_files - len(jobs)} of {n_files} files cached)",
                unit="file", disable=not progress or not jobs)
     if jobs:  # the first one alone: an engine that cannot speak fails once, before the pool starts
         _render_job(jobs[0])
@@ -544,7 +544,7 @@ def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarra
     atomically; returns uid -> array path. Every WAV is validated on the way, errors naming the sample.
     """
     import torch
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     wav_of, digest_of = {}, {}
     for uid, path in paths.items():
@@ -566,7 +566,7 @@ def cache_encoded_audio(paths: dict[str, str], log_mel: Callable[[str, np.ndarra
     for target, uid in todo.items():
         mel = log_mel(uid, load_question_audio(uid, wav_of[uid], cfg))
         by_length.setdefault(mel.shape[-1], []).append((target, mel))
-    bar = tqdm(total=len(todo), desc=f"encode question audio ({len(set(out.values())) - len(todo)} cached)",
+    bar = progress_bar(total=len(todo), desc=f"encode question audio ({len(set(out.values())) - len(todo)} cached)",
                unit="file", disable=not progress)
     for group in by_length.values():
         for start in range(0, len(group), batch_size):

@@ -582,7 +582,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     import time
 
     import torch
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from . import model as graft
     from .collate import prefetched_batches
@@ -605,7 +605,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
     records = []
     with torch.inference_mode():
-        for batch in tqdm(batches, desc=f"predict ({mode})", disable=not progress, unit="batch",
+        for batch in progress_bar(batches, desc=f"predict ({mode})", disable=not progress, unit="batch",
                           total=math.ceil(len(dataset) / batch_size)):
             started = time.perf_counter()
             if generate_answers:

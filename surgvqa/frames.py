@@ -1215,7 +1215,7 @@ def probe_views(samples: Sequence[Sample], cfg: Config | None = None, size: int 
     import multiprocessing
     import os
 
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     cfg = (cfg or get_config()).replace(frames_source="phantom", frame_size=size)
     by_clip: dict[tuple, list[int]] = defaultdict(list)
@@ -1225,11 +1225,11 @@ def probe_views(samples: Sequence[Sample], cfg: Config | None = None, size: int 
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     bar = dict(total=len(jobs), desc=f"probe features ({size} px)", unit="clip", mininterval=2.0)
     if workers == 1:
-        per_clip = list(tqdm(map(_probe_views_of_clip, jobs), **bar))
+        per_clip = list(progress_bar(map(_probe_views_of_clip, jobs), **bar))
     else:
         # spawned, not forked: the caller may hold threads (a notebook kernel, torch) that fork would copy
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            per_clip = list(tqdm(pool.map(_probe_views_of_clip, jobs, chunksize=16), **bar))
+            per_clip = list(progress_bar(pool.map(_probe_views_of_clip, jobs, chunksize=16), **bar))
     views = {"clip": [None] * len(samples), "frame": [None] * len(samples), "global": [None] * len(samples)}
     for rows, feats in zip(by_clip.values(), per_clip):
         for i in rows:

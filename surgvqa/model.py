@@ -384,7 +384,7 @@ def _load_whisper_from_cfg(cfg: Config) -> tuple[WhisperEncoder, WhisperFeatureE
 def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> nn.Module:
     """LoRA on every language-model linear layer (all else frozen), or the whole VLM trainable."""
     if cfg.gradient_checkpointing:
-        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.lora:
         if cfg.load_in_4bit:
             raise ValueError("4-bit weights cannot be trained directly: set lora=True with load_in_4bit")

@@ -422,12 +422,11 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     def save_last() -> None:
         save_training_state(last_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg, accelerator)
 
-    from tqdm.auto import tqdm
-
     uncast = cfg.lora and accelerator.mixed_precision == "bf16"
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", disable=not main, unit="step")
     model.train()
     started, samples_seen, window_loss, window_n, window_distill = time.time(), 0, 0.0, 0, []
+    # the logging window's training time (evaluation and saving excluded): its samples/s and the ETA
+    window_started, window_samples, window_steps = time.time(), 0, 0
     waited = [0.0]  # seconds the loop waited for its next batch (frames decoded, audio read, collated)
     while state.step < cfg.max_steps and not state.stopped_early:
         loader = epoch_loader(state.epoch)
@@ -445,20 +444,25 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                 optimizer.zero_grad()
             state.batches_in_epoch += 1
             samples_seen += len(batch["samples"]) * accelerator.num_processes
+            window_samples += len(batch["samples"]) * accelerator.num_processes
             window_loss, window_n = window_loss + loss.item(), window_n + 1
             if output.distill_loss is not None:
                 window_distill.append(output.distill_loss.item())
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            bar.update()
+            window_steps += 1
             if state.step % max(1, min(10, cfg.eval_every)) == 0 or state.step == cfg.max_steps:
-                elapsed = time.time() - started
-                logger.log(state.step, {"train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[-1],
-                                        "samples_per_s": samples_seen / elapsed,
+                seconds = max(1e-9, time.time() - window_started)
+                rate, lr = window_samples / seconds, scheduler.get_last_lr()[-1]
+                logger.log(state.step, {"train_loss": window_loss / window_n, "lr": lr, "samples_per_s": rate,
                                         **({"distill_loss": float(np.mean(window_distill))} if window_distill else {})})
-                bar.set_postfix(loss=f"{window_loss / window_n:.3f}")
+                if main:
+                    eta = (cfg.max_steps - state.step) * seconds / window_steps
+                    log(f"[train] step {state.step}/{cfg.max_steps}  loss {window_loss / window_n:.4f}  lr {lr:.2e}  "
+                        f"{rate:.1f} samples/s  eta {int(eta // 60)}m{int(eta % 60):02d}s (training only)")
                 window_loss, window_n, window_distill = 0.0, 0, []
+                window_started, window_samples, window_steps = time.time(), 0, 0
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 metrics = run_eval()
                 logger.log(state.step, metrics)
@@ -475,16 +479,15 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                 log(f"[train] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                     + (" (best)" if state.best_step == state.step else ""))
                 save_last()
+                window_started = time.time()
             if state.step >= cfg.max_steps or state.stopped_early:
                 break
             if stop_after is not None and state.step >= stop_after:
                 save_last()
-                bar.close()
                 logger.close()
                 return {"interrupted_at": state.step}
         else:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-    bar.close()
     logger.close()
     # DDP keeps replicas identical by construction; check it rather than assume it.
     checksums = accelerator.gather(trainable_checksum(model).to(accelerator.device).unsqueeze(0)).cpu()

@@ -1,0 +1,131 @@
+"""Training memory and speed of the real presets on the card each one is meant for, modelled on one large GPU.
+
+    python benchmarks/memory.py --vlm DIR --whisper DIR --frames-dir DIR [--presets qlora-2x24gb,bf16-lora-1gpu]
+                                [--steps 16] [--out benchmarks/results]
+
+Each preset trains through ``surgvqa.train.train`` itself (one process; the same model build, collator,
+encoder cache, autocast and optimizer as a real run), with gradient checkpointing on and off, in a fresh
+process whose CUDA memory is capped with ``torch.cuda.set_per_process_memory_fraction`` to the card it
+models (24 GiB, 80 GiB), so that a run over budget fails here as it would there. Reported per run: whether
+it fit, peak allocated and reserved memory, training ms/sample over the last logging window (evaluation and
+saving excluded), the data loader's wait fraction, and the sizes of ``last/`` and ``best/``. The batch
+is the preset's; ``grad_accum`` is 1 (it changes neither memory nor time per sample). Questions come from
+the preset's TTS engine (``-p tts_engine=espeak-ng`` offline); their longest duration is reported.
+
+Weights can be random (``python -m surgvqa make-checkpoint --like qwen2vl-7b --random``): memory and time
+depend on shapes, not values. Writes ``memory.json`` under --out and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GIB = 2 ** 30
+# the card each preset is sized for, and the peak allocated memory it must stay under on it (the CUDA
+# context, cuBLAS workspaces and fragmentation need the rest)
+CARDS = {"qlora-2x24gb": (24, 21), "bf16-lora-1gpu": (80, 70), "qwen2vl-7b": (80, 70), "qwen2vl-2b": (24, 21)}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def run_one(preset: str, checkpointing: bool, args: argparse.Namespace, scratch: Path) -> dict:
+    """One capped training run, in this process (the parent starts one process per run)."""
+    import pandas as pd
+    import torch
+
+    from surgvqa.audio import manifest_path
+    from surgvqa.config import get_config, parse_overrides
+    from surgvqa.train import train
+
+    card_gib, budget_gib = CARDS[preset]
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, card_gib * GIB / total))
+    base = get_config(preset)
+    out = scratch / f"{preset}-{'ckpt' if checkpointing else 'nockpt'}"
+    cfg = get_config(preset, **{
+        **parse_overrides(args.param), "vlm": args.vlm, "whisper": args.whisper, "frames_dir": args.frames_dir,
+        "gradient_checkpointing": checkpointing, "grad_accum": 1, "max_steps": args.steps, "eval_every": args.steps,
+        "warmup_steps": 1, "limit_train": args.steps * base.batch_size, "eval_limit": base.batch_size,
+        "accelerate_config": "", "output_dir": str(out)})
+    row = {"preset": preset, "gradient_checkpointing": checkpointing, "batch_size": cfg.batch_size,
+           "card_gib": card_gib, "budget_gib": budget_gib, "frame_size": cfg.frame_size, "audio_pool": cfg.audio_pool}
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        summary = train(cfg)
+    except torch.cuda.OutOfMemoryError as e:
+        return {**row, "fits": False, "error": str(e).splitlines()[0][:300],
+                "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB}
+    log = pd.read_csv(out / "log.csv").dropna(subset=["samples_per_s"])
+    manifest = pd.read_csv(manifest_path("train", cfg, ".csv"))
+    peak = torch.cuda.max_memory_allocated() / GIB
+    return {**row, "fits": peak <= budget_gib, "peak_allocated_gib": peak,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            "ms_per_sample": 1000.0 / float(log["samples_per_s"].iloc[-1]),
+            "data_wait_fraction": summary["data_wait_fraction"], "steps": summary["steps"],
+            "longest_question_s": float(manifest["duration_s"].max()),
+            "last_gib": folder_bytes(out / "last") / GIB, "best_gib": folder_bytes(out / "best") / GIB}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vlm", required=True)
+    parser.add_argument("--whisper", required=True)
+    parser.add_argument("--frames-dir", required=True)
+    parser.add_argument("--presets", default="qlora-2x24gb,bf16-lora-1gpu")
+    parser.add_argument("--checkpointing", default="on,off", help="on, off or on,off")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("-p", "--param", action="append", default=[], help="config override key=value")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--keep", type=Path, help="keep the runs' folders here (default: a temporary folder)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # preset:on|off, run in a child process
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        preset, flag = args.one.split(":")
+        print("RESULT " + json.dumps(run_one(preset, flag == "on", args, Path(args.scratch))), flush=True)
+        return 0
+    unknown = set(args.presets.split(",")) - set(CARDS)
+    if unknown:
+        parser.error(f"--presets: {sorted(unknown)} unknown; choose among {sorted(CARDS)}")
+    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as temporary:
+        scratch = str(args.keep or temporary)
+        # checkpointing on first: the presets' own setting is measured even if a later run is cut short
+        for flag in args.checkpointing.split(","):
+            for preset in args.presets.split(","):
+                print(f"== {preset}, gradient checkpointing {flag}", flush=True)
+                child = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                                        "--one", f"{preset}:{flag}", "--scratch", scratch],
+                                       capture_output=True, text=True, cwd=REPO)
+                print("\n".join(line for line in (child.stdout + child.stderr).splitlines()
+                                 if line.startswith("[train]"))[-2000:], flush=True)
+                found = [line[7:] for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+                rows.append(json.loads(found[-1]) if found else
+                            {"preset": preset, "gradient_checkpointing": flag == "on", "fits": False,
+                             "error": (child.stderr.strip().splitlines() or ["no output"])[-1][:300]})
+                (args.out / "memory.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    print(f"\n{'preset':16} {'ckpt':>4} {'batch':>5} {'fits':>5} {'peak GiB':>8} {'budget':>6} {'ms/sample':>9} "
+          f"{'data wait':>9} {'last/ GiB':>9} {'best/ GiB':>9}")
+    for r in rows:
+        def num(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+        print(f"{r['preset']:16} {'on' if r['gradient_checkpointing'] else 'off':>4} {num('batch_size', 'd'):>5} "
+              f"{str(r['fits']):>5} {num('peak_allocated_gib', '.1f'):>8} {num('budget_gib', 'd'):>6} "
+              f"{num('ms_per_sample', '.1f'):>9} {num('data_wait_fraction', '.3f'):>9} {num('last_gib', '.3f'):>9} "
+              f"{num('best_gib', '.3f'):>9}" + (f"  {r['error']}" if r.get("error") else ""))
+    print(f"\nJSON: {args.out / 'memory.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
