@@ -224,7 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 0.32 s, through a projector whose rows mix the model's own token embeddings); fine-tuning starts from
     # that projector too. "mixed" trains one model that 05-evaluate then runs with the question heard, read,
     # or both. Training reads cached Whisper outputs. A low learning rate keeps what pretraining built
-    # (on the stage-3 checkpoint, 3e-4 cost 2.5 points heard). README: what each step bought.
+    # (on the stage-3 checkpoint, 3e-4 cost 2.5 points heard). docs/HISTORY.md: what each step bought.
     "tiny": dict(frame_size=112, question_mode="mixed", lr=3e-5, projector_lr=1e-4, max_steps=300,
                  warmup_steps=20, eval_every=100, eval_limit=200, audio_pool=16, audio_projector="vocab",
                  pretrained_projector=True),
