@@ -52,6 +52,9 @@ EDGE_TTS_RETRIES = 3
 # requests in flight at once per engine: the online service throttles many parallel connections
 ENGINE_WORKERS = {"espeak-ng": None, "piper": None, "edge-tts": 4}  # None: every core
 SILENCE_RMS = 1e-3  # about -60 dBFS: quieter than any speech the engines produce
+MAX_PEAK = 1.0  # full scale: a float WAV beyond it holds samples in other units (raw integers, say), not audio
+CLIP_LEVEL = 0.999  # |x| at or above this sits at full scale (16-bit full scale reads as 0.99997)
+MAX_CLIPPED_FRACTION = 0.01  # ``render`` keeps every engine below 0.99, so a question we made never clips
 WHISPER_CACHE_DIR = "data/interim/whisper"
 DEFAULT_RATE = 175  # words per minute: espeak-ng's default, the reference for every engine
 DEFAULT_PITCH = 50  # espeak-ng's 0-99 scale
@@ -374,9 +377,37 @@ def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY
 
 def _readable_wav(path: Path) -> bool:
     try:
-        return path.stat().st_size > 44 and sf.info(str(path)).frames > 0  # 44 bytes: a WAV header alone
+        frames = _riff_data_frames(path)
+        return (path.stat().st_size > 44 and sf.info(str(path)).frames > 0  # 44 bytes: a WAV header alone
+                and (frames is None or frames[0] <= frames[1]))  # a file cut short is rendered again
     except (OSError, RuntimeError, sf.LibsndfileError):
         return False
+
+
+def _riff_data_frames(path: Path) -> tuple[int, int] | None:
+    """(frames the ``data`` chunk's header declares, whole frames the file holds after that header) of a
+    RIFF/WAVE file; None for any other file or when no ``fmt ``-then-``data`` chunks are found.
+
+    Only chunk headers are read: decoders quietly return the frames that are there when a file was cut
+    short with its header intact, so the header and the file size are compared here.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        riff = f.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
+            return None
+        block_align, offset = 0, 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk, length = struct.unpack("<4sI", f.read(8))
+            if chunk == b"fmt ":
+                fmt = f.read(14)  # format, channels, sample rate, bytes per second, bytes per frame
+                block_align = struct.unpack_from("<H", fmt, 12)[0] if len(fmt) == 14 else 0
+            elif chunk == b"data":
+                held = size - offset - 8
+                return (length // block_align, held // block_align) if block_align else None
+            offset += 8 + length + (length & 1)  # a chunk of odd length is followed by a pad byte
+    return None
 
 
 def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
@@ -473,9 +504,11 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
                         resample: bool = False) -> np.ndarray:
     """A question's audio as float32 mono at ``cfg.sample_rate``, or an ``AudioError``.
 
-    Checked: the file exists and decodes, is mono at the expected rate (other rates and channel counts
-    are converted only when ``resample`` is asked for), is finite, is not silent (RMS floor) and lasts
-    between ``cfg.min_audio_s`` and ``cfg.max_audio_s``. A relative path is under ``cfg.audio_dir``.
+    Checked, cheapest first: the file exists, holds as many frames as its WAV header declares and decodes;
+    its samples are finite, within full scale and not clipped; it is mono at the expected rate (other rates
+    and channel counts are converted only when ``resample`` is asked for), lasts between ``cfg.min_audio_s``
+    and ``cfg.max_audio_s``, is not silent (RMS floor) and sounds like speech (``speech_problem``). A
+    relative path is under ``cfg.audio_dir``.
     """
     cfg = cfg or get_config()
     path = Path(path)
@@ -487,10 +520,18 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
 
     if not path.is_file():
         raise fail("file does not exist")
+    frames = _riff_data_frames(path)
+    if frames is not None and frames[0] > frames[1]:
+        raise fail(f"cut short: its WAV header declares {frames[0]} frames but only {frames[1]} were decoded")
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise fail(f"cannot be decoded as audio ({e})") from None
+    if not np.isfinite(audio).all():
+        raise fail("contains NaN or infinite samples")
+    problem = _level_problem(audio)  # on the samples as stored: resampling may overshoot full scale
+    if problem:
+        raise fail(problem)
     if audio.shape[1] != 1:
         if not resample:
             raise fail(f"{audio.shape[1]} channels, expected mono (pass resample=True to mix down)")
@@ -500,8 +541,6 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
         if not resample:
             raise fail(f"sample rate {rate} Hz, expected {cfg.sample_rate} Hz (pass resample=True to convert)")
         audio = resample_audio(audio, rate, cfg.sample_rate)
-    if not np.isfinite(audio).all():
-        raise fail("contains NaN or infinite samples")
     duration = audio.size / cfg.sample_rate
     if duration < cfg.min_audio_s:
         raise fail(f"too short: {duration:.3f} s < min_audio_s {cfg.min_audio_s} s")
@@ -510,7 +549,99 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
     level = _rms(audio)
     if level < SILENCE_RMS:
         raise fail(f"silent: RMS {level:.2e} < {SILENCE_RMS:.0e}")
+    problem = speech_problem(audio, cfg.sample_rate)
+    if problem:
+        raise fail(problem)
     return audio
+
+
+def _level_problem(audio: np.ndarray) -> str | None:
+    """Why samples cannot be a recording's levels (beyond full scale, or clipped), or None."""
+    magnitude = np.abs(audio)
+    peak = float(magnitude.max(initial=0.0))
+    if peak > MAX_PEAK:
+        return f"peak {peak:.3g} > {MAX_PEAK}: samples beyond full scale (float data in other units?)"
+    clipped = float(np.mean(magnitude >= CLIP_LEVEL)) if audio.size else 0.0
+    if clipped > MAX_CLIPPED_FRACTION:
+        return (f"clipped: {clipped:.1%} of samples at full scale (|x| >= {CLIP_LEVEL}), more than "
+                f"{MAX_CLIPPED_FRACTION:.0%}")
+    return None
+
+
+# Speech activity. The thresholds sit between the worst cases measured on each side: 2,798 spoken
+# questions (the 78 cached espeak-ng questions; 2,520 espeak-ng renders over 280 voices, every accent bare
+# and with each variant, at the pool's rates and pitches and at 80/400 words per minute and pitch 0/99;
+# flite's kal, kal16, awb, rms and slt voices on all 40 question wordings, 200 renders) against white,
+# pink and brown noise (steady and in bursts), hiss, a DC offset, mains hum, 440 Hz and 1 kHz tones
+# (steady, beeping, square, in noise) at RMS 0.003-0.2. Every feature is independent of the level.
+SPEECH_FRAME_S = 0.025
+SPEECH_HOP_S = 0.010
+LOUD_PERCENTILE = 95  # the loud level is exceeded by 5% of frames, so that one click does not set it
+# Only frames this close to the loud level are judged: a question's vowels, a beep's tone, and neither the
+# gaps between beeps nor a noise under them.
+LOUD_FRAME_DB = 10.0
+LEVEL_FLOOR_DB = 60.0  # quieter frames count as this far below the loud level (silence would be -inf dB)
+TONE_HZ = 2.0  # frames whose strongest frequencies are this close hold one pitch
+# Questions at most 0.010 (0.034 under white noise 20 dB below them; 10 dB below, up to 0.12: refused);
+# pink noise 0.17-0.19, white noise and hiss 0.56-0.57.
+MAX_FLATNESS = 0.08
+# Questions at most 0.43 (espeak-ng's steady-pitched voices); beeps and tones 0.97-1.0, a rumble (brown
+# noise, its strongest frequency always the lowest) 0.88-0.93.
+MAX_TONALITY = 0.7
+# Questions at least 5.8 dB (3.9 dB under noise 10 dB below them); steady sounds at most 2.4 dB (pink
+# noise), mains hum 1.8 dB, white noise 0.4 dB, tones 0 dB.
+MIN_LEVEL_SPREAD_DB = 3.0
+
+
+def speech_activity(wave: np.ndarray, sample_rate: int) -> dict[str, float]:
+    """The features that tell a spoken question from noise and tones, on 25 ms Hann frames every 10 ms.
+
+    Of the loud frames (within ``LOUD_FRAME_DB`` of the loud level): ``flatness``, the median spectral
+    flatness (geometric over arithmetic mean of the power spectrum), about 0.56 for white noise and far
+    lower for voiced speech; ``tonality``, the largest share of loud frames whose strongest frequencies lie
+    within ``TONE_HZ`` of each other: a steady or beeping tone keeps its frequency, a voice's pitch moves.
+    Of all frames: ``level_spread_db``, the standard deviation of their levels in dB: syllables and pauses
+    make speech rise and fall, a steady sound does not. ``wave`` is mono and at least one frame long.
+    """
+    frame, hop = round(SPEECH_FRAME_S * sample_rate), round(SPEECH_HOP_S * sample_rate)
+    n_fft = 1 << (frame - 1).bit_length()
+    starts = np.arange(0, wave.size - frame + 1, hop)
+    windowed = wave[starts[:, None] + np.arange(frame)] * np.hanning(frame)
+    power = np.abs(np.fft.rfft(windowed, n_fft)) ** 2 + 1e-30  # digital silence has a finite log
+    level = 10 * np.log10(power.sum(axis=1))
+    loud_level = np.percentile(level, LOUD_PERCENTILE)
+    loud = power[level >= loud_level - LOUD_FRAME_DB]
+    log_loud = np.log(loud)
+    flatness = np.exp(log_loud.mean(axis=1)) / loud.mean(axis=1)
+    pitch = np.sort(_peak_frequency(log_loud, sample_rate / n_fft))
+    near = np.searchsorted(pitch, pitch + TONE_HZ, "right") - np.searchsorted(pitch, pitch - TONE_HZ, "left")
+    return {"flatness": float(np.median(flatness)), "tonality": float(near.max() / pitch.size),
+            "level_spread_db": float(np.maximum(level, loud_level - LEVEL_FLOOR_DB).std())}
+
+
+def _peak_frequency(log_power: np.ndarray, bin_hz: float) -> np.ndarray:
+    """Each frame's strongest frequency, placed between bins by a parabola through the log power of the
+    peak bin and its neighbours: a tone between two bins would otherwise alternate between them."""
+    rows = np.arange(len(log_power))
+    peak = np.clip(log_power.argmax(axis=1), 1, log_power.shape[1] - 2)
+    left, top, right = log_power[rows, peak - 1], log_power[rows, peak], log_power[rows, peak + 1]
+    curvature = left - 2 * top + right
+    shift = np.divide(0.5 * (left - right), curvature, out=np.zeros_like(curvature), where=curvature < 0)
+    return (peak + shift) * bin_hz
+
+
+def speech_problem(wave: np.ndarray, sample_rate: int) -> str | None:
+    """Why ``wave`` is not a spoken question (noise, a tone, a steady sound), or None when it sounds like one."""
+    features = speech_activity(wave, sample_rate)
+    if features["flatness"] > MAX_FLATNESS:
+        return f"not speech but noise: spectral flatness {features['flatness']:.3f} > {MAX_FLATNESS}"
+    if features["tonality"] > MAX_TONALITY:
+        return (f"not speech but a tone: {features['tonality']:.0%} of its loud frames peak at one frequency "
+                f"(more than {MAX_TONALITY:.0%})")
+    if features["level_spread_db"] < MIN_LEVEL_SPREAD_DB:
+        return (f"not speech but a steady sound: its level varies by {features['level_spread_db']:.1f} dB "
+                f"(less than {MIN_LEVEL_SPREAD_DB} dB)")
+    return None
 
 
 # --- cached Whisper encoder outputs ----------------------------------------------------------------

@@ -20,6 +20,8 @@ from surgvqa.audio import AudioError, TTSError, VoiceError, VoiceSpec
 from surgvqa.config import get_config
 from surgvqa.data import published_split, question_wordings
 
+from test_collate import speech_like
+
 QUESTION = "Is the endoscope body visible in this sequence?"
 
 
@@ -49,9 +51,24 @@ def write(path, data, rate=16000, subtype="PCM_16"):
 
 
 def speech(seconds=1.5, rate=16000):
-    """A speech-like signal: a chirp at a conversational level."""
+    return speech_like(seconds, rate)  # the shape every test's question audio has (tests/test_collate.py)
+
+
+def tone(seconds, hz, rate=16000):
+    return (0.1 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def steady_sweep(seconds=1.5, rate=16000):
+    """A sine gliding from 150 to 300 Hz at one level: its pitch moves, its level never does."""
     t = np.arange(int(seconds * rate)) / rate
     return (0.2 * np.sin(2 * np.pi * (150 + 100 * t) * t)).astype(np.float32)
+
+
+def cut_in_half(path):
+    """The file with the second half of its samples gone and its header as it was."""
+    data = path.read_bytes()
+    path.write_bytes(data[: 44 + (len(data) - 44) // 2])  # 44 bytes: the header soundfile writes for PCM
+    return path
 
 
 # --- engines and voices --------------------------------------------------------------------------
@@ -262,6 +279,17 @@ def test_load_question_audio_refuses_every_bad_file(tmp_path, cfg):
         "short": (write(tmp_path / "short.wav", speech(0.1)), "too short: 0.100 s"),
         "long": (write(tmp_path / "long.wav", speech(20.0)), "too long: 20.000 s"),
         "nan": (write(tmp_path / "nan.wav", np.full(16000, np.nan, np.float32), subtype="FLOAT"), "NaN"),
+        "cut": (cut_in_half(write(tmp_path / "cut.wav", speech())),
+                "cut short: its WAV header declares 24000 frames but only 12000 were decoded"),
+        "peak": (write(tmp_path / "peak.wav", speech() * 4e6, subtype="FLOAT"), "peak 6.6e+05 > 1.0"),
+        "clipped": (write(tmp_path / "clipped.wav", np.clip(speech() * 20, -1, 1)),
+                    "clipped: 20.5% of samples at full scale"),
+        "noise": (write(tmp_path / "noise.wav", 0.1 * np.random.default_rng(0).standard_normal(32000)),
+                  "not speech but noise"),
+        "tone": (write(tmp_path / "tone.wav", tone(2.0, 440)), "not speech but a tone"),
+        "beeping": (write(tmp_path / "beeping.wav", tone(3.0, 1000) * (np.arange(48000) % 8000 < 3200)),
+                    "not speech but a tone"),  # 0.2 s on, 0.3 s off
+        "sweep": (write(tmp_path / "sweep.wav", steady_sweep()), "not speech but a steady sound"),
     }
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage")
     for uid, (path, reason) in cases.items():
@@ -270,6 +298,29 @@ def test_load_question_audio_refuses_every_bad_file(tmp_path, cfg):
         message = str(error.value)
         assert reason in message and f"002-001/{uid}" in message and str(path) in message, message
         assert isinstance(error.value, ValueError)
+
+
+def test_a_wav_cut_short_is_refused_before_decoding_and_rendered_again(tmp_path, cfg, monkeypatch):
+    path = cut_in_half(write(tmp_path / "cut.wav", speech()))
+    assert sf.info(str(path)).frames == 12000  # what a decoder quietly returns: the frames that are left
+    monkeypatch.setattr(audio.sf, "read", lambda *a, **k: pytest.fail("decoded a file cut short"))
+    with pytest.raises(AudioError, match=r"002-001/cut .*cut\.wav.*header declares 24000 frames but only 12000"):
+        audio.load_question_audio("002-001/cut", path, cfg)
+    assert not audio._readable_wav(path)  # a cached file cut short is rendered again
+    assert audio._readable_wav(write(tmp_path / "whole.wav", speech()))
+
+
+@pytest.mark.parametrize("voice, rate, pitch", [
+    ("en-us+m3", 160, 50), ("en-gb-x-gbcwmd+steph", 195, 65), ("en-us-nyc+anika", 140, 35), ("en-029", 175, 50),
+])
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+def test_a_spoken_question_passes_every_check(tmp_path, cfg, voice, rate, pitch, subtype):
+    wave = audio.render(QUESTION, VoiceSpec("espeak-ng", voice, rate, pitch))
+    loaded = audio.load_question_audio("u", write(tmp_path / "q.wav", wave, subtype=subtype), cfg)
+    assert loaded.size == wave.size
+    features = audio.speech_activity(loaded, 16000)  # well inside every threshold, not just past one
+    assert features["flatness"] < audio.MAX_FLATNESS / 4 and features["tonality"] < audio.MAX_TONALITY * 0.8
+    assert features["level_spread_db"] > audio.MIN_LEVEL_SPREAD_DB * 1.5
 
 
 def test_load_question_audio_converts_only_when_asked(tmp_path, cfg):
