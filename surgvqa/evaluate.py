@@ -511,6 +511,25 @@ def failures_by(frame: pd.DataFrame, column: str,
     return pd.DataFrame(rows).set_index(column)
 
 
+def wrong_answers(frame: pd.DataFrame, samples: Sequence[Sample],
+                  audio_paths: dict[str, str] | None = None) -> pd.DataFrame:
+    """Every wrong answer with what a reader needs to judge it, by uid: question type, the question as
+    written, the truth, the model's answer and what the scorer read in it, the voice and the WAV that said
+    the question (when the model heard it)."""
+    by_uid = {s.uid: s for s in samples}
+    wrong = frame[~frame["correct"]]
+    missing = [u for u in wrong["uid"] if u not in by_uid]
+    if missing:
+        raise KeyError(f"{len(missing)} predicted uid(s) are not among the given samples, e.g. {missing[:3]}")
+    audio_paths = audio_paths or {}
+    return pd.DataFrame({
+        "uid": wrong["uid"].to_numpy(), "question_type": wrong["question_type"].to_numpy(),
+        "question": [by_uid[u].question for u in wrong["uid"]], "truth": wrong["truth"].to_numpy(),
+        "prediction": wrong["prediction"].to_numpy(), "read_as": wrong["parsed"].to_numpy(),
+        "voice": wrong["voice"].to_numpy(),
+        "audio": [audio_paths.get(u) for u in wrong["uid"]]}).set_index("uid")
+
+
 def reliability(frame: pd.DataFrame, bins: int = 10) -> pd.DataFrame:
     """Calibration of candidate probabilities: per confidence bin, mean confidence vs accuracy.
 

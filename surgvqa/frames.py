@@ -957,8 +957,13 @@ def frame_grid_figure(frames: np.ndarray, title: str | None = None, columns: int
             ax.set_title(f"frame {i + 1}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    _tight_below_title(fig)
     return fig
+
+
+def _tight_below_title(fig, title_inches: float = 0.45) -> None:
+    # tight_layout ignores the suptitle: keep its band free so it never covers the first row's titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - title_inches / fig.get_figheight()))
 
 
 def save_flipbook_gif(frames: np.ndarray, path: str | Path, fps: float = 2) -> Path:
@@ -1001,7 +1006,7 @@ def question_type_gallery(samples: Sequence[Sample], cfg: Config | None = None, 
             axes[row, col].imshow(np.concatenate([frames[0], gap, frames[-1]], axis=1))
             axes[row, col].set_title(f"{qtype}: {label}", fontsize=7)
     fig.suptitle("Phantom clips per question type and label (first | last frame)", fontsize=10)
-    fig.tight_layout()
+    _tight_below_title(fig)
     return fig
 
 

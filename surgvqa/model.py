@@ -22,6 +22,7 @@ which computes the same answers and scores (``Config.fast_inference`` switches i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,10 +647,16 @@ def _greedy_answers(model: AudioGraftedQwen2VL, pre: _Prefill, max_new_tokens: i
 
 
 def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sample]) -> list[CandidateScores]:
-    """Candidate scores from a prefill: its cache is repeated for each sample's candidates (in place) and
-    every candidate of the batch is scored in one more forward."""
-    base = model.base_vlm
+    """Candidate scores from a prefill (see ``_candidate_totals``)."""
     owners, labels, rows = candidate_token_rows(model, samples)
+    return candidate_scores(samples, owners, labels, _candidate_totals(model, pre, owners, rows))
+
+
+def _candidate_totals(model: AudioGraftedQwen2VL, pre: _Prefill, owners: Sequence[int],
+                      rows: Sequence[Sequence[int]]) -> list[float]:
+    """The log-likelihood of each token row after its owner's prompt: the prefill's cache is repeated for
+    each row (in place) and every row of the batch is scored in one more forward."""
+    base = model.base_vlm
     device = pre.mask.device
     owner = torch.tensor(owners, device=device)
     pre.cache.batch_select_indices(owner)
@@ -673,7 +680,7 @@ def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sa
         if len(row) > 1:
             total = total + logp[r, torch.arange(len(row) - 1), torch.tensor(row[1:])].sum()
         totals.append(float(total))
-    return candidate_scores(samples, owners, labels, totals)
+    return totals
 
 
 def candidate_scores(samples: Sequence[data.Sample], owners: Sequence[int], labels: Sequence[str],
@@ -686,6 +693,58 @@ def candidate_scores(samples: Sequence[data.Sample], owners: Sequence[int], labe
         results.append(CandidateScores(uid=s.uid, label=max(ll, key=ll.get), probabilities=dict(zip(ll, probs)),
                                        log_likelihoods=ll))
     return results
+
+
+@dataclass
+class HeardAnswer:
+    question_type: str  # the question the model understood
+    label: str
+    confidence: float  # the label's probability among its type's answers
+    type_confidence: float  # the type's probability among all types (by mean log-likelihood per token)
+    text: str  # the free-text answer
+    by: str  # "its answer sentence" (the free text is one of the data's answers) or "likelihood"
+
+
+def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32
+                        ) -> list[HeardAnswer]:
+    """For prompts whose question type nobody chose (a question asked out loud in the demo). The free-text
+    answer decides when it is word for word one of the data's answer sentences (the model was trained to
+    say exactly those); otherwise every answer sentence of every question type is scored and the type
+    whose best sentence has the highest mean log-likelihood per token is the question understood (a plain
+    sum favours short sentences). The label is that type's likeliest answer."""
+    _check_generation_batch(batch)
+    batch = on_device(batch, model)
+    sentences = {" ".join(text.lower().split()): key for key, text in data.answer_sentences(model.cfg).items()}
+    with _evaluating(model):
+        pre = _prefill(model, batch)
+        texts, added = _greedy_answers(model, pre, max_new_tokens)
+        if added:
+            pre.cache.crop(-added)
+        owners, keys, rows = [], [], []
+        for i, s in enumerate(batch["samples"]):
+            for qtype in data.QUESTION_TYPES:
+                _, labels, type_rows = candidate_token_rows(model, [dataclasses.replace(s, question_type=qtype)])
+                owners += [i] * len(type_rows)
+                keys += [(qtype, label) for label in labels]
+                rows += type_rows
+        totals = _candidate_totals(model, pre, owners, rows)
+    answers = []
+    for i in range(len(batch["samples"])):
+        mine = [r for r, o in enumerate(owners) if o == i]
+        per_token = {}
+        for r in mine:
+            qtype = keys[r][0]
+            per_token[qtype] = max(per_token.get(qtype, -float("inf")), totals[r] / len(rows[r]))
+        type_probs = dict(zip(per_token, torch.softmax(torch.tensor(list(per_token.values()), dtype=torch.float64),
+                                                       dim=0).tolist()))
+        said = sentences.get(" ".join(texts[i].lower().split()))
+        qtype = said[0] if said else max(per_token, key=per_token.get)
+        ll = {keys[r][1]: totals[r] for r in mine if keys[r][0] == qtype}
+        probs = dict(zip(ll, torch.softmax(torch.tensor(list(ll.values()), dtype=torch.float64), dim=0).tolist()))
+        label = said[1] if said else max(ll, key=ll.get)
+        answers.append(HeardAnswer(qtype, label, probs[label], type_probs[qtype], texts[i],
+                                   "its answer sentence" if said else "likelihood"))
+    return answers
 
 
 def fast_inference(model: AudioGraftedQwen2VL) -> bool:

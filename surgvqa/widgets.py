@@ -1,9 +1,11 @@
-"""ipywidgets: an inspector for predictions, sample by sample, and a live demo of the model.
+"""ipywidgets: an inspector for predictions, sample by sample, and a live demo you can ask out loud.
 
 ``Inspector`` filters a predictions table (split, question type, correct/incorrect, voice), shows the
 8-frame grid, a 2 FPS flipbook (a Play widget driving a frame slider), the spoken question as an audio
-player, and truth vs prediction vs candidate probabilities, with previous/next. ``Demo`` answers a
-question from an uploaded WAV (or a chosen sample's audio) about a chosen sample's clip.
+player, truth vs prediction vs candidate probabilities, and the browsed type's accuracy beside the blind
+prior, with previous/next. ``Demo`` answers a question recorded in the browser (``Recorder``, an anywidget
+on getUserMedia and Web Audio), uploaded, or one of the clip's own, about any clip, without being told
+which question it is. Both render a static snapshot for executed copies of a notebook.
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import anywidget
 import ipywidgets as w
 import numpy as np
 import pandas as pd
+import traitlets
 from PIL import Image
 
+from .collate import SAMPLE_RATE
 from .data import Sample
 
 ALL = "(all)"
@@ -61,12 +66,34 @@ def answer_html(row: dict[str, Any], sample: Sample) -> str:
     return "<br>".join(lines)
 
 
+def type_accuracy_html(predictions: pd.DataFrame, samples: dict[str, Sample], question_type: str,
+                       train: Sequence[Sample] | None = None) -> str:
+    """The accuracy of the browsed question type (or of all) with n and its 95 % interval, and the blind
+    prior's accuracy on the same rows when the train rows are given."""
+    from .data import blind_prior
+    from .evaluate import wilson_interval
+
+    rows = predictions if question_type == ALL else predictions[predictions["question_type"] == question_type]
+    if rows.empty:
+        return ""
+    correct, n = int(rows["correct"].sum()), len(rows)
+    lo, hi = wilson_interval(correct, n)
+    text = (f"<b>{html.escape('all types' if question_type == ALL else question_type)}</b>: accuracy "
+            f"<b>{correct / n:.1%}</b> [{lo:.1%}, {hi:.1%}], n = {n}")
+    if train:
+        prior = blind_prior(train)
+        hits = [prior.get(samples[u].question_type) == samples[u].short_answer for u in rows["uid"]]
+        text += f" · blind prior {np.mean(hits):.1%}"
+    return text
+
+
 class Inspector:
-    """Browse predictions with filters; ``load_frames(sample)`` and ``audio_path(uid)`` supply the media."""
+    """Browse predictions with filters; ``load_frames(sample)`` and ``audio_path(uid)`` supply the media,
+    ``train`` (optional) the rows of the blind prior shown beside the browsed type's accuracy."""
 
     def __init__(self, predictions: pd.DataFrame, samples: dict[str, Sample],
                  load_frames: Callable[[Sample], np.ndarray], audio_path: Callable[[str], str | None] | None = None,
-                 fps: int = 2):
+                 fps: int = 2, train: Sequence[Sample] | None = None):
         missing = sorted(set(predictions["uid"]) - set(samples))
         if missing:
             raise KeyError(f"{len(missing)} prediction(s) name samples not given, e.g. {missing[:3]}")
@@ -75,7 +102,7 @@ class Inspector:
             self.predictions["split"] = "test"
         if "voice" not in self.predictions:
             self.predictions["voice"] = ""
-        self.samples, self.load_frames, self.audio_path = samples, load_frames, audio_path
+        self.samples, self.load_frames, self.audio_path, self.train = samples, load_frames, audio_path, train
         self._frames: np.ndarray | None = None
         options = lambda col: [ALL] + sorted(str(v) for v in self.predictions[col].dropna().unique() if v != "")
         self.split = w.Dropdown(options=options("split"), description="split")
@@ -83,7 +110,9 @@ class Inspector:
         self.outcome = w.ToggleButtons(options=[ALL, "correct", "incorrect"], description="outcome")
         self.voice = w.Dropdown(options=options("voice"), description="voice")
         self.previous, self.next = w.Button(description="◀ previous"), w.Button(description="next ▶")
-        self.position = w.IntText(value=0, description="#", layout=w.Layout(width="140px"))
+        # 1-based like the counter beside it, and clamped to the rows that match
+        self.position = w.BoundedIntText(value=1, min=1, max=1, description="#", layout=w.Layout(width="140px"))
+        self.stats = w.HTML()
         self.count = w.Label()
         self.grid = w.Image(format="png")
         self.frame = w.IntSlider(min=0, max=7, description="frame")
@@ -104,7 +133,7 @@ class Inspector:
             w.HBox([self.split, self.question_type, self.voice]), self.outcome,
             w.HBox([self.previous, self.position, self.next, self.count]),
             w.HBox([self.grid, w.VBox([self.flipbook, w.HBox([self.play, self.frame])])]),
-            self.audio, self.answer,
+            self.audio, self.answer, self.stats,
         ])
         self._refilter()
 
@@ -121,22 +150,25 @@ class Inspector:
     @property
     def current(self) -> dict[str, Any] | None:
         rows = self.filtered
-        return None if rows.empty else rows.iloc[min(self.position.value, len(rows) - 1)].to_dict()
+        return None if rows.empty else rows.iloc[min(self.position.value, len(rows)) - 1].to_dict()
 
     def _refilter(self) -> None:
-        if self.position.value != 0:
-            self.position.value = 0  # triggers _show
+        self.stats.value = type_accuracy_html(self.predictions, self.samples, self.question_type.value, self.train)
+        with self.position.hold_trait_notifications():
+            self.position.max = max(1, len(self.filtered))
+        if self.position.value != 1:
+            self.position.value = 1  # triggers _show
         else:
             self._show()
 
     def _step(self, delta: int) -> None:
         n = len(self.filtered)
         if n:
-            self.position.value = (self.position.value + delta) % n
+            self.position.value = (self.position.value - 1 + delta) % n + 1
 
     def _show(self) -> None:
         rows = self.filtered
-        self.count.value = f"{min(self.position.value + 1, len(rows))} of {len(rows)}"
+        self.count.value = f"{min(self.position.value, len(rows))} of {len(rows)}"
         row = self.current
         self.audio.value = b""
         if row is None:
@@ -156,82 +188,258 @@ class Inspector:
         if self._frames is not None:
             self.flipbook.value = png_bytes(self._frames[self.frame.value])
 
+    def snapshot_html(self) -> str:
+        """What the inspector shows now, as static HTML (an executed notebook's copy has no live widgets)."""
+        grid = image_html(frame_grid(self._frames)) if self._frames is not None else ""
+        return (f"<div><b>inspector</b> · {html.escape(self.count.value)}<br>{grid}<br>{self.answer.value}"
+                f"<br>{self.stats.value}</div>")
+
+
+def _bytes_from_json(value: Any, _widget: Any) -> bytes:
+    return bytes(value) if value is not None else b""
+
+
+# The browser side of the recorder: the microphone through Web Audio into 16-bit mono PCM, sent to the
+# kernel as a WAV (no codec on either side), with a player for the recording.
+RECORDER_ESM = """
+function wavBytes(samples, rate) {
+  const buffer = new ArrayBuffer(44 + 2 * samples.length), view = new DataView(buffer);
+  const text = (at, s) => { for (let i = 0; i < s.length; i++) view.setUint8(at + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + 2 * samples.length, true); text(8, "WAVE"); text(12, "fmt ");
+  view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, 2 * rate, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, 2 * samples.length, true);
+  samples.forEach((x, i) => { const s = Math.max(-1, Math.min(1, x)); view.setInt16(44 + 2 * i, s < 0 ? s * 0x8000 : s * 0x7fff, true); });
+  return buffer;
+}
+function microphoneProblem(error) {
+  if (error.name === "NotAllowedError") return "microphone permission refused: allow it in the browser and record again";
+  if (error.name === "NotFoundError") return "no microphone found";
+  return `the microphone could not be opened (${error.name}: ${error.message})`;
+}
+export default {
+  render({ model, el }) {
+    const record = document.createElement("button"), stop = document.createElement("button");
+    const player = document.createElement("audio"), status = document.createElement("span");
+    record.textContent = "\u25cf record"; record.className = "surgvqa-record";
+    stop.textContent = "\u25a0 stop"; stop.className = "surgvqa-stop"; stop.disabled = true;
+    player.controls = true; status.className = "surgvqa-record-status"; status.style.marginLeft = "8px";
+    let stream, context, source, processor, chunks = [];
+    const report = (message) => { status.textContent = message; model.set("error", message); model.save_changes(); };
+    record.onclick = async () => {
+      if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+        report("this page cannot use a microphone (it needs https or localhost)"); return;
+      }
+      try {
+        stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: false,
+                                                                         noiseSuppression: false, autoGainControl: false } });
+      } catch (error) { report(microphoneProblem(error)); return; }
+      context = new AudioContext();
+      source = context.createMediaStreamSource(stream);
+      processor = context.createScriptProcessor(4096, 1, 1);
+      chunks = [];
+      processor.onaudioprocess = (event) => chunks.push(new Float32Array(event.inputBuffer.getChannelData(0)));
+      source.connect(processor); processor.connect(context.destination);
+      record.disabled = true; stop.disabled = false;
+      model.set("error", ""); model.save_changes(); status.textContent = "recording\u2026";
+    };
+    stop.onclick = async () => {
+      processor.disconnect(); source.disconnect(); stream.getTracks().forEach((t) => t.stop());
+      const total = chunks.reduce((n, c) => n + c.length, 0), samples = new Float32Array(total);
+      let at = 0; for (const c of chunks) { samples.set(c, at); at += c.length; }
+      const rate = context.sampleRate; await context.close();
+      const wav = wavBytes(samples, rate);
+      player.src = URL.createObjectURL(new Blob([wav], { type: "audio/wav" }));
+      record.disabled = false; stop.disabled = true;
+      status.textContent = `recorded ${(total / rate).toFixed(1)} s`;
+      model.set("wav", new DataView(wav)); model.save_changes();
+    };
+    el.append(record, stop, player, status);
+  },
+};
+"""
+
+
+class Recorder(anywidget.AnyWidget):
+    """Record a question in the browser: record, stop, play back. The recording arrives as a 16-bit mono WAV
+    in ``wav``; what kept it from recording (no microphone, permission refused, a page that may not use
+    one) in ``error``."""
+
+    _esm = RECORDER_ESM
+    wav = traitlets.Bytes(b"").tag(sync=True, from_json=_bytes_from_json)
+    error = traitlets.Unicode("").tag(sync=True)
+
+
+def image_html(image: np.ndarray, width: int | None = None) -> str:
+    import base64
+
+    size = f" width='{width}'" if width else ""
+    return f"<img src='data:image/png;base64,{base64.b64encode(png_bytes(image)).decode()}'{size}>"
+
 
 class Demo:
-    """Pick a sample's clip, ask by uploading a WAV (or use the sample's own spoken question), answer.
+    """Ask about any clip out loud. Record a question (``Recorder``), upload one (wav, flac, ogg/opus, mp3),
+    or use one of the clip's own spoken questions; the model says which question it understood, its answer
+    and confidence, the clip's truth for that question and how long it took. Bad audio (silence, noise, a
+    tone, clipping, too short or too long) and microphone problems get a message and no answer.
 
-    ``answer(sample, waveform)`` runs the model and returns ``(label, probabilities, text)``;
-    ``read_wav(bytes)`` turns an upload into a validated 16 kHz waveform (it raises on bad audio).
+    ``answer(sample, waveform)`` runs the model on a clip (any of its samples) and returns a
+    ``surgvqa.model.HeardAnswer``; ``read_audio(content, name)`` decodes and validates an upload or a
+    recording (it raises ``ValueError``); ``own_audio(sample)`` is a sample's own spoken question.
     """
 
     def __init__(self, samples: Sequence[Sample], load_frames: Callable[[Sample], np.ndarray],
-                 own_audio: Callable[[Sample], np.ndarray], read_wav: Callable[[bytes, str], np.ndarray],
-                 answer: Callable[[Sample, np.ndarray], tuple[str, dict[str, float], str]]):
-        self.samples = {s.uid: s for s in samples}
-        self.load_frames, self.own_audio, self.read_wav, self.answer_fn = load_frames, own_audio, read_wav, answer
-        self.sample = w.Dropdown(options=[(f"{s.uid} · {s.question_type}", s.uid) for s in samples],
-                                 description="clip")
-        self.upload = w.FileUpload(accept=".wav", multiple=False, description="upload WAV")
-        self.ask = w.Button(description="answer", button_style="primary")
+                 own_audio: Callable[[Sample], np.ndarray], read_audio: Callable[[bytes, str], np.ndarray],
+                 answer: Callable[[Sample, np.ndarray], Any], fps: int = 2):
+        from .data import question_wordings
+
+        self.load_frames, self.own_audio, self.read_audio, self.answer_fn = load_frames, own_audio, read_audio, answer
+        self.clips: dict[str, dict[str, Sample]] = {}
+        for s in samples:
+            self.clips.setdefault(f"{s.video_id} frames {s.frame_numbers[0]}-{s.frame_numbers[-1]}", {})[s.question_type] = s
+        self.wordings = question_wordings("out")
+        self.clip = w.Dropdown(options=list(self.clips), description="clip", layout=w.Layout(width="420px"))
+        self.question = w.Dropdown(description="its question", layout=w.Layout(width="520px"))
+        self.own = w.Button(description="ask this question")
+        self.recorder = Recorder()
+        self.upload = w.FileUpload(accept="audio/*,.wav,.flac,.ogg,.opus,.mp3,.m4a,.webm", multiple=False,
+                                   description="upload")
+        self.ask_upload = w.Button(description="answer the upload")
+        self.clear = w.Button(description="clear upload")
         self.grid = w.Image(format="png")
+        self.frame = w.IntSlider(min=0, max=7, description="frame")
+        self.play = w.Play(min=0, max=7, interval=int(1000 / fps), description="flipbook")
+        w.jslink((self.play, "value"), (self.frame, "value"))
+        self.flipbook = w.Image(format="png", layout=w.Layout(width="224px"))
         self.result = w.HTML()
-        self.sample.observe(lambda _: self._show_clip(), names="value")
-        self.ask.on_click(lambda _: self.run())
-        self.widget = w.VBox([w.HBox([self.sample, self.upload, self.ask]), self.grid, self.result])
+        self._frames: np.ndarray | None = None
+        self.clip.observe(lambda _: self._show_clip(), names="value")
+        self.frame.observe(lambda _: self._show_frame(), names="value")
+        self.own.on_click(lambda _: self.run_own())
+        self.ask_upload.on_click(lambda _: self.run_upload())
+        self.clear.on_click(lambda _: self.clear_upload())
+        self.recorder.observe(lambda change: self.run_recording(change["new"]), names="wav")
+        self.recorder.observe(lambda change: self._microphone_problem(change["new"]), names="error")
+        self.widget = w.VBox([
+            self.clip, w.HBox([self.question, self.own]), w.HBox([w.Label("ask out loud:"), self.recorder]),
+            w.HBox([self.upload, self.ask_upload, self.clear]),
+            w.HBox([self.grid, w.VBox([self.flipbook, w.HBox([self.play, self.frame])])]), self.result])
         self._show_clip()
 
+    @property
+    def sample(self) -> Sample:
+        """The clip's sample of the chosen question (every sample of a clip has the same frames)."""
+        return self.clips[self.clip.value][self.question.value]
+
     def _show_clip(self) -> None:
-        self.grid.value = png_bytes(frame_grid(self.load_frames(self.samples[self.sample.value])))
+        questions = self.clips[self.clip.value]
+        self.question.options = [(f"{t}: {self.wordings.get(t, questions[t].question)}", t) for t in questions]
+        self.question.value = next(iter(questions))
+        self._frames = self.load_frames(next(iter(questions.values())))
+        self.grid.value = png_bytes(frame_grid(self._frames))
+        self._show_frame()
         self.result.value = ""
 
-    def run(self) -> tuple[str, dict[str, float], str] | None:
-        sample = self.samples[self.sample.value]
-        try:
-            if self.upload.value:
-                upload = self.upload.value[0]
-                waveform, source = self.read_wav(bytes(upload["content"]), upload["name"]), upload["name"]
-            else:
-                waveform, source = self.own_audio(sample), "the sample's own spoken question"
-            label, probabilities, text = self.answer_fn(sample, waveform)
-        except ValueError as e:  # bad audio is reported, never answered from silence
-            self.result.value = f"<b style='color:crimson'>{html.escape(str(e))}</b>"
+    def _show_frame(self) -> None:
+        if self._frames is not None:
+            self.flipbook.value = png_bytes(self._frames[self.frame.value])
+
+    def _microphone_problem(self, message: str) -> None:
+        if message:
+            self.result.value = f"<b style='color:crimson'>{html.escape(message)}</b> (nothing answered)"
+
+    def clear_upload(self) -> None:
+        self.upload.value = ()
+        self.result.value = ""
+
+    def run_own(self):
+        return self._answer(lambda: self.own_audio(self.sample), f"the clip's own spoken question ({self.sample.uid})")
+
+    def run_upload(self):
+        if not self.upload.value:
+            self.result.value = "<i>no upload to answer: choose a file first</i>"
             return None
-        confidence = probabilities.get(label, float("nan"))
-        self.result.value = (f"heard: {html.escape(source)}<br>answer: <b>{html.escape(label)}</b> "
-                             f"(confidence {confidence:.2f}) — {html.escape(text)}")
-        return label, probabilities, text
+        upload = self.upload.value[0]
+        return self._answer(lambda: self.read_audio(bytes(upload["content"]), upload["name"]), upload["name"])
+
+    def run_recording(self, wav: bytes):
+        if not wav:
+            return None
+        return self._answer(lambda: self.read_audio(wav, "the recording"), "the recording")
+
+    def _answer(self, waveform: Callable[[], np.ndarray], source: str):
+        import time
+
+        try:
+            wave = waveform()
+            started = time.perf_counter()
+            heard = self.answer_fn(self.sample, wave)
+            latency_ms = 1000 * (time.perf_counter() - started)
+        except ValueError as e:  # bad audio is reported, never answered
+            self.result.value = f"<b style='color:crimson'>{html.escape(str(e))}</b> (nothing answered)"
+            return None
+        truth = self.clips[self.clip.value].get(heard.question_type)
+        truth_text = (f"<b>{html.escape(truth.short_answer)}</b> — {html.escape(truth.answer)}" if truth
+                      else "<i>this clip has no annotation for that question</i>")
+        verdict = ("" if truth is None else " <b style='color:green'>correct</b>" if truth.short_answer == heard.label
+                   else " <b style='color:crimson'>wrong</b>")
+        self.result.value = "<br>".join([
+            f"heard: {html.escape(source)} ({len(wave) / SAMPLE_RATE:.1f} s)",
+            f"understood: <b>{html.escape(heard.question_type)}</b> — <i>"
+            f"{html.escape(self.wordings.get(heard.question_type, ''))}</i> (by {heard.by})",
+            f"answer: <b class='surgvqa-answer'>{html.escape(heard.label)}</b> (confidence {heard.confidence:.2f})"
+            f" — {html.escape(heard.text)}{verdict}",
+            f"truth for this clip: {truth_text}", f"latency: {latency_ms:.0f} ms"])
+        self.last = heard
+        return heard
+
+    def snapshot_html(self) -> str:
+        """What the demo shows now, as static HTML (an executed notebook's copy has no live widgets)."""
+        return (f"<div><b>demo</b> · clip {html.escape(self.clip.value)}<br>{image_html(frame_grid(self._frames))}"
+                f"<br>{self.result.value}</div>")
 
 
 def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray], max_new_tokens: int = 32
-                   ) -> Callable[[Sample, np.ndarray], tuple[str, dict[str, float], str]]:
+                   ) -> Callable[[Sample, np.ndarray], Any]:
     """``answer(sample, waveform)`` for ``Demo``: the model hears the waveform (audio-only prompt) about the
-    sample's clip; returns the most likely label, the candidate probabilities and the free-text answer."""
+    sample's clip, whatever question it asks (``surgvqa.model.answer_any_question``)."""
     import dataclasses
 
-    from .model import answer_and_score, collator
+    from .model import answer_any_question, collator
 
     collate = dataclasses.replace(collator(model), question_mode="audio", frame_size=cfg.frame_size)
 
-    def answer(sample: Sample, waveform: np.ndarray) -> tuple[str, dict[str, float], str]:
+    def answer(sample: Sample, waveform: np.ndarray):
         batch = collate([(sample, load_frames(sample), waveform)], for_generation=True)
-        (text,), (scored,) = answer_and_score(model, batch, max_new_tokens)
-        return scored.label, scored.probabilities, text
+        return answer_any_question(model, batch, max_new_tokens)[0]
 
     return answer
 
 
-def wav_reader(cfg) -> Callable[[bytes, str], np.ndarray]:
-    """``read_wav(content, name)`` for ``Demo``: an uploaded WAV checked like any question audio (exists,
-    decodes, not silent, duration bounds); other sample rates and stereo are converted, since an upload
-    comes from anywhere."""
+# Containers a browser or phone records into that libsndfile cannot read
+NEEDS_FFMPEG = (".m4a", ".mp4", ".aac", ".webm")
+
+
+def audio_reader(cfg) -> Callable[[bytes, str], np.ndarray]:
+    """``read_audio(content, name)`` for ``Demo``: wav, flac, ogg (vorbis, opus) or mp3 decoded by
+    libsndfile, mixed to mono and resampled, then checked like any question audio (decodes, levels,
+    speech, not silent, duration bounds)."""
     import tempfile
+
+    import soundfile as sf
 
     from .audio import load_question_audio
 
-    def read_wav(content: bytes, name: str) -> np.ndarray:
+    def read_audio(content: bytes, name: str) -> np.ndarray:
+        if Path(name).suffix.lower() in NEEDS_FFMPEG:
+            raise ValueError(f"{name}: {Path(name).suffix} audio needs ffmpeg, which is not installed here; "
+                             f"upload wav, flac, ogg/opus or mp3")
+        try:
+            wave, rate = sf.read(io.BytesIO(content), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise ValueError(f"{name}: cannot be decoded as wav, flac, ogg/opus or mp3 ({e})") from None
         with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-            f.write(content)
-            f.flush()
+            sf.write(f.name, wave, rate, subtype="FLOAT", format="WAV")
             return load_question_audio(f"upload {name}", f.name, cfg, resample=True)
 
-    return read_wav
+    return read_audio

@@ -244,3 +244,118 @@ def drive_inspector(page, expect, base, token, rows, table, filtered_type, filte
     expected_parsed = table.set_index("uid").loc[first.uid, "parsed"]
     expect(answer).to_contain_text(f"prediction: {expected_parsed}", timeout=deadline.ms())
     wait_for_grid(page, first, deadline)
+
+
+# --- the demo, asked out loud ----------------------------------------------------------------------------
+
+DEMO_TIME_LIMIT_S = 150  # each run: server start, the model loaded in the kernel, a recording, the answer
+
+
+def demo_rows():
+    from surgvqa import data
+
+    test = data.published_split()["test"]
+    return [s for s in test if s.question_type in ("nbi_status", "tool_identification")][:6]
+
+
+def demo_for_browser():
+    """The notebook's demo on the shipped tiny model (the kernel imports this, the test answers with it too)."""
+    from functools import partial
+
+    from surgvqa import frames
+    from surgvqa.model import REPO_ROOT, load_checkpoint
+    from surgvqa.widgets import Demo, audio_reader, model_answerer
+
+    model = load_checkpoint(REPO_ROOT / "checkpoints" / "tiny-phantom")
+    load_frames = partial(frames.load_clip, cfg=model.cfg)
+    answer = model_answerer(model, model.cfg, load_frames)
+    demo = Demo(demo_rows(), load_frames, own_audio=lambda s: None, read_audio=audio_reader(model.cfg), answer=answer)
+    return demo, answer, audio_reader(model.cfg)
+
+
+def demo_notebook() -> dict:
+    build = "\n".join(["import sys", f"sys.path.insert(0, {str(TESTS_DIR)!r})",
+                       "from test_browser import demo_for_browser", "demo, _, _ = demo_for_browser()"])
+    notebook = inspector_notebook()
+    notebook["cells"][0]["source"], notebook["cells"][1]["source"] = build, "demo.widget"
+    return notebook
+
+
+def spoken_question_wav(path: Path) -> Path:
+    import soundfile as sf
+
+    from surgvqa import audio, get_config
+
+    cfg = get_config()
+    voice = audio.voice_pools(cfg.tts_engine, cfg.disjoint_voices)["test"][0]
+    wave = audio.render(demo_rows()[0].question, voice, cfg.sample_rate)
+    sf.write(path, wave, cfg.sample_rate, subtype="PCM_16")
+    return path
+
+
+def ask_out_loud(tmp_path: Path, wav: Path, seconds: float):
+    """Record ``seconds`` of Chromium's fake microphone (which plays ``wav`` once) in the demo, in a
+    JupyterLab started here; returns the demo's result text and whether an answer was shown."""
+    from playwright.sync_api import expect, sync_playwright
+
+    deadline = Deadline(DEMO_TIME_LIMIT_S)
+    root, state, log = tmp_path / "lab", tmp_path / "jupyter", tmp_path / "jupyterlab.log"
+    root.mkdir(parents=True)
+    (root / "demo.ipynb").write_text(json.dumps(demo_notebook(), indent=1))
+    token = secrets.token_hex(16)
+    server, base = start_jupyterlab(root, state, log, token, deadline)
+    media = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={wav}%noloop"]
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS + media,
+                                                 headless=True, timeout=deadline.ms())
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            try:
+                page.goto(f"{base}/lab/tree/demo.ipynb?token={token}", timeout=deadline.ms())
+                page.locator(".jp-StatusBar-Item", has_text=re.compile(r"\| Idle$")).wait_for(timeout=deadline.ms())
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click(timeout=deadline.ms())
+                page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click(timeout=deadline.ms())
+                page.locator("button.surgvqa-record").click(timeout=deadline.ms())
+                status = page.locator(".surgvqa-record-status")
+                expect(status).to_have_text("recording…", timeout=deadline.ms())
+                page.wait_for_timeout(1000 * seconds)
+                page.locator("button.surgvqa-stop").click(timeout=deadline.ms())
+                expect(status).to_contain_text("recorded", timeout=deadline.ms())
+                result = page.locator(".jp-OutputArea-output .widget-html-content",
+                                      has_text=re.compile("understood:|nothing answered"))
+                result.wait_for(timeout=deadline.ms())
+                return result.inner_text(), page.locator(".surgvqa-answer").count() > 0
+            except Exception as e:
+                e.add_note(f"JupyterLab log:\n{tail(log)}")
+                screenshot = tmp_path / "demo-failure.png"
+                page.screenshot(path=str(screenshot), full_page=True, timeout=10_000)
+                e.add_note(f"screenshot: {screenshot}")
+                raise
+            finally:
+                browser.close()
+    finally:
+        stop(server)
+
+
+@pytest.mark.slow
+def test_the_demo_answers_a_question_asked_into_the_microphone_and_refuses_silence(tmp_path):
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} not found (Debian package chromium; scripts/setup.sh installs it as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    import numpy as np
+    import soundfile as sf
+
+    wav = spoken_question_wav(tmp_path / "question.wav")
+    _, answer, read_audio = demo_for_browser()
+    expected = answer(demo_rows()[0], read_audio(wav.read_bytes(), wav.name))
+    shown, answered = ask_out_loud(tmp_path / "spoken", wav, sf.info(str(wav)).duration + 1.0)
+    assert answered, shown
+    assert f"understood: {expected.question_type}" in shown and f"answer: {expected.label}" in shown, (shown, expected)
+
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(32000, np.float32), 16000, subtype="PCM_16")
+    shown, answered = ask_out_loud(tmp_path / "silent", silent, 2.0)
+    assert not answered and "silent" in shown and "nothing answered" in shown, shown

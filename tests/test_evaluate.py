@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import pandas as pd
 import pytest
 
 from surgvqa import __main__ as cli
@@ -424,3 +425,22 @@ def test_reliability_on_a_hand_computed_case():
     assert "ECE = 0.41" in figure.axes[0].get_title()
     with pytest.raises(ValueError):
         evaluate.reliability(frame[frame["confidence"].isna()])
+
+
+def test_wrong_answers_lists_each_failure_with_its_question_and_audio():
+    samples = data.published_split()["test"][:3]
+    frame = evaluate.score_predictions([
+        record(s.question_type, s.short_answer, pred, uid=s.uid, voice=f"v{i}")
+        for i, (s, pred) in enumerate(zip(samples, [data_answer_of(samples[0]), "mumble", "mumble"]))])
+    table = evaluate.wrong_answers(frame, samples, {samples[1].uid: "test/a.wav"})
+    assert list(table.index) == [samples[1].uid, samples[2].uid]
+    first = table.loc[samples[1].uid]
+    assert first["question"] == samples[1].question and first["truth"] == samples[1].short_answer
+    assert first["read_as"] == UNPARSEABLE and first["voice"] == "v1" and first["audio"] == "test/a.wav"
+    assert pd.isna(table.loc[samples[2].uid, "audio"])
+    with pytest.raises(KeyError, match="not among the given samples"):
+        evaluate.wrong_answers(frame, samples[:1])
+
+
+def data_answer_of(sample):
+    return evaluate.data_answer(sample.question_type, sample.short_answer)

@@ -499,3 +499,16 @@ def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
              for t in table.index}
     assert all(table.loc[t, "n_train"] == n_given[t] + extra[t] for t in table.index)
     assert all(table.loc[t, "n_test"] == sum(s.question_type == t for s in test) for t in table.index)
+
+
+def test_figure_titles_stay_clear_of_the_first_row():
+    from surgvqa import data, frames as F
+
+    rows = data.published_split()["train"]  # every type: the tall figure where a title used to cover a row
+    for fig in (F.question_type_gallery(rows, size=32),
+                F.frame_grid_figure(np.zeros((8, 16, 16, 3), np.uint8), title="a clip")):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        title_bottom = fig._suptitle.get_window_extent(renderer).y0
+        first_row_top = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes if ax.title.get_text())
+        assert title_bottom >= first_row_top, (title_bottom, first_row_top)

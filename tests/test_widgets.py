@@ -59,9 +59,11 @@ def test_inspector_filters_and_navigates(rows):
     assert set(inspector.filtered.voice) == {"en-gb+f2"}
     n = len(inspector.filtered)
     inspector.next.click()
-    assert inspector.position.value == 1 and inspector.count.value == f"2 of {n}"
+    assert inspector.position.value == 2 and inspector.count.value == f"2 of {n}"  # 1-based, like the counter
     inspector.previous.click(); inspector.previous.click()
-    assert inspector.position.value == n - 1  # wraps around
+    assert inspector.position.value == n  # wraps around
+    inspector.position.value = n + 5
+    assert inspector.position.value == n  # clamped to the rows that match
 
 
 def test_inspector_shows_the_current_samples_frames(rows):
@@ -85,24 +87,87 @@ def test_inspector_refuses_predictions_of_unknown_samples(rows):
         Inspector(predictions(rows), {s.uid: s for s in rows[:3]}, clip_of)
 
 
-def test_demo_answers_and_reports_bad_audio(rows):
+def heard(question_type="nbi_status", label="yes"):
+    from surgvqa.model import HeardAnswer
+
+    return HeardAnswer(question_type, label, 0.9, 0.8, "Yes, NBI light is on in this sequence.", "its answer sentence")
+
+
+def test_demo_answers_whatever_it_hears_and_names_the_question_and_the_truth(rows):
     asked = []
 
     def answer(sample, wave):
         asked.append((sample.uid, len(wave)))
-        return sample.short_answer, {sample.short_answer: 0.9}, sample.answer
+        return heard()
 
-    def read_wav(content, name):
-        raise ValueError(f"{name}: sample rate 8000 Hz, expected 16000 Hz")
+    def read_audio(content, name):
+        if content == b"noise":
+            raise ValueError(f"{name}: not speech but noise: spectral flatness 0.562 > 0.08")
+        return np.ones(8000, np.float32)
 
-    demo = Demo(rows[:3], clip_of, lambda s: np.ones(16000, np.float32), read_wav, answer)
-    demo.sample.value = rows[1].uid
-    label, probabilities, _ = demo.run()
-    assert asked == [(rows[1].uid, 16000)] and label == rows[1].short_answer
-    assert "confidence 0.90" in demo.result.value
-    demo.upload.value = ({"name": "q.wav", "content": memoryview(b"RIFF"), "type": "audio/wav", "size": 4,
+    demo = Demo(rows, clip_of, lambda s: np.ones(16000, np.float32), read_audio, answer)
+    nbi = next(s for s in rows if s.question_type == "nbi_status")
+    demo.clip.value = next(k for k, qs in demo.clips.items() if qs.get("nbi_status") == nbi)
+    demo.question.value = "nbi_status"
+    assert demo.run_own() == heard() and asked == [(nbi.uid, 16000)]
+    shown = demo.result.value
+    assert "understood: <b>nbi_status</b>" in shown and "confidence 0.90" in shown and "latency:" in shown
+    assert f"truth for this clip: <b>{nbi.short_answer}</b>" in shown
+    assert ("correct" if nbi.short_answer == "yes" else "wrong") in shown
+    demo.recorder.wav = b"speech"  # a recording arriving from the browser is answered at once
+    assert len(asked) == 2 and "heard: the recording (0.5 s)" in demo.result.value
+    demo.recorder.wav = b"noise"
+    assert len(asked) == 2 and "not speech but noise" in demo.result.value and "nothing answered" in demo.result.value
+    demo.recorder.error = "microphone permission refused: allow it in the browser and record again"
+    assert "permission refused" in demo.result.value and len(asked) == 2
+    assert demo.run_upload() is None and "no upload" in demo.result.value
+    demo.upload.value = ({"name": "q.ogg", "content": memoryview(b"noise"), "type": "audio/ogg", "size": 5,
                           "last_modified": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)},)
-    assert demo.run() is None and "8000 Hz" in demo.result.value and len(asked) == 1
+    assert demo.run_upload() is None and "q.ogg: not speech" in demo.result.value and len(asked) == 2
+    demo.clear.click()
+    assert demo.upload.value == () and demo.result.value == ""
+
+
+def test_demo_offers_every_clip_and_says_when_a_clip_lacks_the_understood_question(rows):
+    demo = Demo(rows, clip_of, lambda s: np.ones(16000, np.float32), lambda c, n: np.ones(8000, np.float32),
+                lambda sample, wave: heard("tool_identification", "forceps"))
+    assert len(demo.clips) == len({s.clip_key for s in rows})
+    assert sum(len(qs) for qs in demo.clips.values()) == len(rows)
+    demo.run_own()
+    assert "no annotation for that question" in demo.result.value
+    assert "<img src='data:image/png;base64," in demo.snapshot_html()
+
+
+@pytest.mark.parametrize("fmt,subtype", [("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("OGG", "OPUS"), ("MP3", "MPEG_LAYER_III")])
+def test_uploads_in_the_common_formats_are_decoded_resampled_and_validated(fmt, subtype):
+    import soundfile as sf
+
+    from surgvqa.config import get_config
+    from surgvqa.widgets import audio_reader
+    from test_collate import speech_like
+
+    rate = 48000 if subtype == "OPUS" else 44100  # what phones and browsers record at
+    buffer = io.BytesIO()
+    sf.write(buffer, np.repeat(speech_like(2.0, rate)[:, None], 2, axis=1), rate, format=fmt, subtype=subtype)
+    wave = audio_reader(get_config())(buffer.getvalue(), f"question.{fmt.lower()}")
+    assert wave.dtype == np.float32 and wave.ndim == 1 and abs(len(wave) / 16000 - 2.0) < 0.1
+
+
+def test_uploads_that_cannot_be_a_question_are_refused_by_name():
+    import soundfile as sf
+
+    from surgvqa.config import get_config
+    from surgvqa.widgets import audio_reader
+
+    read = audio_reader(get_config())
+    with pytest.raises(ValueError, match="q.m4a: .m4a audio needs ffmpeg"):
+        read(b"....", "q.m4a")
+    with pytest.raises(ValueError, match="q.wav: cannot be decoded"):
+        read(b"not audio at all", "q.wav")
+    noise = io.BytesIO()
+    sf.write(noise, (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32), 16000, format="WAV")
+    with pytest.raises(ValueError, match="upload noise.wav.*not speech but noise"):
+        read(noise.getvalue(), "noise.wav")
 
 
 def test_inspector_plays_the_current_samples_question(rows, tmp_path):
@@ -115,3 +180,18 @@ def test_inspector_plays_the_current_samples_question(rows, tmp_path):
     inspector.next.click()
     assert inspector.audio.value == wavs[rows[1].uid].read_bytes()
 
+
+
+def test_inspector_shows_the_browsed_types_accuracy_with_its_interval_and_the_blind_prior(rows):
+    from surgvqa.evaluate import wilson_interval
+
+    train = data.published_split()["train"]
+    inspector = Inspector(predictions(rows), {s.uid: s for s in rows}, clip_of, train=train)
+    inspector.question_type.value = "nbi_status"
+    shown = predictions(rows)[lambda d: d.question_type == "nbi_status"]
+    lo, hi = wilson_interval(int(shown.correct.sum()), len(shown))
+    prior = data.blind_prior(train)["nbi_status"]
+    prior_accuracy = sum(s.short_answer == prior for s in rows if s.question_type == "nbi_status") / len(shown)
+    assert (f"accuracy <b>{shown.correct.mean():.1%}</b> [{lo:.1%}, {hi:.1%}], n = {len(shown)}"
+            in inspector.stats.value)
+    assert f"blind prior {prior_accuracy:.1%}" in inspector.stats.value

@@ -10,7 +10,7 @@ SMOKE_PARAMS = {
     "probe_size": 32, "probe_rows": 100, "probe_clips": 100, "gallery_size": 48,  # 01
     "limit": 3, "players": 1, "wer_voices": 1, "wer_per_voice": 2,  # 02
     "n_samples": 4,  # 03
-    "batch_size": 8, "demo_clips": 4,  # 05, 07
+    "batch_size": 8,  # 05
 }
 
 
@@ -33,7 +33,7 @@ def test_every_notebook_ran_and_stored_metrics(reports):
 
 
 @pytest.mark.parametrize("name", ["01-explore-data", "02-synthesize-audio", "03-feasibility-overfit", "04-train",
-                                  "05-evaluate", "06-error-analysis"])
+                                  "05-evaluate", "06-error-analysis", "07-demo"])
 def test_each_html_copy_shows_its_figures_and_no_warning_spam(reports, name):
     html = (reports / f"{name}.html").read_text()
     assert html.count("data:image/png;base64,") >= 1, "the figures are missing from the HTML copy"
@@ -62,8 +62,12 @@ def test_metrics_chain_from_training_to_the_demo(reports):
     kinds = analysed["misheard_or_missed"]
     assert sum(kinds.values()) == evaluated["n_test"]
     assert kinds["correct"] == round(evaluated["baselines"]["audio-only (headline)"]["accuracy"] * evaluated["n_test"])
+    wrong = evaluated["n_test"] - kinds["correct"]
+    assert analysed["wrong_answers"] == wrong
+    assert len((reports / "06-wrong-answers.csv").read_text().strip().splitlines()) == wrong + 1
     demo = workbook.read_metrics("07-demo", reports)
-    assert demo["inspected"] == evaluated["n_test"]
+    assert demo["inspected"] == evaluated["n_test"] and demo["demo_clips"] >= 1
+    assert demo["demo_answer"] and demo["demo_understood"]  # answered without being told the question type
 
 
 def test_data_and_audio_notebooks_report_real_numbers(reports):
