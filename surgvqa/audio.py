@@ -28,10 +28,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -410,6 +412,28 @@ def _riff_data_frames(path: Path) -> tuple[int, int] | None:
     return None
 
 
+def end_with_parent() -> None:
+    """Pool-worker initializer: the worker ends when the process that started it does, even when that one was
+    killed outright (SIGKILL runs no cleanup, so the pool never tells its workers to stop)."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) != 0:  # 1: PR_SET_PDEATHSIG (Linux)
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError):  # not Linux: watch for the parent instead
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+        return
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     write_atomic(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV"))
 
@@ -438,6 +462,10 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
     cfg = cfg or get_config()
     root = cfg.path(cfg.audio_dir)
     remove_stale_temporaries(root / cfg.tts_engine)
+    silent = [f"{s.uid} ({s.source})" for s in samples if not question_text(s).strip()]
+    if silent:  # before any voice is assigned or file rendered
+        raise TTSError(f"nothing to say for {len(silent)} sample(s) of {split}: empty question text, e.g. "
+                       f"{', '.join(silent[:3])}")
     voices = assign_voices(samples, split, cfg)
     rows, todo = [], {}
     for s in samples:
@@ -452,13 +480,13 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
     workers = workers or ENGINE_WORKERS[cfg.tts_engine] or os.cpu_count() or 1
     n_files = len({r["path"] for r in rows})
     bar = progress_bar(total=len(jobs), desc=f"synthesize {split} ({n_files - len(jobs)} of {n_files} files cached)",
-               unit="file", disable=not progress or not jobs)
+                       unit="file", disable=not progress or not jobs)
     if jobs:  # the first one alone: an engine that cannot speak fails once, before the pool starts
         _render_job(jobs[0])
         bar.update()
     rest = jobs[1:]
     if workers > 1 and len(rest) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=end_with_parent) as pool:
             for _ in pool.map(_render_job, rest, chunksize=max(1, min(16, len(rest) // (4 * workers)))):
                 bar.update()
     else:

@@ -157,6 +157,8 @@ def load_annotations(path: str | Path, skip_bad: bool = False,
             frame_numbers=tuple(int(n) for n in row["frame_numbers"]), question=row["question"],
             question_type=row["question_type"], answer=row["answer"],
             short_answer=row["short_answer"], source=f"{path}:{lineno}"))
+    if not samples and not bad:
+        raise AnnotationError(f"{path} holds no annotation rows (empty or blank)")
     if bad and not skip_bad:
         shown = "\n".join(map(str, bad[:20])) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise AnnotationError(f"{len(bad)} malformed row(s) in {path}:\n{shown}")

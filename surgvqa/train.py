@@ -368,7 +368,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     train_set = QADataset(train_rows, cfg, train_audio, encoded_audio=train_encoded)
     eval_set = QADataset(eval_rows, cfg, eval_audio, encoded_audio=eval_encoded)
     if len(train_set) < cfg.batch_size:
-        raise ValueError(f"{len(train_set)} training rows is fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"{len(train_set)} training rows (the {cfg.split} split of {data.data_dir(cfg)}, "
+                         f"limit_train {cfg.limit_train}) is fewer than one batch of {cfg.batch_size}")
 
     optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.0)
     make_schedule = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup

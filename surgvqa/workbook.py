@@ -10,6 +10,7 @@ reports/metrics/) so that tests and later notebooks can read them back with ``re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -130,8 +131,10 @@ def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
         start = time.time()
         log(f"[workbook] {path.stem}: running with {given}")
         try:
-            pm.execute_notebook(str(path), str(target), parameters=given, kernel_name=kernel,
-                                cwd=str(NOTEBOOKS_DIR), progress_bar=False, execution_timeout=cell_timeout)
+            with _cells_reported(path, log):
+                pm.execute_notebook(str(path), str(target), parameters=given, kernel_name=kernel,
+                                    cwd=str(NOTEBOOKS_DIR), progress_bar=False, execution_timeout=cell_timeout,
+                                    log_output=True)
         except pm.PapermillExecutionError as e:
             raise NotebookFailed(path.stem, _source_cell_index(target, e.cell_index),
                                  f"{e.ename}: {e.evalue}") from None
@@ -145,6 +148,52 @@ def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
     if not names:
         write_summary(out_dir, preset)
     return written
+
+
+@contextlib.contextmanager
+def _cells_reported(path: Path, log):
+    """While papermill runs ``path``: a line when each code cell starts (its number, its first line, how long
+    the one before took) and the cells' printed output, prefixed by the notebook's name (training's steps,
+    the predictions' progress), through ``log``."""
+    import logging
+
+    import nbformat
+
+    cells = nbformat.read(str(path), as_version=4).cells
+    # papermill numbers the cells of the notebook it runs: ours with its injected parameters after the
+    # parameters cell
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    after = tagged[0] + 1 if tagged else 0
+    sources = [c.source for c in cells[:after]] + ["# injected parameters"] + [c.source for c in cells[after:]]
+    started = [None, None]  # (cell number, time) of the running cell
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("Executing Cell "):
+                number = int(message[len("Executing Cell "):].strip("-") or 0)
+                now = time.time()
+                before = f" (cell {started[0]} took {now - started[1]:.1f} s)" if started[0] else ""
+                started[:] = [number, now]
+                source = sources[number - 1] if 0 < number <= len(sources) else ""
+                first = next((line for line in source.splitlines() if line.strip()), "")
+                log(f"[workbook] {path.stem}: cell {number}{before}: {first[:80]}")
+            elif message.strip() and not message.startswith(("Ending Cell", "Input notebook", "Output notebook",
+                                                               "Executing notebook")):
+                for line in message.rstrip().splitlines():
+                    log(f"[{path.stem}] {line}")
+
+    logger = logging.getLogger("papermill")
+    handler, level, propagate = Lines(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # the lines above, not papermill's own copies on stderr
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def write_summary(reports_dir: str | Path = "reports", preset: str = DEFAULT_PRESET) -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import importlib.machinery
 import io
 import importlib.util
@@ -451,3 +452,50 @@ def test_an_empty_cached_wav_is_rendered_again_and_stale_temporaries_go(tmp_path
     assert again["sha256"].tolist() == first["sha256"].tolist()  # the same audio back, rendered again
     assert audio.load_question_audio(rows[0].uid, broken, local).size > 0
     assert not stale.exists() and fresh.exists()  # a recent temporary may belong to a run still writing
+
+
+def test_killing_synthesis_outright_ends_its_workers_too(tmp_path):
+    """SIGKILL runs no cleanup in the parent; its pool's workers must still not outlive it."""
+    import os
+    import signal
+    import subprocess
+
+    def children(pid):
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the field after the state: ppid
+                    found.append(int(entry))
+        return found
+
+    command = [sys.executable, "-m", "surgvqa", "synthesize", "--split", "train", "--limit", "400", "--workers", "2",
+               "-p", f"audio_dir={tmp_path / 'audio'}"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        workers = children(parent.pid)
+        time.sleep(0.2)
+    assert len(workers) >= 2, "the pool never started"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] for w in workers):
+        time.sleep(0.2)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+             and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"workers {alive} outlived their parent"
+
+
+def test_an_empty_question_text_names_the_sample_before_anything_is_rendered(tmp_path, cfg):
+    import dataclasses
+
+    rows = published_split()["test"][:3]
+    with pytest.raises(TTSError, match=rf"nothing to say for 1 sample\(s\) of test: empty question text, e.g. "
+                                       rf"{rows[1].uid} \({re.escape(rows[1].source)}\)"):
+        audio.synthesize_split(rows, "test", cfg, question_text=lambda s: "  " if s is rows[1] else s.question)
+    assert not (tmp_path / "audio" / cfg.tts_engine).exists() or not list((tmp_path / "audio").rglob("*.wav"))

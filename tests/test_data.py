@@ -121,3 +121,12 @@ def test_prior_refuses_a_type_it_never_saw():
     train = [s for s in splits["train"] if s.question_type != "lesion_site"]
     with pytest.raises(KeyError, match="lesion_site"):
         data.prior_predictions(data.blind_prior(train), splits["test"])
+
+
+def test_an_empty_annotation_file_is_named(tmp_path):
+    from surgvqa.data import AnnotationError, load_annotations
+
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(AnnotationError, match=f"{empty} holds no annotation rows"):
+        load_annotations(empty)

@@ -444,3 +444,11 @@ def test_wrong_answers_lists_each_failure_with_its_question_and_audio():
 
 def data_answer_of(sample):
     return evaluate.data_answer(sample.question_type, sample.short_answer)
+
+
+def test_a_megabyte_answer_is_scored_with_its_negations():
+    # the negation check once re-read the text before every match: a 1 MB answer did not finish in 300 s
+    filler = "the view is as before and " * 40_000
+    assert len(filler) > 1_000_000
+    assert score_answer(filler + "the lesion is located in the sigma.", "lesion_site") == "sigma"
+    assert score_answer(filler + "it is not the sigma but the rectum.", "lesion_site") == "rectum"

@@ -512,3 +512,12 @@ def test_figure_titles_stay_clear_of_the_first_row():
         title_bottom = fig._suptitle.get_window_extent(renderer).y0
         first_row_top = max(ax.title.get_window_extent(renderer).y1 for ax in fig.axes if ax.title.get_text())
         assert title_bottom >= first_row_top, (title_bottom, first_row_top)
+
+
+def test_a_frame_too_large_to_be_a_video_frame_is_named_before_it_is_decoded(tmp_path, monkeypatch):
+    sample = _sample()
+    for name in sample.frames:
+        _write_jpeg(tmp_path / "002-004_frames" / f"{name}.jpg", 50, size=(124, 108))
+    monkeypatch.setattr(F, "_MAX_FRAME_PIXELS", 124 * 108 - 1)  # stands in for the 50 MP bound
+    with pytest.raises(F.FrameError, match=r"124x108 pixels is not a video frame"):
+        F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=112))

@@ -272,3 +272,10 @@ def test_training_time_evaluation_equals_notebook_05_on_the_same_rows(tmp_path, 
     correct = sum(r["candidate_label"] == r["short_answer"] for r in records)
     # (the logged accuracy went through a float32 all-reduce)
     assert len(records) == cfg.eval_limit and correct / len(records) == pytest.approx(best["eval_accuracy"], abs=1e-6)
+
+
+def test_fewer_training_rows_than_a_batch_names_where_they_came_from(tmp_path, audio_dir):
+    cfg = smoke_cfg(tmp_path, audio_dir, limit_train=2, question_mode="text")
+    with pytest.raises(ValueError, match=r"2 training rows \(the published split of .*surgvivqa, limit_train 2\) "
+                                         r"is fewer than one batch of 4"):
+        train(cfg, log=lambda *_: None)

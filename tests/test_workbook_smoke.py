@@ -18,9 +18,18 @@ SMOKE_PARAMS = {
 def reports(tmp_path_factory):
     root = tmp_path_factory.mktemp("workbook")
     params = {**SMOKE_PARAMS, "audio_dir": str(root / "audio"), "output_dir": str(root / "run")}
+    lines = []
     workbook.run_workbook(None, preset="smoke", params=params, reports_dir=root / "reports", html=True,
-                          cell_timeout=600, log=lambda *_: None)
+                          cell_timeout=600, log=lines.append)
+    (root / "reports" / "workbook.log").write_text("\n".join(lines) + "\n")
     return root / "reports"
+
+
+def test_the_run_says_which_cell_runs_and_streams_the_training_steps(reports):
+    lines = (reports / "workbook.log").read_text().splitlines()
+    assert any(line.startswith("[workbook] 05-evaluate: cell 4 (cell 3 took ") for line in lines)
+    steps = [line for line in lines if line.startswith("[04-train] [train] step ") and "samples/s" in line]
+    assert steps and "eta" in steps[-1]
 
 
 def test_every_notebook_ran_and_stored_metrics(reports):
