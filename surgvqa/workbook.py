@@ -164,7 +164,9 @@ def _cells_reported(path: Path, log):
     # parameters cell
     tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
     after = tagged[0] + 1 if tagged else 0
-    sources = [c.source for c in cells[:after]] + ["# injected parameters"] + [c.source for c in cells[after:]]
+    # papermill announces markdown cells too: only code cells are reported
+    sources = ([c.source if c.cell_type == "code" else None for c in cells[:after]] + ["# injected parameters"]
+               + [c.source if c.cell_type == "code" else None for c in cells[after:]])
     started = [None, None]  # (cell number, time) of the running cell
 
     class Lines(logging.Handler):
@@ -172,10 +174,12 @@ def _cells_reported(path: Path, log):
             message = record.getMessage()
             if message.startswith("Executing Cell "):
                 number = int(message[len("Executing Cell "):].strip("-") or 0)
+                source = sources[number - 1] if 0 < number <= len(sources) else ""
+                if source is None:
+                    return
                 now = time.time()
                 before = f" (cell {started[0]} took {now - started[1]:.1f} s)" if started[0] else ""
                 started[:] = [number, now]
-                source = sources[number - 1] if 0 < number <= len(sources) else ""
                 first = next((line for line in source.splitlines() if line.strip()), "")
                 log(f"[workbook] {path.stem}: cell {number}{before}: {first[:80]}")
             elif message.strip() and not message.startswith(("Ending Cell", "Input notebook", "Output notebook",
