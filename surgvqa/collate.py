@@ -13,11 +13,6 @@ hear their question carry audio rows; ``audio_rows`` lists them.
 
 Training batches are right-padded and carry ``labels`` (-100 everywhere except the answer tokens and the
 end-of-turn token); generation batches are left-padded, end with the assistant header and carry no labels.
-
-With ``distill`` a training batch also carries, under ``teacher``, the written-question (text mode) row of
-every item that only hears its question: the same clip, the same answer. The model reads it without
-gradient and pulls the heard row's hidden states towards it on the tokens both rows share at their end
-(instruction, assistant header, answer); ``teacher["tail"]`` counts those tokens.
 """
 from __future__ import annotations
 
@@ -133,8 +128,6 @@ class Collator:
     feature_extractor: Any  # a WhisperFeatureExtractor (log-mel features)
     question_mode: str = "audio"
     mode_seed: int = 0  # seeds the per-item draw of the mixed mode
-    mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of audio / text / both in the mixed mode
-    distill: bool = False  # training batches carry the text-mode teacher rows of audio-only items
     frames_as: str = "video"
     frame_size: int = 224
     audio_pool: int = 2
@@ -147,7 +140,6 @@ class Collator:
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, feature_extractor: Any, **vision: int) -> "Collator":
         return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, mode_seed=cfg.seed,
-                   mixed_weights=cfg.mixed_weights, distill=cfg.distill_weight > 0,
                    frames_as=cfg.frames_as,
                    frame_size=cfg.frame_size, audio_pool=cfg.audio_pool, min_audio_s=cfg.min_audio_s,
                    max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), **vision)
@@ -178,8 +170,8 @@ class Collator:
             return self.question_mode
         digest = int.from_bytes(hashlib.sha256(sample.uid.encode()).digest()[:8], "little")
         rng = np.random.default_rng([self.mode_seed, *self.draw_key, digest])
-        weights = np.asarray(self.mixed_weights, dtype=float)
-        return ITEM_MODES[int(rng.choice(len(ITEM_MODES), p=weights / weights.sum()))]
+        # the three modes equally likely, drawn through the same probabilities as every earlier run
+        return ITEM_MODES[int(rng.choice(len(ITEM_MODES), p=np.full(len(ITEM_MODES), 1 / len(ITEM_MODES))))]
 
     # --- pieces of one item ---------------------------------------------------------------------------
 
@@ -258,7 +250,6 @@ class Collator:
         if not items:
             raise CollateError("cannot collate an empty list of items")
         rows, label_rows, pixel_list, grid_list, mels, encoded, audio_rows = [], [], [], [], [], [], []
-        teacher_rows, teacher_labels, students, tails = [], [], [], []
         im_end = self.token_ids[IM_END]
         for index, item in enumerate(items):
             if len(item) != 3:
@@ -289,13 +280,6 @@ class Collator:
             answer_ids = self.tokenizer(sample.answer, add_special_tokens=False)["input_ids"] + [im_end]
             rows.append(prompt_ids + answer_ids)
             label_rows.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-            if self.distill and mode == "audio":
-                written = self.tokenizer(self.prompt(sample, vision_tokens_each, 0, "text"),
-                                         add_special_tokens=False)["input_ids"] + answer_ids
-                teacher_rows.append(written)
-                teacher_labels.append([IGNORE_INDEX] * (len(written) - len(answer_ids)) + answer_ids)
-                students.append(index)
-                tails.append(common_suffix(rows[-1], written))
 
         batch: dict[str, Any] = {}
         input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_token_id, left=for_generation)
@@ -323,14 +307,6 @@ class Collator:
             batch["audio_lengths"] = MEL_FRAMES_PER_ENCODER_FRAME * frames  # in mel frames either way
         if audio_rows:
             batch["audio_rows"] = torch.tensor(audio_rows, dtype=torch.long)
-        if teacher_rows:
-            ids, mask = pad_rows(teacher_rows, self.tokenizer.pad_token_id, left=False)
-            batch["teacher"] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": self.token_types(ids),
-                                "labels": pad_rows(teacher_labels, IGNORE_INDEX, left=False)[0],
-                                prefix: torch.cat([pixel_list[i] for i in students]),
-                                grid_key: torch.cat([grid_list[i] for i in students]),
-                                "students": torch.tensor(students, dtype=torch.long),
-                                "tail": torch.tensor(tails, dtype=torch.long)}
         batch["samples"] = [item[0] for item in items]
         return batch
 
@@ -356,14 +332,6 @@ def prefetched_batches(dataset: Sequence, batch_size: int, collate: Callable[[li
             items = [f.result() for f in pending]
             pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
             yield collate(items)
-
-
-def common_suffix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens two rows share at their end."""
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,8 +63,6 @@ class Config:
     # "audio" (heard only), "text", "both"; "mixed" trains on all three (drawn per item) so that one model
     # is evaluated under each mode
     question_mode: str = "audio"
-    # relative weights of audio / text / both when question_mode is "mixed"
-    mixed_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     audio_pool: int = 2  # average pooling of Whisper frames before the projector: 1, 2, 4, 8 or 16
     # "linear": rows = a linear map of the pooled frames; "vocab": rows = mixtures of the language model's
     # token embeddings (a softmax over the vocabulary), read like written tokens
@@ -85,9 +83,6 @@ class Config:
 
     # --- training ---------------------------------------------------------------------------------
     output_dir: str = "data/processed/run"
-    # > 0: each audio-only training item is also read as text (same weights, no gradient) and the heard
-    # item's hidden states on the tokens both end with are pulled to the read ones' (model.distill_loss)
-    distill_weight: float = 0.0
     lr: float = 1e-3
     projector_lr: float = 1e-3
     batch_size: int = 16
@@ -99,7 +94,6 @@ class Config:
     eval_limit: int = 0  # 0: the whole eval split
     early_stop_metric: str = "eval_accuracy"
     patience: int = 3
-    phantom_extra_per_epoch: int = 0
     # workers that decode frames and collate the next batch while the model runs this one (real JPEGs: enough
     # that decoding never bounds a GPU step): DataLoader processes in training, threads in evaluation (a
     # notebook kernel cannot fork); 0 decodes in the main process
@@ -113,10 +107,6 @@ class Config:
     def __post_init__(self) -> None:
         self._check_types_and_ranges()
         self.trainval_videos = tuple(self.trainval_videos)
-        self.mixed_weights = tuple(float(w) for w in self.mixed_weights)
-        if len(self.mixed_weights) != 3 or min(self.mixed_weights) < 0 or not sum(self.mixed_weights):
-            raise ValueError(f"config mixed_weights={self.mixed_weights}: three non-negative weights (audio, "
-                             f"text, both), not all zero")
         choices = {
             "template": ("in", "out"),
             "split": ("published", "stratified"),
@@ -170,7 +160,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["trainval_videos"] = list(self.trainval_videos)
-        d["mixed_weights"] = list(self.mixed_weights)
         return d
 
     def save(self, directory: str | Path) -> Path:
@@ -185,7 +174,7 @@ class Config:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        return cls(**_checked(json.loads(path.read_text()), source=str(path)))
+        return cls(**_checked(_without_removed(json.loads(path.read_text()), str(path)), source=str(path)))
 
     def replace(self, **overrides: Any) -> "Config":
         return dataclasses.replace(self, **_checked(overrides, source="overrides"))
@@ -199,12 +188,26 @@ _TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", 
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, None), "split_seed": (0, None), "phantom_seed": (0, None), "eval_fraction": (0.01, 0.99),
     "frame_size": (28, 4096), "sample_rate": (8000, 48000), "min_audio_s": (0.05, None), "max_audio_s": (0.1, 30.0),
-    "lora_r": (1, None), "lora_alpha": (1, None), "lora_dropout": (0.0, 0.99), "distill_weight": (0.0, None),
+    "lora_r": (1, None), "lora_alpha": (1, None), "lora_dropout": (0.0, 0.99),
     "lr": (0.0, 1.0), "projector_lr": (0.0, 1.0), "batch_size": (1, None), "grad_accum": (1, None),
     "max_steps": (1, None), "warmup_steps": (0, None), "eval_every": (1, None), "eval_limit": (0, None),
-    "patience": (1, None), "phantom_extra_per_epoch": (0, None), "num_workers": (0, 256), "limit_train": (0, None),
+    "patience": (1, None), "num_workers": (0, 256), "limit_train": (0, None),
     "limit_test": (0, None),
 }
+
+
+# Options no result needs any more, removed after commit 91006da (docs/HISTORY.md has what they bought), and the
+# value at which a run saved before then behaved as runs do now.
+REMOVED_KEYS: dict[str, Any] = {"distill_weight": 0.0, "mixed_weights": [1.0, 1.0, 1.0], "phantom_extra_per_epoch": 0}
+
+
+def _without_removed(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A saved config without the removed keys, when they hold the value runs now behave as."""
+    changed = {k: values[k] for k in REMOVED_KEYS if k in values and values[k] != REMOVED_KEYS[k]}
+    if changed:
+        raise ValueError(f"{source} was saved with {changed}: options removed after commit 91006da, so this "
+                         f"version cannot reproduce that run (check that commit out for it)")
+    return {k: v for k, v in values.items() if k not in REMOVED_KEYS}
 
 
 def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:

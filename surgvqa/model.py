@@ -113,12 +113,10 @@ class AudioProjector(nn.Module):
 
 @dataclass
 class GraftOutput:
-    loss: torch.Tensor | None  # answer cross-entropy, plus distill_weight * distill_loss when distilling
+    loss: torch.Tensor | None  # the mean cross-entropy over the label tokens (None without labels)
     # With labels: logits at the positions that predict a label, (n_label_tokens, vocab), in batch order.
     # Without: the logits of each row's last position, (batch, vocab).
     logits: torch.Tensor
-    answer_loss: torch.Tensor | None = None  # the mean cross-entropy over the label tokens alone
-    distill_loss: torch.Tensor | None = None  # see distill_loss()
 
 
 class AudioGraftedQwen2VL(nn.Module):
@@ -229,19 +227,14 @@ class AudioGraftedQwen2VL(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                 audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
-                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None,
-                teacher: dict[str, torch.Tensor] | None = None) -> GraftOutput:
-        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput.
-
-        ``teacher`` (a distilling collator's text-mode rows of the audio-only items) adds
-        ``cfg.distill_weight * distill_loss`` to the loss."""
+                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None) -> GraftOutput:
+        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput."""
         base = self.base_vlm
         inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows, audio_encoded)
-        distilling = teacher is not None and self.cfg.distill_weight > 0
         out = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                          mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                          image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                         video_grid_thw=video_grid_thw, use_cache=False, output_hidden_states=distilling)
+                         video_grid_thw=video_grid_thw, use_cache=False)
         hidden = out.last_hidden_state
         if labels is None:
             return GraftOutput(loss=None, logits=base.lm_head(hidden[:, -1]).float())
@@ -250,36 +243,7 @@ class AudioGraftedQwen2VL(nn.Module):
         if not keep.any():
             raise ValueError("no label tokens in the batch (a generation batch was given for training?)")
         logits = base.lm_head(hidden[:, :-1][keep]).float()
-        answer_loss = F.cross_entropy(logits, targets[keep])
-        if not distilling:
-            return GraftOutput(loss=answer_loss, logits=logits, answer_loss=answer_loss)
-        with torch.no_grad():
-            read = base.model(input_ids=teacher["input_ids"], attention_mask=teacher["attention_mask"],
-                              mm_token_type_ids=teacher["mm_token_type_ids"], use_cache=False,
-                              output_hidden_states=True, **vision_inputs(teacher)).hidden_states
-        distill = distill_loss(out.hidden_states, attention_mask, read, teacher)
-        return GraftOutput(loss=answer_loss + self.cfg.distill_weight * distill, logits=logits,
-                           answer_loss=answer_loss, distill_loss=distill)
-
-
-def distill_loss(heard: Sequence[torch.Tensor], heard_mask: torch.Tensor, read: Sequence[torch.Tensor],
-                 teacher: dict[str, torch.Tensor]) -> torch.Tensor:
-    """How far the heard rows' hidden states are from the read (written-question) rows' on the tokens both
-    end with, after every decoder layer: the squared error relative to the read states' mean square,
-    averaged over layers. A tiny decoder reads a written question with circuits its pretraining built
-    for question tokens; this asks the projected audio to leave the same trace in those circuits."""
-    rows, heard_pos, read_rows, read_pos = [], [], [], []
-    heard_len, read_len = heard_mask.sum(dim=1).tolist(), teacher["attention_mask"].sum(dim=1).tolist()
-    for k, (student, tail) in enumerate(zip(teacher["students"].tolist(), teacher["tail"].tolist())):
-        rows += [student] * tail
-        heard_pos += range(heard_len[student] - tail, heard_len[student])
-        read_rows += [k] * tail
-        read_pos += range(read_len[k] - tail, read_len[k])
-    losses = []
-    for h, r in zip(heard[1:], read[1:]):  # index 0 is the embeddings: the shared tokens embed alike
-        target = r[read_rows, read_pos].float()
-        losses.append(F.mse_loss(h[rows, heard_pos].float(), target) / target.pow(2).mean().clamp_min(1e-6))
-    return torch.stack(losses).mean()
+        return GraftOutput(loss=F.cross_entropy(logits, targets[keep]), logits=logits)
 
 
 # --- building ------------------------------------------------------------------------------------------
@@ -469,15 +433,10 @@ def place(model: AudioGraftedQwen2VL, device: torch.device | str | None = None) 
 
 
 def on_device(batch: dict[str, Any], model: AudioGraftedQwen2VL) -> dict[str, Any]:
-    """A collated batch with its tensors on the model's device (nested teacher rows included)."""
+    """A collated batch with its tensors on the model's device."""
     device = model.base_vlm.device
 
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        return {k: move(x) for k, x in v.items()} if isinstance(v, dict) else v
-
-    return {k: move(v) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def save_projector_source(directory: Path, whisper: str, whisper_fingerprint: str, audio_pool: int,

@@ -30,24 +30,20 @@ from .data import Sample, limited
 from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
 
 STATE_FILE = "trainer_state.json"
-# Extra training clips come from their own seeds: not the pretraining clips (seeds 1 and 2).
-PHANTOM_EXTRA_SEED = 1000
-LOG_COLUMNS = ["step", "time", "train_loss", "distill_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
+LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
 
 
 class QADataset(Dataset):
     """``(Sample, frames uint8 (8,H,W,3), waveform float32 or None)`` items, loaded on access.
 
-    Frames come from ``frames.load_clip`` (phantom renders or real JPEGs; synthetic clips carry their
-    own clip state); audio from the split's manifest, validated by ``audio.load_question_audio``. A
+    Frames come from ``frames.load_clip`` (phantom renders or real JPEGs); audio from the split's manifest, validated by ``audio.load_question_audio``. A
     missing file raises an error naming the sample: nothing is replaced by zeros.
     """
 
     def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
-                 clip_states: dict[str, Any] | None = None, encoded_audio: EncodedAudio | None = None):
+                 encoded_audio: EncodedAudio | None = None):
         self.samples, self.cfg = list(samples), cfg
         self.audio_paths = audio_paths
-        self.clip_states = clip_states or {}
         self.encoded_audio = encoded_audio
         if cfg.question_mode != "text":
             missing = [s.uid for s in self.samples if s.uid not in (audio_paths or {})]
@@ -59,9 +55,7 @@ class QADataset(Dataset):
 
     def __getitem__(self, index: int):
         s = self.samples[index]
-        state = self.clip_states.get(s.uid)
-        clip = (frames.render_phantom_clip(state, self.cfg.frame_size, self.cfg.phantom_seed)
-                if state is not None else frames.load_clip(s, self.cfg))
+        clip = frames.load_clip(s, self.cfg)
         wave = None
         if self.encoded_audio is not None:
             wave = EncodedQuestion(audio.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
@@ -100,20 +94,6 @@ def question_audio_paths(samples: Sequence[Sample], split: str, cfg: Config) -> 
         return {}
     manifest = audio.synthesize_split(samples, split, cfg, progress=True)
     return dict(zip(manifest["uid"], manifest["path"]))
-
-
-def phantom_extra(cfg: Config, epoch: int) -> tuple[list[Sample], dict[str, Any]]:
-    """``cfg.phantom_extra_per_epoch`` extra rendered clips for one epoch of training, one seeded question
-    each, with their clip states (uid -> state). New clips every epoch; never used for eval or test."""
-    n = cfg.phantom_extra_per_epoch
-    clips = frames.random_clip_samples(n, cfg.template, seed=PHANTOM_EXTRA_SEED + cfg.seed, start=epoch * n, cfg=cfg)
-    rng = np.random.default_rng([cfg.seed, epoch])
-    chosen, states = [], {}
-    for state, samples in clips:
-        sample = samples[int(rng.integers(len(samples)))]
-        chosen.append(sample)
-        states[sample.uid] = state
-    return chosen, states
 
 
 @dataclass
@@ -265,10 +245,9 @@ def evaluate_split(model, loader: DataLoader, gen_loader: DataLoader) -> dict[st
     losses, weights, correct, n = [], [], 0, 0
     with torch.no_grad():
         for batch in loader:
-            # the distillation's text rows only shape training: evaluation does not run them
-            out = model(**{k: v for k, v in batch.items() if k != "teacher"})
+            out = model(**batch)
             tokens = int((batch["labels"][:, 1:] != -100).sum())
-            losses.append(float(out.answer_loss) * tokens)
+            losses.append(float(out.loss) * tokens)
             weights.append(tokens)
         for batch in gen_loader:
             for s, scored in zip(batch["samples"], score_candidates(model, batch)):
@@ -388,18 +367,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     def epoch_loader(epoch: int) -> DataLoader:
         # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        epoch_set = train_set
-        if cfg.phantom_extra_per_epoch:
-            with accelerator.main_process_first():
-                extra, states = phantom_extra(cfg, epoch)
-                extra_audio = question_audio_paths(extra, "train", cfg)
-                extra_encoded = encode_question_audio(accelerator.unwrap_model(model), extra, extra_audio, cfg)
-            encoded = None if extra_encoded is None else EncodedAudio({**train_encoded.paths, **extra_encoded.paths},
-                                                                      extra_encoded.width)
-            epoch_set = QADataset(train_rows + extra, cfg, {**train_audio, **extra_audio}, clip_states=states,
-                                  encoded_audio=encoded)
         collate.reseed(TRAIN_DRAWS, epoch)
-        loader = DataLoader(epoch_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                             collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
                             persistent_workers=False)
         return accelerator.prepare_data_loader(loader, device_placement=True)
@@ -425,7 +394,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
 
     uncast = cfg.lora and accelerator.mixed_precision == "bf16"
     model.train()
-    started, samples_seen, window_loss, window_n, window_distill = time.time(), 0, 0.0, 0, []
+    started, samples_seen, window_loss, window_n = time.time(), 0, 0.0, 0
     # the logging window's training time (evaluation and saving excluded): its samples/s and the ETA
     window_started, window_samples, window_steps = time.time(), 0, 0
     waited = [0.0]  # seconds the loop waited for its next batch (frames decoded, audio read, collated)
@@ -436,8 +405,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
         for batch in timed(batches, waited):
             with accelerator.accumulate(model):
                 with adapter_inputs_uncast(model, uncast):
-                    output = model(**batch)
-                    loss = output.loss
+                    loss = model(**batch).loss
                 accelerator.backward(loss)
                 optimizer.step()
                 if accelerator.sync_gradients:
@@ -447,8 +415,6 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
             samples_seen += len(batch["samples"]) * accelerator.num_processes
             window_samples += len(batch["samples"]) * accelerator.num_processes
             window_loss, window_n = window_loss + loss.item(), window_n + 1
-            if output.distill_loss is not None:
-                window_distill.append(output.distill_loss.item())
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
@@ -456,13 +422,12 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
             if state.step % max(1, min(10, cfg.eval_every)) == 0 or state.step == cfg.max_steps:
                 seconds = max(1e-9, time.time() - window_started)
                 rate, lr = window_samples / seconds, scheduler.get_last_lr()[-1]
-                logger.log(state.step, {"train_loss": window_loss / window_n, "lr": lr, "samples_per_s": rate,
-                                        **({"distill_loss": float(np.mean(window_distill))} if window_distill else {})})
+                logger.log(state.step, {"train_loss": window_loss / window_n, "lr": lr, "samples_per_s": rate})
                 if main:
                     eta = (cfg.max_steps - state.step) * seconds / window_steps
                     log(f"[train] step {state.step}/{cfg.max_steps}  loss {window_loss / window_n:.4f}  lr {lr:.2e}  "
                         f"{rate:.1f} samples/s  eta {int(eta // 60)}m{int(eta % 60):02d}s (training only)")
-                window_loss, window_n, window_distill = 0.0, 0, []
+                window_loss, window_n = 0.0, 0
                 window_started, window_samples, window_steps = time.time(), 0, 0
             if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
                 metrics = run_eval()

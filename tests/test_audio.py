@@ -492,8 +492,6 @@ def test_killing_synthesis_outright_ends_its_workers_too(tmp_path):
 
 
 def test_an_empty_question_text_names_the_sample_before_anything_is_rendered(tmp_path, cfg):
-    import dataclasses
-
     rows = published_split()["test"][:3]
     with pytest.raises(TTSError, match=rf"nothing to say for 1 sample\(s\) of test: empty question text, e.g. "
                                        rf"{rows[1].uid} \({re.escape(rows[1].source)}\)"):

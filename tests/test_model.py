@@ -30,7 +30,7 @@ def tiny_whisper(max_source_positions: int = 1500) -> tuple[WhisperEncoder, Whis
 
 def tiny_config(**overrides):
     values = dict(vlm_from_scratch=True, frame_size=FRAME_SIZE, question_mode="audio", lora=True, lora_r=8, lora_alpha=16,
-                  lora_dropout=0.0, audio_pool=2, audio_projector="linear", distill_weight=0.0,
+                  lora_dropout=0.0, audio_pool=2, audio_projector="linear",
                   pretrained_projector=False)
     return get_config("tiny", **{**values, **overrides})
 
@@ -240,38 +240,6 @@ def test_generate_is_greedy_decoding_of_the_forward(model, items):
                 ids = torch.cat([ids, token[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         assert answer == model.tokenizer.decode(greedy, skip_special_tokens=True).strip()
-
-
-def test_distillation_adds_the_weighted_gap_to_the_read_question(whisper, items):
-    model = M.build_model(tiny_config(question_mode="mixed", distill_weight=0.5), whisper=whisper)
-    collate = dataclasses.replace(M.collator(model), mixed_weights=(1.0, 0.0, 0.0))  # every item heard only
-    assert collate.distill
-    batch = collate(items)
-    out = model(**batch)
-    assert out.distill_loss > 0
-    assert torch.allclose(out.loss, out.answer_loss + 0.5 * out.distill_loss)
-    plain = model(**{k: v for k, v in batch.items() if k != "teacher"})
-    assert plain.distill_loss is None and torch.allclose(plain.loss, out.answer_loss)
-    out.distill_loss.backward()  # the gap trains the projector that turns the audio into rows
-    assert model.projector.linear.weight.grad.abs().sum() > 0
-
-
-def test_distill_loss_is_zero_for_identical_states_and_compares_the_shared_tail():
-    torch.manual_seed(0)
-    read = [torch.randn(2, 9, 4) for _ in range(3)]
-    heard = [torch.randn(3, 12, 4) for _ in range(3)]
-    teacher = {"attention_mask": torch.tensor([[1] * 9, [1] * 7 + [0] * 2]),
-               "students": torch.tensor([0, 2]), "tail": torch.tensor([4, 3])}
-    heard_mask = torch.tensor([[1] * 12, [1] * 12, [1] * 10 + [0] * 2])
-    for h, r in zip(heard, read):  # copy the read tails into the heard rows: 4 tokens of row 0, 3 of row 2
-        h[0, 8:12], h[2, 7:10] = r[0, 5:9], r[1, 4:7]
-    assert M.distill_loss(heard, heard_mask, read, teacher) == 0
-    heard[1][2, 9] += 1.0  # inside row 2's tail, after the first decoder layer
-    assert M.distill_loss(heard, heard_mask, read, teacher) > 0
-    heard[1][2, 6] += 1.0; heard[1][1] += 1.0; heard[0][0] += 1.0  # before the tail, another row, embeddings
-    before = M.distill_loss(heard, heard_mask, read, teacher)
-    heard[1][2, 9] -= 1.0
-    assert M.distill_loss(heard, heard_mask, read, teacher) < 1e-12 < before
 
 
 def test_vocab_projector_rows_are_mixtures_of_the_models_token_embeddings(whisper):

@@ -294,7 +294,7 @@ def test_heard_rows_are_the_collators_audio_and_both_rows_with_the_same_loss(hea
             assert row.ids == single["input_ids"][0].tolist()
             prompt = builder.tokenizer.decode(row.ids[: row.answer_start])
             assert (row.question in prompt) == (row.mode == "both")
-            assert abs(float(heard_model(**single).answer_loss) - float(per_row[i])) < 2e-3
+            assert abs(float(heard_model(**single).loss) - float(per_row[i])) < 2e-3
             checked += 1
     assert checked == 2 * len(samples)
 

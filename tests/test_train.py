@@ -202,35 +202,6 @@ def test_two_processes_follow_the_one_process_schedule_in_mixed_mode_at_batch_1(
     assert lrs[0][12] == 0
 
 
-def test_phantom_augmentation_adds_new_rendered_clips_to_each_epoch_only(tmp_path, audio_dir):
-    from surgvqa.train import phantom_extra
-    cfg = smoke_cfg(tmp_path, audio_dir, phantom_extra_per_epoch=5)
-    first, states = phantom_extra(cfg, 0)
-    second, _ = phantom_extra(cfg, 1)
-    assert len(first) == 5 and set(states) == {s.uid for s in first}
-    assert {s.uid for s in first}.isdisjoint({s.uid for s in second})  # new clips every epoch
-    assert [s.uid for s in phantom_extra(cfg, 0)[0]] == [s.uid for s in first]  # seeded
-    assert all(s.video_id not in ("002-001", "002-002", "002-003", "002-004") for s in first)
-    summary = train(cfg.replace(max_steps=4, eval_every=4), log=lambda *_: None)
-    assert summary["steps"] == 4 and summary["eval_rows"] == 6  # eval never sees the extra clips
-
-
-
-def test_distillation_is_logged_and_eval_loss_stays_the_answer_loss(tmp_path, audio_dir):
-    runs = {}
-    for weight in (0.0, 1.0):
-        # learning rates 0: both runs keep the same weights, so their evaluations must agree
-        cfg = smoke_cfg(tmp_path / str(weight), audio_dir, question_mode="mixed", distill_weight=weight,
-                        max_steps=4, eval_every=4, lr=0.0, projector_lr=0.0)
-        runs[weight] = (train(cfg, log=lambda *_: None), pd.read_csv(tmp_path / str(weight) / "run" / "log.csv"))
-    summary, log = runs[1.0]
-    assert (log["distill_loss"].dropna() > 0).all() and log["distill_loss"].notna().any()
-    assert runs[0.0][1]["distill_loss"].isna().all()
-    # the teacher rows change the training loss, not what evaluation measures (the answer loss on eval)
-    assert log["train_loss"].dropna().iloc[-1] > runs[0.0][1]["train_loss"].dropna().iloc[-1]
-    assert summary["history"][-1]["eval_loss"] == pytest.approx(runs[0.0][0]["history"][-1]["eval_loss"], rel=1e-6)
-
-
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_a_merged_export_answers_like_the_adapter(tmp_path, audio_dir, load_in_4bit):
     """``python -m surgvqa merge``: LoRA (and QLoRA, merged into the unquantised base) folded into the
