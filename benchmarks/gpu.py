@@ -5,7 +5,7 @@ stock layout, in one run on one GPU: query latency, evaluation throughput, LoRA 
     python benchmarks/gpu.py --quick --out DIR    # fewer batch sizes and repeats
     python benchmarks/gpu.py --smoke              # tiny shapes on the CPU: the same code paths, for tests
 
-Weights are random at the real shapes (DESIGN.md section 5; nothing is downloaded): timings depend on the
+Weights are random at the real shapes (docs/design.md, performance anchors; nothing is downloaded): timings depend on the
 shapes, not on the values. Prompts come from the project's Collator (chat template, placeholder expansion)
 with the task tokenizer, so the token counts are the study's: 1 video of 8 frames at 392 px + a 4 s question
 (50 audio tokens at the 7B preset's pool 4; 100 at --audio-pool 2) = ~865 tokens, against the original
@@ -65,7 +65,7 @@ from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, answer_an
 
 # --- shapes ----------------------------------------------------------------------------------------------
 
-# DESIGN.md section 5. The real Qwen tokenizer is not available offline: the task tokenizer (same special
+# docs/design.md, performance anchors. The real Qwen tokenizer is not available offline: the task tokenizer (same special
 # tokens and chat template, ~1k ids) builds the prompts; the model keeps Qwen's 152,064-row vocabulary, so
 # embedding and lm_head cost what they cost in the real model.
 QWEN2_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -87,7 +87,7 @@ ANSWER_TOKENS = 10  # tokens decoded per query
 STOCK_AUDIO_WINDOW_S = 30.0  # the original study padded every question to Whisper's window: 1500 tokens
 
 TARGETS = {"query_ms": 80.0, "eval_samples_per_s": 25.0, "train_ms_per_sample": 120.0}
-STOCK_ANCHORS = {"query_ms": 431.0, "train_ms_per_sample": 768.0}  # DESIGN.md section 5, transformers 5.17
+STOCK_ANCHORS = {"query_ms": 431.0, "train_ms_per_sample": 768.0}  # docs/design.md, performance anchors (transformers 5.17)
 
 
 def log(message: str) -> None:
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="folder for the JSON")
     parser.add_argument("--audio-pool", type=int, default=get_config("qwen2vl-7b").audio_pool, choices=(1, 2, 4),
                         help="Whisper frames per audio token (default: the qwen2vl-7b preset's, 4: 50 tokens "
-                             "for a 4 s question; 2 gives the 100 tokens of DESIGN.md's anchors)")
+                             "for a 4 s question; 2 gives the 100 tokens of docs/design.md's anchors)")
     parser.add_argument("--profile", action="store_true", help="profile one query and one training step only")
     parser.add_argument("--sections", default="checks,query,evaluation,train",
                         help="comma-separated subset of checks, query, evaluation, train")

@@ -13,18 +13,24 @@ hear their question carry audio rows; ``audio_rows`` lists them.
 
 Training batches are right-padded and carry ``labels`` (-100 everywhere except the answer tokens and the
 end-of-turn token); generation batches are left-padded, end with the assistant header and carry no labels.
+
+``QADataset`` makes the items from samples (frames loaded, audio validated or read from the encoder cache);
+training and evaluation both read it, through a DataLoader or ``prefetched_batches``.
 """
 from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
+from . import audio, frames
 from .config import Config
 from .data import FRAMES_PER_CLIP, Sample
 
@@ -344,3 +350,46 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, left: bool) -> tuple
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+# --- the dataset the collator reads ----------------------------------------------------------------
+
+class QADataset(Dataset):
+    """``(Sample, frames uint8 (8,H,W,3), waveform float32 or None)`` items, loaded on access.
+
+    Frames come from ``frames.load_clip`` (phantom renders or real JPEGs); audio from the split's manifest,
+    validated by ``audio.load_question_audio``, or from the cache of Whisper's outputs. A missing file
+    raises an error naming the sample: nothing is replaced by zeros.
+    """
+
+    def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
+                 encoded_audio: EncodedAudio | None = None):
+        self.samples, self.cfg = list(samples), cfg
+        self.audio_paths = audio_paths
+        self.encoded_audio = encoded_audio
+        if cfg.question_mode != "text":
+            missing = [s.uid for s in self.samples if s.uid not in (audio_paths or {})]
+            if missing:
+                raise KeyError(f"no question audio for {len(missing)} sample(s), e.g. {missing[:3]}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        s = self.samples[index]
+        clip = frames.load_clip(s, self.cfg)
+        wave = None
+        if self.encoded_audio is not None:
+            wave = EncodedQuestion(audio.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
+                                                            self.encoded_audio.width))
+        elif self.cfg.question_mode != "text":
+            wave = audio.load_question_audio(s.uid, self.audio_paths[s.uid], self.cfg)
+        return s, clip, wave
+
+
+@dataclass
+class EncodedAudio:
+    """Where the cached Whisper encoder output of each sample's question is: uid -> .npy, and its width."""
+
+    paths: dict[str, Path]
+    width: int

@@ -604,8 +604,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     from .progress import progress_bar
 
     from . import model as graft
-    from .collate import prefetched_batches
-    from .train import QADataset
+    from .collate import QADataset, prefetched_batches
 
     if mode not in ("audio", "text", "both"):
         raise ValueError(f"mode {mode!r}: must be audio, text or both")

@@ -21,7 +21,6 @@ on a CPU the same code runs without graphs.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
 from typing import Any, Callable
 
@@ -38,30 +37,6 @@ from .model import (AudioGraftedQwen2VL, CandidateScores, audio_inputs, candidat
 # cu_seqlens only to implementations whose name contains "flash" (is_flash_attention_requested); any other
 # name gets one call per image/frame after a `lengths.tolist()` host sync in every vision layer.
 CLIP_ATTENTION = "flash_api_equal_clips_sdpa"
-
-# --- version tolerance -----------------------------------------------------------------------------------
-
-def accepted_kwargs(fn: Callable, **kwargs: Any) -> dict[str, Any]:
-    """kwargs that ``fn`` names explicitly (mm_token_type_ids exists in 5.24's Qwen2-VL, not necessarily before)."""
-    params = inspect.signature(fn).parameters
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
-def output_cache(out: Any) -> Any:
-    """The KV cache of a model output: ``cache`` in transformers 5.24, ``past_key_values`` before."""
-    for name in ("cache", "past_key_values"):
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    raise AttributeError("the model output carries no KV cache")
-
-
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer, each (batch, kv_heads, length, head_dim), for either Cache layout."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
 
 def set_text_attention(base: Qwen2VLForConditionalGeneration, name: str) -> None:
     # Read at every forward by the decoder layers; set on the config object they hold, no re-validation.
@@ -83,20 +58,16 @@ class ClipAttention:
     """
 
     def __init__(self) -> None:
-        # How transformers called it: packed (one call a layer, cu_seqlens given) or already split per
-        # segment (a version whose vision tower routes only "flash_attention_2" itself to the packed call).
-        self.packed_calls = 0
-        self.segment_calls = 0
+        self.packed_calls = 0  # calls over a packed sequence: one a vision layer
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                  cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs: Any
                  ) -> tuple[torch.Tensor, None]:
         heads, total, dim = query.shape[1:]  # (1, heads, patches, dim)
-        if cu_seq_lens_q is None:  # one segment, split by the caller
-            self.segment_calls += 1
-            out = F.scaled_dot_product_attention(query, key, value, scale=scaling, dropout_p=dropout)[0]
-            return out.transpose(0, 1).unsqueeze(0), None
+        if cu_seq_lens_q is None:
+            raise ValueError(f"{CLIP_ATTENTION} needs the packed sequence's cu_seq_lens (the vision tower passes "
+                             f"them to attention functions whose name contains 'flash')")
         self.packed_calls += 1
         clips = cu_seq_lens_q.numel() - 1
         if max_length_q * clips == total:  # lengths sum to total and none exceeds the max: all equal
@@ -167,7 +138,8 @@ class StaticKVDecoder:
     def load_prompt(self, cache: Any, attention_mask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Copy a prompt's cache in (``rows`` repeats prompts, e.g. once per candidate answer)."""
         length = attention_mask.shape[1]
-        for layer, (k, v) in enumerate(cache_layers(cache)):
+        for layer, cached in enumerate(cache.layers):
+            k, v = cached.keys, cached.values
             self.keys[layer, :, :, :length] = k if rows is None else k[rows]
             self.values[layer, :, :, :length] = v if rows is None else v[rows]
         self.filled.zero_()
@@ -237,11 +209,9 @@ class StaticKVDecoder:
 
 def model_inputs(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> dict[str, Any]:
     """What Qwen2-VL's forward takes from a batch, with the audio rows in the embeddings."""
-    base = model.base_vlm
     embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **audio_inputs(batch))
-    extra = accepted_kwargs(base.model.forward, mm_token_type_ids=batch["mm_token_type_ids"])
     return dict(input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                **extra, **vision_inputs(batch))
+                mm_token_type_ids=batch["mm_token_type_ids"], **vision_inputs(batch))
 
 
 @torch.no_grad()
@@ -252,7 +222,7 @@ def prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> tuple[torch.Te
     logp = torch.log_softmax(base.lm_head(out.last_hidden_state[:, -1]).float(), dim=-1)
     # Positions continue after the prompt's last M-RoPE position (rope_deltas shift past the vision grid).
     next_position = batch["attention_mask"].sum(dim=1, keepdim=True) + base.model.rope_deltas
-    return logp, output_cache(out), next_position
+    return logp, out.cache, next_position
 
 
 class GraphedPrefill:
@@ -362,7 +332,7 @@ class GraphedScorer:
         with torch.no_grad():
             out = self.prefill()
         logp_first = torch.log_softmax(s.model.base_vlm.lm_head(out.last_hidden_state[:, -1]).float(), dim=-1)
-        s.decoder.load_prompt(output_cache(out), self.prefill.batch["attention_mask"], rows=s.owner)
+        s.decoder.load_prompt(out.cache, self.prefill.batch["attention_mask"], rows=s.owner)
         self.feed_positions.copy_(self.prefill.next_position()[s.owner]
                                   + torch.arange(s.feed.shape[1], device=s.feed.device))
         return logp_first
@@ -502,7 +472,7 @@ def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_
     with clip_attention(model):
         logp_first, cache, next_position = prefill(model, batch)
     mask = batch["attention_mask"]
-    dtype = cache_layers(cache)[0][0].dtype
+    dtype = cache.layers[0].keys.dtype
     answers = scores = None
     if max_new_tokens:
         decoder = _greedy_decoder(model, mask.shape[0], mask.shape[1] + max_new_tokens, dtype, use_graph)

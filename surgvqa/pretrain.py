@@ -1,7 +1,7 @@
 """Stage 0: phantom pretraining of the tiny preset's Qwen2-VL, so that the offline study starts from a model
 that can see. ``python -m surgvqa pretrain --out DIR [--device cuda] [-p key=value ...] [options]``.
 
-A tiny random-init VLM trained on one question per clip stays at the answer prior (DESIGN.md, section 4):
+A tiny random-init VLM trained on one question per clip stays at the answer prior (docs/design.md, Training):
 one vision pass buys one answer, and a thin tool line or a lesion drift gives too little gradient. Here
 the vision tower encodes each clip ONCE and its video embeddings are shared by one SINGLE-TURN row per
 question of the clip (~14 rows): each row is exactly what ``collate.Collator`` makes in the ``text``

@@ -21,56 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from . import audio, data, frames
+from . import audio, data
+from .collate import EncodedAudio, QADataset
 from .config import Config, get_config, parse_overrides
-from .collate import EncodedQuestion
 from .data import Sample, limited
 from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
 
 STATE_FILE = "trainer_state.json"
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
-
-
-class QADataset(Dataset):
-    """``(Sample, frames uint8 (8,H,W,3), waveform float32 or None)`` items, loaded on access.
-
-    Frames come from ``frames.load_clip`` (phantom renders or real JPEGs); audio from the split's manifest, validated by ``audio.load_question_audio``. A
-    missing file raises an error naming the sample: nothing is replaced by zeros.
-    """
-
-    def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
-                 encoded_audio: EncodedAudio | None = None):
-        self.samples, self.cfg = list(samples), cfg
-        self.audio_paths = audio_paths
-        self.encoded_audio = encoded_audio
-        if cfg.question_mode != "text":
-            missing = [s.uid for s in self.samples if s.uid not in (audio_paths or {})]
-            if missing:
-                raise KeyError(f"no question audio for {len(missing)} sample(s), e.g. {missing[:3]}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        s = self.samples[index]
-        clip = frames.load_clip(s, self.cfg)
-        wave = None
-        if self.encoded_audio is not None:
-            wave = EncodedQuestion(audio.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
-                                                            self.encoded_audio.width))
-        elif self.cfg.question_mode != "text":
-            wave = audio.load_question_audio(s.uid, self.audio_paths[s.uid], self.cfg)
-        return s, clip, wave
-
-
-@dataclass
-class EncodedAudio:
-    """Where the cached Whisper encoder output of each sample's question is: uid -> .npy, and its width."""
-
-    paths: dict[str, Path]
-    width: int
 
 
 def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[str, str], cfg: Config
