@@ -273,7 +273,9 @@ def build_tiny_tokenizer(cfg: Config | None = None) -> PreTrainedTokenizerFast:
 
 
 def tiny_vlm_config(tokenizer: Any) -> Qwen2VLConfig:
-    """A Qwen2-VL of the real architecture and small dimensions (~1 M parameters)."""
+    """The tiny preset's Qwen2-VL: the real architecture at small dimensions (2.2 M parameters with the task
+    tokenizer), the architecture of the model in ``checkpoints/tiny-phantom``; ``vlm_from_scratch`` gives it
+    random weights."""
     ids = tokenizer.get_vocab()
     hidden, heads = 128, 4  # head_dim 32: mrope_section must sum to head_dim / 2 = 16
     # M-RoPE gives section k of the rotary frequencies (highest first) to position axis k % 3 (time, height,
@@ -281,11 +283,11 @@ def tiny_vlm_config(tokenizer: Any) -> Qwen2VLConfig:
     # ([4, 6, 6]) the 4 token columns of a 112 px frame differ by < 0.07 rad, and a tiny model could not tell
     # left from right (lesion quadrant and drift stayed at chance). Sixteen 1-wide sections interleave the
     # axes (as Qwen3-VL does), so height and width each get fast and slow frequencies; stock classes, config only.
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=512, num_hidden_layers=4,
                 num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1] * 16},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
+    vision = dict(depth=4, embed_dim=128, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                          video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],

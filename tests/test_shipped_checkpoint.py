@@ -61,3 +61,17 @@ def test_the_preset_starts_from_the_pretrained_projector():
     model = build_model(get_config())
     shipped = load_file(str(SHIPPED / "projector.safetensors"))
     assert all(torch.equal(model.projector.state_dict()[k], v) for k, v in shipped.items())
+
+
+def test_the_tiny_architecture_is_defined_once_and_is_the_shipped_one():
+    """``vlm_from_scratch`` builds the architecture that ships, with random weights."""
+    from surgvqa.model import build_tiny_tokenizer, tiny_vlm_config
+
+    built = tiny_vlm_config(build_tiny_tokenizer()).to_dict()
+    shipped = json.loads((TINY_PRETRAINED_DIR / "config.json").read_text())
+    for part, keys in (("text_config", ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                        "num_key_value_heads", "vocab_size", "rope_parameters")),
+                       ("vision_config", ("depth", "embed_dim", "hidden_size", "num_heads", "mlp_ratio", "patch_size",
+                                          "spatial_merge_size", "temporal_patch_size"))):
+        for key in keys:
+            assert built[part][key] == shipped[part][key], (part, key)
