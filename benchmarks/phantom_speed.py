@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from surgvqa.frames import random_clip_state, render_phantom_clip
+from surgvqa.phantom import random_clip_state, render_phantom_clip
 
 RESULTS = Path(__file__).resolve().parent / "results" / "phantom_speed.json"
 

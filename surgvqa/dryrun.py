@@ -192,7 +192,7 @@ def write_whisper(like: str, out: Path, layers: int | None = None, seed: int = 0
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-    from .audio import whisper_dir
+    from .whisper import whisper_dir
 
     english = Path(tokenizer_from or whisper_dir("tiny.en"))
     processor = WhisperProcessor.from_pretrained(str(english))

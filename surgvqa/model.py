@@ -39,6 +39,7 @@ from . import data
 from .collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, MEL_FRAMES_PER_ENCODER_FRAME, SPOKEN_QUESTION,
                       WRITTEN_QUESTION, Collator)
 from .config import REPO_ROOT, Config
+from .whisper import encode_at_length
 
 # The tiny preset's vision-language model, pretrained on phantom clips by ``python -m surgvqa pretrain``.
 TINY_PRETRAINED_DIR = REPO_ROOT / "checkpoints" / "tiny-phantom" / "vlm"
@@ -149,20 +150,9 @@ class AudioGraftedQwen2VL(nn.Module):
 
     # --- audio ---
 
-    @torch.no_grad()
     def whisper_frames(self, mel: torch.Tensor) -> torch.Tensor:
         """Whisper on mel frames of one length (batch, n_mels, T): (batch, T/2, d_model), no 30 s padding."""
-        enc = self.whisper
-        n_positions = mel.shape[-1] // 2
-        full_table, full_positions = enc.embed_positions, enc.config.max_source_positions
-        if n_positions > full_table.num_embeddings:
-            raise ValueError(f"{mel.shape[-1]} mel frames exceed Whisper's {2 * full_table.num_embeddings}")
-        enc.embed_positions = nn.Embedding.from_pretrained(full_table.weight[:n_positions], freeze=True)
-        enc.config.max_source_positions = n_positions
-        try:
-            return enc(mel.to(full_table.weight.dtype)).last_hidden_state
-        finally:
-            enc.embed_positions, enc.config.max_source_positions = full_table, full_positions
+        return encode_at_length(self.whisper, mel)
 
     def audio_rows(self, features: torch.Tensor, lengths: torch.Tensor, encoded: bool = False
                    ) -> list[torch.Tensor]:
@@ -340,7 +330,7 @@ def _whisper_encoder(whisper: nn.Module) -> WhisperEncoder:
 
 def _load_whisper_from_cfg(cfg: Config) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
     try:
-        from .audio import load_whisper
+        from .whisper import load_whisper
     except ImportError as e:
         raise ImportError(f"cannot load Whisper {cfg.whisper!r}: surgvqa.audio is not available ({e}); "
                           f"pass whisper=(encoder, feature_extractor) explicitly") from e

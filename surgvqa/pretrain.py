@@ -26,7 +26,7 @@ question mode), which the model otherwise never meets before fine-tuning. ``proj
 pretrained projector. Held-out heard accuracy is measured with the bank's eval-pool voices, which no
 training row uses.
 
-Data: phantom clips of RANDOM clip states only (``frames.random_clip_samples``, seed ``data_seed``), never
+Data: phantom clips of RANDOM clip states only (``phantom.random_clip_samples``, seed ``data_seed``), never
 an annotation row. Curriculum: lesion clips are over-represented (``lesion_share`` of each batch instead
 of the prior's ~30 %) because the five lesion questions, lesion motion in particular, only exist on them
 and are the hardest to learn; every other label keeps its prior mix.
@@ -77,11 +77,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import data, frames
+from . import data, phantom
 from .collate import AUDIO_TOKEN, CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator
 from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
-from .frames import ClipState
+from .phantom import ClipState
 from .model import (AudioGraftedQwen2VL, build_model, candidate_token_rows, collator, count_parameters,
                     load_pretrained_projector, save_checkpoint, save_projector_source, score_candidates)
 
@@ -476,7 +476,7 @@ class PhantomRows(IterableDataset):
 
     def clips(self, batch_index: int) -> list[tuple[ClipState, list[Sample]]]:
         s = self.settings
-        drawn = frames.random_clip_samples(self.candidates, seed=s.data_seed, start=batch_index * self.candidates,
+        drawn = phantom.random_clip_samples(self.candidates, seed=s.data_seed, start=batch_index * self.candidates,
                                            cfg=self.cfg)
         lesion = [c for c in drawn if c[0].lesion]
         other = [c for c in drawn if not c[0].lesion]
@@ -486,7 +486,7 @@ class PhantomRows(IterableDataset):
     def batch(self, batch_index: int) -> dict[str, torch.Tensor]:
         clips = self.clips(batch_index)
         rng = np.random.default_rng([self.settings.data_seed, batch_index])
-        rendered = np.stack([frames.render_phantom_clip(state, self.settings.frame_size, self.cfg.phantom_seed)
+        rendered = np.stack([phantom.render_phantom_clip(state, self.settings.frame_size, self.cfg.phantom_seed)
                              for state, _ in clips])
         return self.builder.collate([self.builder.rows(samples, rng) for _, samples in clips], rendered)
 
@@ -701,7 +701,7 @@ def optimizer_for(model: AudioGraftedQwen2VL, settings: PretrainSettings, device
 
 @lru_cache(maxsize=2048)
 def _rendered(state: ClipState, frame_size: int, phantom_seed: int) -> np.ndarray:
-    return frames.render_phantom_clip(state, frame_size, phantom_seed)
+    return phantom.render_phantom_clip(state, frame_size, phantom_seed)
 
 
 def clip_frames(state: ClipState, frame_size: int, phantom_seed: int, single_frame: bool) -> np.ndarray:
@@ -820,7 +820,7 @@ def still_answer_accuracy(samples_with_states: Sequence[tuple[ClipState, Sequenc
 
 
 def heldout_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[ClipState, list[Sample]]]:
-    return frames.random_clip_samples(settings.heldout_clips, template="out", seed=settings.heldout_seed, cfg=cfg)
+    return phantom.random_clip_samples(settings.heldout_clips, template="out", seed=settings.heldout_seed, cfg=cfg)
 
 
 def eval_split_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[ClipState, list[Sample]]]:
@@ -831,7 +831,7 @@ def eval_split_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[Clip
     by_clip: dict[tuple, list[Sample]] = defaultdict(list)
     for s in rows:
         by_clip[s.clip_key].append(s)
-    return [(frames.clip_state_of(samples[0], cfg), samples) for samples in by_clip.values()]
+    return [(phantom.clip_state_of(samples[0], cfg), samples) for samples in by_clip.values()]
 
 
 def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: PretrainSettings,

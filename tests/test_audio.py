@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 from surgvqa import audio
+from surgvqa import whisper as W
 from surgvqa.audio import AudioError, TTSError, VoiceError, VoiceSpec
 from surgvqa.config import get_config
 from surgvqa.data import published_split, question_wordings
@@ -41,8 +42,8 @@ def whisper(tmp_path_factory):
     """tiny.en converted afresh from the CTranslate2 package (not a cached folder from an earlier run)."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    source_dir, parts = audio.ctranslate2_source("tiny.en")
-    target = audio.convert_ctranslate2_whisper(source_dir, parts, tmp_path_factory.mktemp("whisper") / "tiny.en")
+    source_dir, parts = W.ctranslate2_source("tiny.en")
+    target = W.convert_ctranslate2_whisper(source_dir, parts, tmp_path_factory.mktemp("whisper") / "tiny.en")
     return WhisperForConditionalGeneration.from_pretrained(target).eval(), WhisperProcessor.from_pretrained(target)
 
 
@@ -339,10 +340,10 @@ def test_load_question_audio_converts_only_when_asked(tmp_path, cfg):
 # --- Whisper -------------------------------------------------------------------------------------
 
 def test_whisper_names_that_are_not_offline_presets_pass_through(tmp_path):
-    assert audio.whisper_dir("openai/whisper-large-v3-turbo") == "openai/whisper-large-v3-turbo"
-    assert audio.whisper_dir(str(tmp_path)) == tmp_path
+    assert W.whisper_dir("openai/whisper-large-v3-turbo") == "openai/whisper-large-v3-turbo"
+    assert W.whisper_dir(str(tmp_path)) == tmp_path
     with pytest.raises(KeyError, match="offline"):
-        audio.ctranslate2_source("large")
+        W.ctranslate2_source("large")
 
 
 def test_converted_encoder_matches_ctranslate2(whisper):
@@ -351,12 +352,12 @@ def test_converted_encoder_matches_ctranslate2(whisper):
     model, processor = whisper
     wave = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us", 160, 50))
     features = processor.feature_extractor([wave], sampling_rate=16000, return_tensors="np").input_features
-    source_dir, _ = audio.ctranslate2_source("tiny.en")
+    source_dir, _ = W.ctranslate2_source("tiny.en")
     reference = ctranslate2.models.Whisper(str(source_dir), device="cpu", compute_type="float32")
     expected = np.array(reference.encode(ctranslate2.StorageView.from_array(features.astype(np.float32))))
     with torch.inference_mode():
         ours = model.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
-        sliced = audio.whisper_encode(model.model.encoder, torch.from_numpy(features)).numpy()
+        sliced = W.encode_at_length(model.model.encoder, torch.from_numpy(features)).numpy()
     assert expected.shape == ours.shape == (1, 1500, 384)
     assert np.abs(ours - expected).max() < 1e-3
     assert np.abs(sliced - ours).max() < 1e-5  # the any-length encoder is the same computation at 30 s
@@ -387,7 +388,7 @@ def test_greedy_transcription_of_all_questions_in_three_voices(whisper):
     references, hypotheses = [], []
     for voice in voices:
         waves = [audio.render(q, voice) for q in questions]
-        hypotheses += audio.transcribe(waves, model, processor, batch_size=8)
+        hypotheses += W.transcribe(waves, model, processor, batch_size=8)
         references += questions
     wer = audio.word_error_rate(references, hypotheses)
     print(f"tiny.en greedy WER over {len(references)} utterances: {wer:.3f}")
@@ -402,9 +403,9 @@ def test_whisper_base_from_two_packages_matches_ctranslate2_and_transcribes(tmp_
     import ctranslate2
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    source_dir, parts = audio.ctranslate2_source("base")
+    source_dir, parts = W.ctranslate2_source("base")
     assert len(parts) == 2
-    target = audio.convert_ctranslate2_whisper(source_dir, parts, tmp_path / "base")
+    target = W.convert_ctranslate2_whisper(source_dir, parts, tmp_path / "base")
     model = WhisperForConditionalGeneration.from_pretrained(target).eval()
     processor = WhisperProcessor.from_pretrained(target)
     assert model.config.d_model == 512 and model.generation_config.is_multilingual
@@ -426,7 +427,7 @@ def test_whisper_base_from_two_packages_matches_ctranslate2_and_transcribes(tmp_
 
     # a smoke check that the converted decoder decodes (the encoder check above is the precise one):
     # base is multilingual and no better than tiny.en on espeak-ng's synthetic voice (measured 0.41)
-    transcripts = audio.transcribe(waves, model, processor)
+    transcripts = W.transcribe(waves, model, processor)
     assert audio.word_error_rate(questions, transcripts) <= 0.5, transcripts
 
 

@@ -166,19 +166,25 @@ def wait_for_grid(page, sample, deadline: Deadline) -> None:
         raise
 
 
-@pytest.mark.slow
-def test_inspector_renders_in_jupyterlab_and_follows_a_filter(tmp_path):
+def require_browser() -> None:
+    """Skip where Chromium or Playwright is missing; in CI either missing is a failure."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} not found (Debian package chromium; scripts/setup.sh installs it as root)"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
     try:
-        from playwright.sync_api import expect, sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError:
         if IN_CI:
             raise
         pytest.skip("playwright not installed (pip install -e '.[test]')")
+
+
+@pytest.mark.slow
+def test_inspector_renders_in_jupyterlab_and_follows_a_filter(tmp_path):
+    require_browser()
+    from playwright.sync_api import expect, sync_playwright
 
     from test_widgets import predictions
 
@@ -340,11 +346,7 @@ def ask_out_loud(tmp_path: Path, wav: Path, seconds: float):
 
 @pytest.mark.slow
 def test_the_demo_answers_a_question_asked_into_the_microphone_and_refuses_silence(tmp_path):
-    if not CHROMIUM.exists():
-        message = f"{CHROMIUM} not found (Debian package chromium; scripts/setup.sh installs it as root)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_browser()
     import numpy as np
     import soundfile as sf
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgvqa import data, frames as F
+from surgvqa import data, frames as F, phantom as P, probe as Q
 from surgvqa.config import get_config
 
 SIZE = 64
@@ -25,12 +25,12 @@ def annotations():
 
 @pytest.fixture(scope="module")
 def states(annotations, cfg):
-    return F.clip_states_from_annotations(annotations, cfg)
+    return P.clip_states_from_annotations(annotations, cfg)
 
 
-def base_state(**changes) -> F.ClipState:
+def base_state(**changes) -> P.ClipState:
     """An inside view with a lesion and nothing else going on; tests flip one attribute at a time."""
-    state = F.ClipState(clip="test:clip", outside=False, nbi=False, blue_dye=False, tool="none",
+    state = P.ClipState(clip="test:clip", outside=False, nbi=False, blue_dye=False, tool="none",
                         endoscope_body=False, mucosa_clean=True, fluid=False, closeup=False, flushing=False,
                         moving=False, direction="advancing", drift="stable", site="descending", lesion=True,
                         histology="adenoma", size_mm=3, quadrant="upper-left")
@@ -38,7 +38,7 @@ def base_state(**changes) -> F.ClipState:
 
 
 def render(**changes) -> np.ndarray:
-    return F.render_phantom_clip(base_state(**changes), size=SIZE).astype(np.float32)
+    return P.render_phantom_clip(base_state(**changes), size=SIZE).astype(np.float32)
 
 
 def chroma(frames: np.ndarray) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_phantom_clips_written_in_the_real_colon_layout_load_as_real_frames(tmp_
     cfg = get_config(frames_source="real", frames_dir=str(tmp_path), frame_size=224)
     clip = F.load_clip(rows[0], cfg)
     assert clip.shape == (8, 196, 224, 3)
-    rendered = F.render_phantom_clip(F.clip_state_of(rows[0], get_config()), 56, 0).astype(float)
+    rendered = P.render_phantom_clip(P.clip_state_of(rows[0], get_config()), 56, 0).astype(float)
     shrunk = np.stack([np.asarray(Image.fromarray(f).resize((56, 56), Image.Resampling.BILINEAR)) for f in clip])
     assert np.abs(shrunk.astype(float) - rendered).mean() < 12  # the same picture back, through JPEG and resizing
 
@@ -173,47 +173,47 @@ def test_unfixed_attributes_follow_the_priors(states):
     values = list(states.values())
     # most clips have one row, so nbi is mostly drawn from its prior (0.4), plus the NBI rows
     assert 0.3 < np.mean([s.nbi for s in values]) < 0.6
-    assert {s.site for s in values} == set(F.SITES)
+    assert {s.site for s in values} == set(P.SITES)
 
 
 def test_states_are_deterministic_and_depend_on_the_seed(annotations, cfg):
     rows = [s for s in annotations if s.video_id == "002-001"][:200]
-    a = F.clip_states_from_annotations(rows, cfg)
-    b = F.clip_states_from_annotations(rows, cfg)
-    c = F.clip_states_from_annotations(rows, cfg.replace(phantom_seed=1))
+    a = P.clip_states_from_annotations(rows, cfg)
+    b = P.clip_states_from_annotations(rows, cfg)
+    c = P.clip_states_from_annotations(rows, cfg.replace(phantom_seed=1))
     assert a == b and a != c
 
 
 def test_contradicting_rows_raise_naming_them():
-    rows = [("a.jsonl:1 nbi_status=yes", F.row_constraints("nbi_status", "yes")),
-            ("a.jsonl:2 nbi_status=no", F.row_constraints("nbi_status", "no"))]
-    with pytest.raises(F.ClipStateConflict, match="a.jsonl:1.*a.jsonl:2"):
-        F.solve_clip_state("v:clip", rows)
-    with pytest.raises(F.ClipStateConflict, match="outside"):
-        F.solve_clip_state("v:clip", [("r1", F.row_constraints("scope_outside", "yes")),
-                                      ("r2", F.row_constraints("lesion_site", "sigma"))])
+    rows = [("a.jsonl:1 nbi_status=yes", P.row_constraints("nbi_status", "yes")),
+            ("a.jsonl:2 nbi_status=no", P.row_constraints("nbi_status", "no"))]
+    with pytest.raises(P.ClipStateConflict, match="a.jsonl:1.*a.jsonl:2"):
+        P.solve_clip_state("v:clip", rows)
+    with pytest.raises(P.ClipStateConflict, match="outside"):
+        P.solve_clip_state("v:clip", [("r1", P.row_constraints("scope_outside", "yes")),
+                                      ("r2", P.row_constraints("lesion_site", "sigma"))])
 
 
 def test_rows_imply_what_the_answer_sentence_says():
-    state = F.solve_clip_state("v:c", [("r", F.row_constraints("scope_forward_motion", "no"))])
+    state = P.solve_clip_state("v:c", [("r", P.row_constraints("scope_forward_motion", "no"))])
     assert state.moving and state.direction == "withdrawing"
-    state = F.solve_clip_state("v:c", [("r", F.row_constraints("tool_catheter_check", "no"))])
+    state = P.solve_clip_state("v:c", [("r", P.row_constraints("tool_catheter_check", "no"))])
     assert state.tool in ("forceps", "snare")
-    state = F.solve_clip_state("v:c", [("r", F.row_constraints("mucosa_visibility", "yes"))])
+    state = P.solve_clip_state("v:c", [("r", P.row_constraints("mucosa_visibility", "yes"))])
     assert state.mucosa_clean and not (state.fluid or state.closeup or state.outside)
     with pytest.raises(ValueError, match="no phantom rendering"):
-        F.row_constraints("lesion_site", "moon")
+        P.row_constraints("lesion_site", "moon")
 
 
 # --- rendering -----------------------------------------------------------------------------------
 
 def test_render_is_deterministic_per_clip_and_seed():
     state = base_state(moving=True, drift="left", tool="snare", flushing=True)
-    a = F.render_phantom_clip(state, SIZE, seed=0)
+    a = P.render_phantom_clip(state, SIZE, seed=0)
     assert a.shape == (8, SIZE, SIZE, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, F.render_phantom_clip(state, SIZE, seed=0))
-    assert not np.array_equal(a, F.render_phantom_clip(state, SIZE, seed=1))
-    assert not np.array_equal(a, F.render_phantom_clip(dataclasses.replace(state, clip="other"), SIZE))
+    assert np.array_equal(a, P.render_phantom_clip(state, SIZE, seed=0))
+    assert not np.array_equal(a, P.render_phantom_clip(state, SIZE, seed=1))
+    assert not np.array_equal(a, P.render_phantom_clip(dataclasses.replace(state, clip="other"), SIZE))
     assert a.std() > 20  # never a flat or black image
 
 
@@ -247,7 +247,7 @@ def test_tools_differ_from_each_other():
     assert np.abs(shots["forceps"] - shots["snare"]).mean() > 3
 
 
-@pytest.mark.parametrize("quadrant", F.QUADRANTS)
+@pytest.mark.parametrize("quadrant", P.QUADRANTS)
 def test_tools_jets_and_the_endoscope_leave_the_lesion_in_view(quadrant):
     without = render(lesion=False, quadrant=quadrant)
     lesion = np.abs(render(quadrant=quadrant) - without).max(-1)[F.FRAMES_PER_CLIP // 2] > 40
@@ -279,7 +279,7 @@ def test_endoscope_body_debris_and_jets_change_their_pixels():
 
 def test_lesion_quadrant_histology_and_size():
     without = render(lesion=False)
-    for quadrant in F.QUADRANTS:
+    for quadrant in P.QUADRANTS:
         change = quadrant_change(without, render(quadrant=quadrant))
         assert max(change, key=change.get) == quadrant
     adenoma, hyperplastic = render(histology="adenoma"), render(histology="hyperplastic")
@@ -296,7 +296,7 @@ def test_lesion_quadrant_histology_and_size():
 def test_the_lesion_lies_in_its_quadrant_in_the_middle_frame(changes):
     middle = F.FRAMES_PER_CLIP // 2
     for k in range(3):  # every clip name places the lesion anew within its quadrant
-        for quadrant in F.QUADRANTS:
+        for quadrant in P.QUADRANTS:
             state = {**changes, "clip": f"quadrant:{k}", "quadrant": quadrant}
             lesion = np.abs(render(**state) - render(**state, lesion=False)).max(-1)[middle] > 40
             assert lesion.sum() > 60, state  # a 1 mm polyp too: it is drawn as seen up close
@@ -319,7 +319,7 @@ def fold_spectrum(frames: np.ndarray) -> tuple[float, float]:
 def test_sites_differ_in_fold_spacing_and_depth(blue_dye):
     # every clip name places the lumen and the folds anew; dye stains the mucosa but keeps its relief
     spectra = {site: np.array([fold_spectrum(render(clip=f"site:{k}", site=site, lesion=False, blue_dye=blue_dye))
-                               for k in range(4)]) for site in F.SITES}
+                               for k in range(4)]) for site in P.SITES}
     energy = {site: v[:, 0] for site, v in spectra.items()}
     frequency = {site: v[:, 1] for site, v in spectra.items()}
     # the descending colon is a smooth tube; the others have deep folds
@@ -333,8 +333,8 @@ def ring_harmonics(site: str, seed: int) -> np.ndarray:
     """Amplitude of the angular harmonics 1..5 of the colon's brightness on circles about its lumen (radii
     0.5, 0.7, 0.9), relative to the mean brightness, summed over the circles."""
     n = 128
-    canvas = F._Canvas(n, F.CANVAS_EXTENT)
-    lx, ly = F._colon(np.random.default_rng(seed), base_state(site=site), canvas, np.zeros((n, n), np.float32))
+    canvas = P._Canvas(n, P.CANVAS_EXTENT)
+    lx, ly = P._colon(np.random.default_rng(seed), base_state(site=site), canvas, np.zeros((n, n), np.float32))
     gray = canvas.rgb.mean(-1)
     angles = np.linspace(0, 2 * np.pi, 256, endpoint=False)
     total = np.zeros(5)
@@ -348,7 +348,7 @@ def ring_harmonics(site: str, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_sites_differ_in_fold_shape(seed):
-    harmonics = {site: ring_harmonics(site, seed) for site in F.SITES}
+    harmonics = {site: ring_harmonics(site, seed) for site in P.SITES}
     assert harmonics["descending"].max() < 0.02  # round folds: the same all around the lumen
     ascending = harmonics["ascending"]  # triangular folds
     assert ascending[2] > 0.1 and ascending[2] > 5 * np.delete(ascending, 2).max()
@@ -362,7 +362,7 @@ def test_sites_differ_in_fold_shape(seed):
 @pytest.mark.parametrize("drift,sign", [("left", (-1, 0)), ("right", (1, 0)), ("up", (0, -1)), ("down", (0, 1))])
 def test_drift_moves_the_scene_that_way(drift, sign):
     gray = render(moving=True, drift=drift, direction="advancing").mean(-1)
-    flow = F._affine_flow(_shrink(gray))
+    flow = Q._affine_flow(_shrink(gray))
     u, v = flow[0], flow[1]
     assert np.sign(u) == sign[0] or sign[0] == 0
     assert np.sign(v) == sign[1] or sign[1] == 0
@@ -371,14 +371,14 @@ def test_drift_moves_the_scene_that_way(drift, sign):
 
 def _shrink(gray):
     gray = gray / gray.mean(axis=(1, 2), keepdims=True)
-    return np.stack([np.asarray(Image.fromarray(g.astype(np.float32)).resize((F.MOTION_SIZE,) * 2,
+    return np.stack([np.asarray(Image.fromarray(g.astype(np.float32)).resize((Q.MOTION_SIZE,) * 2,
                                                                            Image.Resampling.BOX)) for g in gray])
 
 
 def test_advancing_zooms_in_withdrawing_zooms_out_still_does_neither():
-    divergence = {d: F._affine_flow(_shrink(render(moving=True, direction=d).mean(-1)))[2]
+    divergence = {d: Q._affine_flow(_shrink(render(moving=True, direction=d).mean(-1)))[2]
                   for d in ("advancing", "withdrawing")}
-    still = F._affine_flow(_shrink(render(moving=False).mean(-1)))[2]
+    still = Q._affine_flow(_shrink(render(moving=False).mean(-1)))[2]
     assert divergence["advancing"] > 0.02 and divergence["withdrawing"] < -0.02
     assert abs(still) < min(abs(v) for v in divergence.values()) / 2
     # one frame cannot tell: the middle frames of the two directions have the same zoom on average
@@ -393,7 +393,7 @@ def test_every_step_of_a_moving_clip_zooms_the_same_way(scene):
     # even where little texture shows the motion (red-out, fluid, the room) or jets cross it, each of the
     # 7 steps zooms the way the scope moves: what the probe's direction-consistency features count
     for direction, sign in (("advancing", 1), ("withdrawing", -1)):
-        steps = F._affine_steps(_shrink(render(moving=True, direction=direction, **scene).mean(-1)))
+        steps = Q._affine_steps(_shrink(render(moving=True, direction=direction, **scene).mean(-1)))
         assert steps.shape == (F.FRAMES_PER_CLIP - 1, 6)
         assert np.all(np.sign(steps[:, 2]) == sign), (direction, steps[:, 2])
 
@@ -401,19 +401,19 @@ def test_every_step_of_a_moving_clip_zooms_the_same_way(scene):
 @pytest.mark.parametrize("drift,direction", [("left", "advancing"), ("down", "withdrawing"), ("stable", "advancing")])
 def test_similarity_motion_finds_the_zoom_and_the_shift(drift, direction):
     small = _shrink(render(moving=True, drift=drift, direction=direction).mean(-1))
-    *peaks, log_scale, right, down = F._similarity_motion(small[0], small[-1])
+    *peaks, log_scale, right, down = Q._similarity_motion(small[0], small[-1])
     assert np.sign(log_scale) == (1 if direction == "advancing" else -1)
     assert abs(log_scale) > 0.1  # the clip zooms by 25 %
     expected = {"left": (-1, 0), "down": (0, 1), "stable": (0, 0)}[drift]
     for moved, sign in zip((right, down), expected):
         assert (moved * sign > 0.08) if sign else abs(moved) < 0.05
-    *_, still_scale, still_right, still_down = F._similarity_motion(small[0], small[0])
+    *_, still_scale, still_right, still_down = Q._similarity_motion(small[0], small[0])
     assert abs(still_scale) < 1e-6 and still_right == 0 and still_down == 0
 
 
 def test_render_rejects_tiny_frames():
     with pytest.raises(ValueError, match="too small"):
-        F.render_phantom_clip(base_state(), size=8)
+        P.render_phantom_clip(base_state(), size=8)
 
 
 # --- dataset entry point, cache, random clips ----------------------------------------------------
@@ -422,7 +422,7 @@ def test_load_clip_renders_the_state_of_the_clip_and_caches_it(annotations, tmp_
     sample = next(s for s in annotations if s.question_type == "tool_identification")
     cfg = get_config(frame_size=SIZE)
     clip = F.load_clip(sample, cfg)
-    assert np.array_equal(clip, F.render_phantom_clip(F.clip_state_of(sample, cfg), SIZE, cfg.phantom_seed))
+    assert np.array_equal(clip, P.render_phantom_clip(P.clip_state_of(sample, cfg), SIZE, cfg.phantom_seed))
     cached_cfg = cfg.replace(phantom_cache_dir=str(tmp_path))
     assert np.array_equal(F.load_clip(sample, cached_cfg), clip)
     files = list(tmp_path.rglob("*.npy"))
@@ -432,8 +432,8 @@ def test_load_clip_renders_the_state_of_the_clip_and_caches_it(annotations, tmp_
 
 
 def test_random_clips_carry_their_answers_in_the_template_wording():
-    pairs = F.random_clip_samples(30, template="in", seed=3)
-    again = F.random_clip_samples(30, template="in", seed=3)
+    pairs = P.random_clip_samples(30, template="in", seed=3)
+    again = P.random_clip_samples(30, template="in", seed=3)
     assert [p[0] for p in pairs] == [p[0] for p in again]
     wordings, sentences = data.question_wordings("in"), data.answer_sentences()
     seen = set()
@@ -444,7 +444,7 @@ def test_random_clips_carry_their_answers_in_the_template_wording():
             assert s.short_answer == labels[s.question_type]
             assert s.question == wordings[s.question_type]
             assert s.answer == sentences[(s.question_type, s.short_answer)]
-            assert F.clip_state_of(s) == state  # the dataset finds the clip again from the sample
+            assert P.clip_state_of(s) == state  # the dataset finds the clip again from the sample
             seen.add(s.question_type)
     assert len(seen) >= 15
 
@@ -456,8 +456,8 @@ def test_blob_responses_find_a_compact_blob_in_its_quadrant_before_a_bar():
     yy, xx = np.mgrid[:SIZE, :SIZE]
     frame[(xx - 45) ** 2 + (yy - 18) ** 2 < 5 ** 2] = 200  # a bright disc in the upper right
     frame[40:50] = 200  # a bright bar as wide as the disc across the lower half
-    brightest = F._blob_responses(frame).reshape(4, 2, 3)[:, 0].mean(-1)  # quadrant x (max, min) x channel
-    assert F.QUADRANTS[int(np.argmax(brightest))] == "upper-right"
+    brightest = Q._blob_responses(frame).reshape(4, 2, 3)[:, 0].mean(-1)  # quadrant x (max, min) x channel
+    assert P.QUADRANTS[int(np.argmax(brightest))] == "upper-right"
     assert brightest[1] > 1.2 * brightest[2:].max() and brightest[0] < 0.2 * brightest[1]
 
 
@@ -465,15 +465,15 @@ def test_polar_gradients_tell_rings_about_the_centre_from_blobs():
     yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
     rings = 1 + 0.3 * np.cos(np.hypot(xx, yy) / 2)
     blobs = 1 + 0.3 * np.cos(xx / 2.5) * np.cos(yy / 2.5)
-    ratio = lambda image: F._polar_gradients(np.repeat(image[None].astype(np.float32), 2, 0))[1::2]
+    ratio = lambda image: Q._polar_gradients(np.repeat(image[None].astype(np.float32), 2, 0))[1::2]
     # along the direction from the centre over across it: far above 1 for rings, near 1 for blobs
     assert ratio(rings)[:2].min() > np.log(10) and np.abs(ratio(blobs)[:2]).max() < np.log(2)
 
 
 def test_probe_views_are_the_same_from_worker_processes():
-    samples = [s for _, clip in F.random_clip_samples(6, seed=11) for s in clip]
-    serial = F.probe_views(samples, size=32, workers=1)
-    parallel = F.probe_views(samples, size=32, workers=2)
+    samples = [s for _, clip in P.random_clip_samples(6, seed=11) for s in clip]
+    serial = Q.probe_views(samples, size=32, workers=1)
+    parallel = Q.probe_views(samples, size=32, workers=2)
     assert set(serial) == {"clip", "frame", "global"}
     for name, features in serial.items():
         assert features.shape[0] == len(samples) and np.array_equal(features, parallel[name]), name
@@ -484,10 +484,10 @@ def test_probe_views_are_the_same_from_worker_processes():
 
 
 def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
-    pairs = F.random_clip_samples(160, seed=7)
+    pairs = P.random_clip_samples(160, seed=7)
     train = [s for _, samples in pairs[:40] for s in samples]
     test = [s for _, samples in pairs[40:] for s in samples]
-    table = F.probe_table(train, test, size=32, probe_clips=120)
+    table = Q.probe_table(train, test, size=32, probe_clips=120)
     for qtype in ("nbi_status", "scope_outside", "scope_motion", "scope_motion_type"):
         assert table.loc[qtype, "clip"] >= 0.85, table.loc[qtype]
     assert table.loc["scope_motion_type", "frame"] <= 0.75
@@ -495,7 +495,7 @@ def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
     assert set(table.columns) >= {"n_train", "n_test", "chance", "blind_prior", "clip", "frame", "global"}
     # the extra random clips add training rows; the test rows are the given ones
     n_given = {t: sum(s.question_type == t for s in train) for t in table.index}
-    extra = {t: sum(s.question_type == t for _, samples in F.random_clip_samples(120) for s in samples)
+    extra = {t: sum(s.question_type == t for _, samples in P.random_clip_samples(120) for s in samples)
              for t in table.index}
     assert all(table.loc[t, "n_train"] == n_given[t] + extra[t] for t in table.index)
     assert all(table.loc[t, "n_test"] == sum(s.question_type == t for s in test) for t in table.index)

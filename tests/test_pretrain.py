@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from surgvqa import frames, get_config
+from surgvqa import get_config, phantom
 from surgvqa.collate import IGNORE_INDEX, IM_END, VIDEO_TOKEN, frames_to_patches
 from surgvqa.data import FRAMES_PER_CLIP
 from surgvqa.audio import render, voice_pools
@@ -36,7 +36,7 @@ def builder(model):
 
 @pytest.fixture(scope="module")
 def clips():
-    return frames.random_clip_samples(3, seed=5)
+    return phantom.random_clip_samples(3, seed=5)
 
 
 def _text_collator(model):
@@ -98,7 +98,7 @@ def test_shared_vision_loss_equals_each_row_through_the_model_forward(model, bui
     clips = dataset.clips(1)
     rng = np.random.default_rng([settings.data_seed, 1])
     rows_per_clip = [builder.rows(samples, rng) for _, samples in clips]
-    rendered = np.stack([frames.render_phantom_clip(state, SIZE, model.cfg.phantom_seed) for state, _ in clips])
+    rendered = np.stack([phantom.render_phantom_clip(state, SIZE, model.cfg.phantom_seed) for state, _ in clips])
     batch = builder.collate(rows_per_clip, rendered)
     text_collator = _text_collator(model)
     model.eval()
@@ -206,7 +206,7 @@ def test_command_line_rejects_a_frame_size_that_would_be_resized(tmp_path):
 
 
 def test_still_answers_are_what_a_clip_without_motion_would_answer():
-    from surgvqa.frames import random_clip_samples
+    from surgvqa.phantom import random_clip_samples
     from surgvqa.pretrain import still_answer_accuracy
 
     clips = random_clip_samples(60, seed=5)
@@ -266,7 +266,7 @@ def test_heard_rows_are_the_collators_audio_and_both_rows_with_the_same_loss(hea
     forward on that batch (the bank's float16 rounding aside)."""
     _, bank = heard_bank
     builder = row_builder(heard_model, SIZE, bank=bank, heard_share=1.0, both_share=1.0)
-    state, samples = frames.random_clip_samples(1, seed=5, template="out")[0]
+    state, samples = phantom.random_clip_samples(1, seed=5, template="out")[0]
     rows = builder.rows(samples, np.random.default_rng(0))
     assert [r.mode for r in rows] == ["text", "audio", "both"] * len(samples)
     assert all((r.audio is None) == (r.mode == "text") for r in rows)
@@ -301,7 +301,7 @@ def test_heard_rows_are_the_collators_audio_and_both_rows_with_the_same_loss(hea
 
 def test_written_row_scoring_ranks_as_score_candidates(heard_model, heard_bank):
     builder = row_builder(heard_model, SIZE, bank=heard_bank[1], heard_share=1.0)
-    clips = frames.random_clip_samples(3, seed=5, template="out")
+    clips = phantom.random_clip_samples(3, seed=5, template="out")
     heard_model.eval()
     rows_table = row_candidate_accuracy(heard_model, builder, clips, SIZE, clips_per_batch=2)
     stock = phantom_accuracy(heard_model, clips, SIZE)
