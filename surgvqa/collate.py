@@ -107,23 +107,28 @@ def frames_to_patches(frames: np.ndarray, frames_as: str, frame_size: int, patch
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     x = (x / 255.0 - mean) / std
+    grid_h, grid_w = out_h // patch_size, out_w // patch_size
     if frames_as == "video":
         if x.shape[0] % temporal_patch_size:
             raise ValueError(f"{x.shape[0]} frames is not a multiple of the temporal patch {temporal_patch_size}")
-        clips = [x]
-    else:
-        clips = [frame.unsqueeze(0).expand(temporal_patch_size, -1, -1, -1) for frame in x]
-    patches, grids = [], []
-    for clip in clips:
-        grid_t, grid_h, grid_w = clip.shape[0] // temporal_patch_size, out_h // patch_size, out_w // patch_size
-        p = clip.reshape(grid_t, temporal_patch_size, 3, grid_h // merge_size, merge_size, patch_size,
-                         grid_w // merge_size, merge_size, patch_size)
-        # (t, h-blocks, w-blocks, h-in-block, w-in-block, channel, temporal, patch-row, patch-col): merged
-        # 2x2 neighbours end up consecutive, which the vision merger relies on.
-        p = p.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        patches.append(p.reshape(grid_t * grid_h * grid_w, 3 * temporal_patch_size * patch_size * patch_size))
-        grids.append((grid_t, grid_h, grid_w))
-    return torch.cat(patches), torch.tensor(grids, dtype=torch.long)
+        clips, grids = x.unsqueeze(0), [(x.shape[0] // temporal_patch_size, grid_h, grid_w)]
+    else:  # every frame an image of its own, repeated over the temporal patch
+        clips, grids = x.unsqueeze(1).expand(-1, temporal_patch_size, -1, -1, -1), [(1, grid_h, grid_w)] * len(x)
+    return patch_rows(clips, patch_size, temporal_patch_size, merge_size), torch.tensor(grids, dtype=torch.long)
+
+
+def patch_rows(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
+               ) -> torch.Tensor:
+    """Normalised clips (B, T, 3, H, W) as Qwen2-VL's flattened patch rows, clip after clip:
+    (B * T/temporal * H/patch * W/patch, 3 * temporal * patch * patch)."""
+    b, t, c, h, w = clips.shape
+    grid_t, grid_h, grid_w = t // temporal_patch_size, h // patch_size, w // patch_size
+    x = clips.reshape(b, grid_t, temporal_patch_size, c, grid_h // merge_size, merge_size, patch_size,
+                      grid_w // merge_size, merge_size, patch_size)
+    # (clip, t, h-blocks, w-blocks, h-in-block, w-in-block, channel, temporal, patch-row, patch-col): merged
+    # 2x2 neighbours end up consecutive, which the vision merger relies on.
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(b * grid_t * grid_h * grid_w, c * temporal_patch_size * patch_size * patch_size)
 
 
 @dataclass

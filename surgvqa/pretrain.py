@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import data, phantom
-from .collate import AUDIO_TOKEN, CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator
+from .collate import AUDIO_TOKEN, CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator, patch_rows
 from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .phantom import ClipState
@@ -430,15 +430,10 @@ def video_patches(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size
                   merge_size: int = 2) -> torch.Tensor:
     """``collate.frames_to_patches`` (video layout, no resize) of a batch of uint8 clips (B, T, S, S, 3), on
     whatever device the clips are: (B * t * h * w, 3 * temporal * patch * patch), CLIP-normalised."""
-    n, t, side = clips.shape[0], clips.shape[1], clips.shape[2]
     mean = torch.tensor(CLIP_MEAN, device=clips.device).view(1, 1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=clips.device).view(1, 1, 3, 1, 1)
     x = (clips.permute(0, 1, 4, 2, 3).float() / 255.0 - mean) / std
-    grid_t, grid = t // temporal_patch_size, side // patch_size
-    x = x.reshape(n, grid_t, temporal_patch_size, 3, grid // merge_size, merge_size, patch_size,
-                  grid // merge_size, merge_size, patch_size)
-    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # as frames_to_patches, with the batch in front
-    return x.reshape(n * grid_t * grid * grid, 3 * temporal_patch_size * patch_size * patch_size)
+    return patch_rows(x, patch_size, temporal_patch_size, merge_size)
 
 
 def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Sequence[str] | None = None,
