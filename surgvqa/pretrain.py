@@ -729,10 +729,10 @@ def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[t
             scores = score_candidates(model, batch)
         for (s, _), score in zip(chunk, scores):
             correct[s.question_type].append(score.label == s.short_answer)
-    return accuracy_table(correct, model.cfg)
+    return type_accuracy_of_answers(correct, model.cfg)
 
 
-def accuracy_table(correct: dict[str, list[bool]], cfg: Config) -> pd.DataFrame:
+def type_accuracy_of_answers(correct: dict[str, list[bool]], cfg: Config) -> pd.DataFrame:
     """Per question type (in QUESTION_TYPES order, those with answers): n, correct, accuracy and chance."""
     n_labels = {t: len(v) for t, v in data.label_sets(cfg).items()}
     rows = [{"question_type": t, "n": len(correct[t]), "correct": int(sum(correct[t])),
@@ -795,7 +795,7 @@ def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
                     row += 1
                 for i, s in enumerate(samples):
                     correct[s.question_type].append(best[i][1] == s.short_answer)
-    return accuracy_table(correct, model.cfg)
+    return type_accuracy_of_answers(correct, model.cfg)
 
 
 def still_answer_accuracy(samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
