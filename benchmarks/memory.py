@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 GIB = 2 ** 30
 # the card each preset is sized for, and the peak allocated memory it must stay under on it (the CUDA
 # context, cuBLAS workspaces and fragmentation need the rest)
-CARDS = {"qlora-2x24gb": (24, 21), "bf16-lora-1gpu": (80, 70), "qwen2vl-7b": (80, 70), "qwen2vl-2b": (24, 21)}
+CARDS = {"qlora-2x24gb": (24, 21), "bf16-lora-1gpu": (80, 70)}
 
 
 def folder_bytes(path: Path) -> int:

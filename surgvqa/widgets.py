@@ -390,7 +390,6 @@ class Demo:
             f"answer: <b class='surgvqa-answer'>{html.escape(heard.label)}</b> (confidence {heard.confidence:.2f})"
             f" — {html.escape(heard.text)}{verdict}",
             f"truth for this clip: {truth_text}", f"latency: {latency_ms:.0f} ms"])
-        self.last = heard
         return heard
 
     def snapshot_html(self) -> str:
