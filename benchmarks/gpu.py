@@ -60,7 +60,7 @@ from surgvqa.fastpath import (CLIP_ATTENTION, CandidateScorer, FastQuery, Graphe
                               prefill, register_clip_attention, set_text_attention, set_vision_attention)
 from surgvqa.fastpath import answer_and_score as fastpath_answer_and_score  # noqa: E402
 from surgvqa.train import adapter_inputs_uncast  # noqa: E402
-from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, answer_and_score,  # noqa: E402
+from surgvqa.model import (MAX_NEW_TOKENS, AudioGraftedQwen2VL, _apply_training_setup, answer_and_score,  # noqa: E402
                            build_tiny_tokenizer, parameter_groups, score_candidates, tiny_vlm_config)
 
 # --- shapes ----------------------------------------------------------------------------------------------
@@ -499,9 +499,10 @@ class Run:
             add("scoring: graphed prefill and continuation", "video", size,
                 lambda b: GraphedScorer(m, b, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
         for size in self.eval_batches:
-            # what notebook 05 runs per batch: candidate scores and the free-text answer, on the fast path
-            add(f"05's path: answer_and_score ({ANSWER_TOKENS}-token answer)", "video", size,
-                lambda b: lambda: answer_and_score(m, b, ANSWER_TOKENS), "sdpa")
+            # what notebook 05 runs per batch: candidate scores and the free-text answer, on the fast path, up to
+            # 05's answer length (random weights never end an answer early, so all of it)
+            add(f"05's path: answer_and_score ({MAX_NEW_TOKENS}-token answer)", "video", size,
+                lambda b: lambda: answer_and_score(m, b, MAX_NEW_TOKENS), "sdpa")
         for size in ends:
             add("scoring: shared prefix + clip attention", "video", size, lambda b: CandidateScorer(m, b),
                 CLIP_ATTENTION)

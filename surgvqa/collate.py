@@ -58,6 +58,7 @@ SPOKEN_QUESTION = "Spoken question: " + AUDIO_TOKEN
 WRITTEN_QUESTION = "Question: {question}"
 INSTRUCTION = "Answer the question about this colonoscopy clip in one sentence."
 ITEM_MODES = ("audio", "text", "both")
+TRAIN_DRAWS, EVAL_DRAWS = 0, 1  # keys of the mixed mode's draws: a training epoch's, every evaluation's
 
 
 @dataclass(frozen=True)

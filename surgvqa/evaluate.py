@@ -587,7 +587,7 @@ def reliability_figure(table: pd.DataFrame, ax=None, title: str = "Reliability o
 
 def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd.DataFrame | None = None,
             questions: dict[str, str] | None = None, batch_size: int = 16, generate_answers: bool = True,
-            max_new_tokens: int = 32, progress: bool = True) -> list[dict]:
+            progress: bool = True) -> list[dict]:
     """Answer ``samples`` under a question mode; one record per sample in the predictions schema.
 
     ``mode`` is audio, text or both (the prompt the model gets), whatever the mode it was trained in.
@@ -619,7 +619,14 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
         audio_info = audio_manifest.set_index("uid")[["path", "voice", "duration_s"]].to_dict("index")
     mode_cfg = cfg.replace(question_mode=mode)
     collate = dataclasses.replace(graft.collator(model), question_mode=mode, frame_size=cfg.frame_size)
-    dataset = QADataset(rows, mode_cfg, {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
+    # Whisper has no attention mask, so a batch is encoded in one call per distinct question length: batches
+    # of questions of one length (the same wording and voice) cost one call. Records keep the given order.
+    if mode != "text" and audio_info:
+        order = sorted(range(len(rows)), key=lambda i: (audio_info.get(rows[i].uid, {}).get("duration_s") or 0, i))
+    else:
+        order = list(range(len(rows)))
+    dataset = QADataset([rows[i] for i in order], mode_cfg,
+                        {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
     batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
     records = []
     with torch.inference_mode():
@@ -627,7 +634,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
                           total=math.ceil(len(dataset) / batch_size)):
             started = time.perf_counter()
             if generate_answers:
-                texts, scored = graft.answer_and_score(model, batch, max_new_tokens=max_new_tokens)
+                texts, scored = graft.answer_and_score(model, batch)
             else:
                 scored = graft.score_candidates(model, batch)
                 texts = [None] * len(scored)
@@ -642,7 +649,44 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
                     "latency_ms": per_sample_ms, "mode": mode, "voice": info.get("voice"),
                     "audio_duration_s": info.get("duration_s"), "template": cfg.template,
                 })
-    return records
+    given_order = [0] * len(records)
+    for position, i in enumerate(order):
+        given_order[i] = records[position]
+    return given_order
+
+
+def training_eval_parity(checkpoint: str | Path, model, batch_size: int | None = None) -> dict:
+    """The eval accuracy training logged for a run's ``best/`` beside ``predict``'s on the same rows and
+    checkpoint (training scores cached encoder outputs in its own loop; ``predict`` runs Whisper on the audio,
+    as notebook 05 does). In the mixed mode each row is asked the way training's evaluation drew for it."""
+    from . import audio, data
+    from .collate import EVAL_DRAWS
+    from .model import collator
+
+    checkpoint = Path(checkpoint)
+    summary_file = checkpoint.parent / "summary.json"
+    if checkpoint.name != "best" or not summary_file.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training run's best/ (no {summary_file})")
+    summary = json.loads(summary_file.read_text())
+    logged = [h for h in summary["history"] if h["step"] == summary["best_step"]]
+    if not logged:
+        raise ValueError(f"{summary_file}: no evaluation logged at the best step {summary['best_step']}")
+    cfg = model.cfg
+    rows = data.limited(data.load_split(cfg)["eval"], cfg.eval_limit, cfg.seed)
+    manifest = audio.synthesize_split(rows, "eval", cfg, progress=False)
+    draws = collator(model)
+    draws.reseed(EVAL_DRAWS)
+    by_mode: dict[str, list[Sample]] = {}
+    for s in rows:
+        by_mode.setdefault(draws.item_mode(s), []).append(s)
+    records = [r for mode, asked in by_mode.items()
+               for r in predict(model, asked, cfg, mode, manifest if mode != "text" else None,
+                                batch_size=batch_size or cfg.batch_size, generate_answers=False, progress=False)]
+    predicted = sum(r["candidate_label"] == r["short_answer"] for r in records) / len(records)
+    return {"best_step": summary["best_step"], "n": len(records), "modes": {m: len(v) for m, v in by_mode.items()},
+            "logged_accuracy": float(logged[0]["eval_accuracy"]), "predicted_accuracy": predicted,
+            # training's accuracy went through a float32 all-reduce
+            "equal": abs(predicted - float(logged[0]["eval_accuracy"])) < 1e-6}
 
 
 def data_answer(question_type: str, label: str) -> str:

@@ -71,6 +71,9 @@ TINY_VOCAB_SIZE = 1024
 LM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 # Kept in full precision when loading in 4 bit (bitsandbytes matches these as full module-name prefixes).
 NOT_QUANTIZED = ["model.visual", "lm_head"]
+# Greedy answers stop at end-of-turn or after this many tokens (the data's longest answer sentence is 12 tokens in
+# the Qwen2 vocabulary; zero-shot models say more).
+MAX_NEW_TOKENS = 32
 
 
 class AudioTokenMismatch(ValueError):
@@ -518,7 +521,7 @@ def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32) -> list[str]:
+def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy free-text answers of a left-padded generation batch, one string per sample."""
     _check_generation_batch(batch)
     batch = on_device(batch, model)
@@ -656,7 +659,7 @@ class HeardAnswer:
     by: str  # "its answer sentence" (the free text is one of the data's answers) or "likelihood"
 
 
-def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32
+def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
                         ) -> list[HeardAnswer]:
     """For prompts whose question type nobody chose (a question asked out loud in the demo). The free-text
     answer decides when it is word for word one of the data's answer sentences (the model was trained to
@@ -721,7 +724,7 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
         return _scores(model, _prefill(model, batch), batch["samples"])
 
 
-def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = 32
+def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
                      ) -> tuple[list[str], list[CandidateScores]]:
     """``generate``'s greedy answers and ``score_candidates``' scores from ONE run of the prompt: the answer
     is decoded on the prompt's cache, which is then cut back to the prompt and scores the candidates."""

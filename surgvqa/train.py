@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import audio, data
-from .collate import EncodedAudio, QADataset
+from .collate import EVAL_DRAWS, TRAIN_DRAWS, EncodedAudio, QADataset
 from .config import Config, get_config, parse_overrides
 from .data import Sample, limited
 from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
@@ -75,7 +75,6 @@ class TrainerState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
-TRAIN_DRAWS, EVAL_DRAWS = 0, 1  # keys of the collators' mode draws
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 # What --resume lets differ from the interrupted run's config: where caches live and how work is spread,

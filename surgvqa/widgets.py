@@ -398,8 +398,7 @@ class Demo:
                 f"<br>{self.result.value}</div>")
 
 
-def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray], max_new_tokens: int = 32
-                   ) -> Callable[[Sample, np.ndarray], Any]:
+def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray]) -> Callable[[Sample, np.ndarray], Any]:
     """``answer(sample, waveform)`` for ``Demo``: the model hears the waveform (audio-only prompt) about the
     sample's clip, whatever question it asks (``surgvqa.model.answer_any_question``)."""
     import dataclasses
@@ -410,7 +409,7 @@ def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray], max_
 
     def answer(sample: Sample, waveform: np.ndarray):
         batch = collate([(sample, load_frames(sample), waveform)], for_generation=True)
-        return answer_any_question(model, batch, max_new_tokens)[0]
+        return answer_any_question(model, batch)[0]
 
     return answer
 

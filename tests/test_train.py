@@ -226,23 +226,49 @@ def test_a_merged_export_answers_like_the_adapter(tmp_path, audio_dir, load_in_4
         merge_main([str(best), "--out", str(tmp_path / "merged")])
 
 
-def test_training_time_evaluation_equals_notebook_05_on_the_same_rows(tmp_path, audio_dir):
+@pytest.mark.parametrize("mode", ["audio", "mixed"])
+def test_training_time_evaluation_equals_notebook_05_on_the_same_rows(tmp_path, audio_dir, mode):
     """The accuracy training logs for best/ is what notebook 05's predict gives for those rows and that
-    checkpoint (training reads cached encoder outputs; predict runs Whisper on the WAVs)."""
-    from surgvqa import audio
-    from surgvqa.evaluate import predict
+    checkpoint (training reads cached encoder outputs; predict runs Whisper on the WAVs); in the mixed mode
+    each row is asked as training's evaluation drew it."""
+    from surgvqa.evaluate import training_eval_parity
 
-    cfg = smoke_cfg(tmp_path, audio_dir, max_steps=4, question_mode="audio")
+    cfg = smoke_cfg(tmp_path, audio_dir, max_steps=4, question_mode=mode)
     summary = train(cfg, log=lambda *_: None)
     best = next(h for h in summary["history"] if h["step"] == summary["best_step"])
-    eval_rows = limited(data.load_split(cfg)["eval"], cfg.eval_limit, cfg.seed)
-    manifest = audio.synthesize_split(eval_rows, "eval", cfg, progress=False)
-    model = load_checkpoint(cfg.path(cfg.output_dir) / "best")
-    records = predict(model, eval_rows, cfg, cfg.question_mode, manifest, batch_size=cfg.batch_size,
-                      generate_answers=False, progress=False)
-    correct = sum(r["candidate_label"] == r["short_answer"] for r in records)
-    # (the logged accuracy went through a float32 all-reduce)
-    assert len(records) == cfg.eval_limit and correct / len(records) == pytest.approx(best["eval_accuracy"], abs=1e-6)
+    best_dir = cfg.path(cfg.output_dir) / "best"
+    model = load_checkpoint(best_dir)
+    parity = training_eval_parity(best_dir, model)
+    assert parity["n"] == cfg.eval_limit and sum(parity["modes"].values()) == cfg.eval_limit
+    assert (len(parity["modes"]) > 1) == (mode == "mixed")
+    assert parity["logged_accuracy"] == pytest.approx(best["eval_accuracy"], abs=1e-9)
+    assert parity["equal"] and parity["predicted_accuracy"] == pytest.approx(best["eval_accuracy"], abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="not a training run's best/"):
+        training_eval_parity(cfg.path(cfg.output_dir) / "last", model)
+
+
+def test_predict_batches_questions_of_one_length_and_keeps_the_given_order(tmp_path, audio_dir, monkeypatch):
+    """Whisper runs once per distinct question length in a batch, so predict batches questions by length;
+    its records still come in the order of the rows given."""
+    from surgvqa import audio, model as graft
+    from surgvqa.evaluate import predict
+
+    cfg = smoke_cfg(tmp_path, audio_dir)
+    rows = limited(data.load_split(cfg)["eval"], 8, cfg.seed)
+    manifest = audio.synthesize_split(rows, "eval", cfg, progress=False)
+    batches = []
+    scored = graft.score_candidates
+
+    def recording(model, batch):
+        batches.append(batch["audio_lengths"].tolist())
+        return scored(model, batch)
+
+    monkeypatch.setattr(graft, "score_candidates", recording)
+    records = predict(graft.build_model(cfg), rows, cfg, "audio", manifest, batch_size=3, generate_answers=False,
+                      progress=False)
+    assert [r["uid"] for r in records] == [s.uid for s in rows]
+    lengths = [n for batch in batches for n in batch]
+    assert [len(b) for b in batches] == [3, 3, 2] and lengths == sorted(lengths) and len(set(lengths)) > 1
 
 
 def test_fewer_training_rows_than_a_batch_names_where_they_came_from(tmp_path, audio_dir):

@@ -64,6 +64,8 @@ def test_metrics_chain_from_training_to_the_demo(reports):
     assert Path(evaluated["predictions"]["before"]).is_file()
     for row in evaluated["baselines"].values():
         assert row["n"] == 16 and 0 <= row["accuracy"] <= 1 and row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+    parity = evaluated["training_eval_parity"]  # training's logged eval accuracy, re-predicted by 05
+    assert parity["n"] == 8 and parity["equal"] and parity["predicted_accuracy"] == parity["logged_accuracy"]
     prior = evaluated["baselines"]["blind prior"]
     assert prior["accuracy"] == prior["blind_prior"]
     analysed = workbook.read_metrics("06-error-analysis", reports)
