@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,9 +59,9 @@ from surgvqa.config import get_config  # noqa: E402
 from surgvqa.fastpath import (CLIP_ATTENTION, CandidateScorer, FastQuery, GraphedScorer, model_inputs,  # noqa: E402
                               prefill, register_clip_attention, set_text_attention, set_vision_attention)
 from surgvqa.fastpath import answer_and_score as fastpath_answer_and_score  # noqa: E402
-from surgvqa.train import adapter_inputs_uncast  # noqa: E402
-from surgvqa.model import (MAX_NEW_TOKENS, AudioGraftedQwen2VL, _apply_training_setup, answer_and_score,  # noqa: E402
-                           build_tiny_tokenizer, parameter_groups, score_candidates, tiny_vlm_config)
+from surgvqa.model import (MAX_NEW_TOKENS, AudioGraftedQwen2VL, _apply_training_setup,  # noqa: E402
+                           adapter_inputs_uncast, answer_and_score, build_tiny_tokenizer, parameter_groups,
+                           score_candidates, tiny_vlm_config)
 
 # --- shapes ----------------------------------------------------------------------------------------------
 
@@ -184,6 +184,12 @@ def build_graft(smoke: bool, device: torch.device, dtype: torch.dtype, audio_poo
     return model.eval()
 
 
+def with_adapter(model: AudioGraftedQwen2VL) -> None:
+    """The project's LoRA (every LM linear layer, r=64) on the model, once."""
+    if not hasattr(model.vlm, "peft_config"):
+        model.vlm = _apply_training_setup(model.vlm, model.cfg)
+
+
 class Layout:
     """How a query is laid out: frames as video or images, the audio window and pooling."""
 
@@ -221,20 +227,22 @@ class Workload:
         self.rng = np.random.default_rng(0)
         self.collate_ms_per_sample: dict[str, float] = {}
 
-    def items(self, n: int, audio_window_s: float | None) -> list[tuple]:
+    def items(self, n: int, audio_window_s: float | None, lengths_s: Sequence[float] | None = None) -> list[tuple]:
         out = []
         for i in range(n):
             frames = self.rng.integers(0, 256, (data.FRAMES_PER_CLIP, self.frame_size, self.frame_size, 3),
                                        dtype=np.uint8)
-            wave = (0.1 * self.rng.standard_normal(int(QUESTION_S * SAMPLE_RATE))).astype(np.float32)
+            seconds = QUESTION_S if lengths_s is None else lengths_s[i]
+            wave = (0.1 * self.rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
             if audio_window_s:
                 wave = np.pad(wave, (0, int(audio_window_s * SAMPLE_RATE) - len(wave)))
             out.append((self.samples[i % len(self.samples)], frames, wave))
         return out
 
-    def batch(self, layout: Layout, n: int, for_generation: bool) -> dict[str, Any]:
+    def batch(self, layout: Layout, n: int, for_generation: bool, lengths_s: Sequence[float] | None = None
+              ) -> dict[str, Any]:
         collate = layout.collator(self.model, self.frame_size)
-        items = self.items(n, layout.audio_window_s)
+        items = self.items(n, layout.audio_window_s, lengths_s)
         t0 = time.perf_counter()
         batch = collate(items, for_generation=for_generation)
         self.collate_ms_per_sample[layout.name] = (time.perf_counter() - t0) * 1e3 / n
@@ -261,7 +269,7 @@ def train_step_fn(model: AudioGraftedQwen2VL, batch: dict[str, Any], optimizer: 
     position, fp32-upcast 152k columns per token); otherwise the project's forward (logits at labels only).
     ``autocast``: under bf16 autocast, as accelerate's and Trainer's bf16 mixed precision run it (peft keeps
     the adapters in fp32; without autocast their matmuls run in fp32). ``uncast_adapters``: peft's own cast
-    of every adapter input to the adapter's fp32 switched off (surgvqa.train.adapter_inputs_uncast)."""
+    of every adapter input to the adapter's fp32 switched off (surgvqa.model.adapter_inputs_uncast)."""
     base = model.base_vlm
     inputs = {k: v for k, v in batch.items() if k != "samples"}
     device_type = next(base.parameters()).device.type
@@ -476,11 +484,11 @@ class Run:
         base = m.base_vlm
 
         def add(lever: str, layout_key: str, size: int, fn_factory: Callable[[dict], Callable[[], Any]],
-                vision_attention: str) -> None:
+                vision_attention: str, lengths_s: Sequence[float] | None = None) -> None:
             layout = self.layouts[layout_key]
 
             def measure() -> None:
-                batch = self.workload.batch(layout, size, for_generation=True)
+                batch = self.workload.batch(layout, size, for_generation=True, lengths_s=lengths_s)
                 set_vision_attention(base, vision_attention)
                 try:
                     with layout.applied(m):
@@ -509,10 +517,25 @@ class Run:
         for size in ends:
             add("generate: static KV + graph + clip attention", "video", size,
                 lambda b: FastQuery(m, b, ANSWER_TOKENS, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
+        # Test questions differ in length (1.8 to 4.6 s spoken by the dry run's test voices, nearly all
+        # different): 05's path encodes a batch of them in one Whisper call.
+        size = self.eval_batches[-1]
+        lengths_s = np.linspace(QUESTION_S - 2.2, QUESTION_S + 0.5, size).tolist()
+        add(f"05's path: {size} question lengths ({lengths_s[0]:.1f}-{lengths_s[-1]:.1f} s)", "video", size,
+            lambda b: lambda: answer_and_score(m, b, MAX_NEW_TOKENS), "sdpa", lengths_s)
+        # A fine-tuned model answers with its LoRA adapter unmerged (r=64 on every LM linear layer, fp32 adapter
+        # weights as peft keeps them). peft alone runs each adapter matmul in fp32; 05's path runs it under
+        # bf16 autocast with the inputs left in bf16 (surgvqa.model.bf16_adapters), as training's step does.
+        with_adapter(m)
+        add("05's path + LoRA adapter, fp32 adapter matmuls", "video", size,
+            lambda b: lambda: fastpath_answer_and_score(m, b, MAX_NEW_TOKENS, use_graph=self.device.type == "cuda"),
+            "sdpa", lengths_s)
+        add("05's path + LoRA adapter (bf16 autocast)", "video", size,
+            lambda b: lambda: answer_and_score(m, b, MAX_NEW_TOKENS), "sdpa", lengths_s)
 
     def train(self) -> None:
         m = self.model
-        m.vlm = _apply_training_setup(m.vlm, m.cfg)  # the project's LoRA: every LM linear layer, r=64
+        with_adapter(m)
         m.projector.requires_grad_(True)
         m.train()
         base = m.base_vlm

@@ -273,7 +273,7 @@ class GraphedPrefill:
     def _embed(self) -> None:
         m = self.model
         embeds = m.base_vlm.get_input_embeddings()(self.batch["input_ids"])
-        rows = m.projector(m.whisper_frames(self.mel).to(m.projector.linear.weight.dtype))
+        rows = m.projector(m.whisper_states(self.mel).to(m.projector.linear.weight.dtype))
         embeds[self.audio_slots] = rows.reshape(-1, rows.shape[-1]).to(embeds.dtype)
         self.embeds = embeds
 

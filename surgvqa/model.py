@@ -39,7 +39,7 @@ from . import data
 from .collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, MEL_FRAMES_PER_ENCODER_FRAME, SPOKEN_QUESTION,
                       WRITTEN_QUESTION, Collator)
 from .config import REPO_ROOT, Config
-from .whisper import encode_at_length
+from .whisper import encode_at_length, encode_lengths
 
 # The tiny preset's vision-language model, pretrained on phantom clips by ``python -m surgvqa pretrain``.
 TINY_PRETRAINED_DIR = REPO_ROOT / "checkpoints" / "tiny-phantom" / "vlm"
@@ -153,7 +153,7 @@ class AudioGraftedQwen2VL(nn.Module):
 
     # --- audio ---
 
-    def whisper_frames(self, mel: torch.Tensor) -> torch.Tensor:
+    def whisper_states(self, mel: torch.Tensor) -> torch.Tensor:
         """Whisper on mel frames of one length (batch, n_mels, T): (batch, T/2, d_model), no 30 s padding."""
         return encode_at_length(self.whisper, mel)
 
@@ -162,16 +162,15 @@ class AudioGraftedQwen2VL(nn.Module):
         """Projected audio rows of each sample, (n_i, hidden) each, from log-mels (batch, n_mels, T) or,
         when ``encoded``, from cached encoder outputs (batch, T / 2, d_model); ``lengths`` in mel frames.
 
-        Whisper has no attention mask, so samples are encoded in groups of equal length: padding never
-        enters another sample's attention.
+        Log-mels go through Whisper in one call with each sample's padding masked out of its attention
+        (``whisper.encode_lengths``); the projector pools the rows of each length together.
         """
+        if not encoded:
+            features = encode_lengths(self.whisper, features, lengths)
         rows: list[torch.Tensor | None] = [None] * len(lengths)
         for length in lengths.unique().tolist():
             index = (lengths == length).nonzero().flatten()
-            if encoded:
-                frames = features[index, : length // MEL_FRAMES_PER_ENCODER_FRAME]
-            else:
-                frames = self.whisper_frames(features[index, :, :length])
+            frames = features[index, : length // MEL_FRAMES_PER_ENCODER_FRAME]
             projected = self.projector(frames.to(self.projector.linear.weight.dtype))
             for i, r in zip(index.tolist(), projected):
                 rows[i] = r
@@ -494,12 +493,38 @@ def parameter_groups(model: AudioGraftedQwen2VL) -> list[dict[str, Any]]:
 
 # --- inference -----------------------------------------------------------------------------------------
 
+def adapter_inputs_uncast(model: nn.Module, active: bool):
+    """Within it, peft does not cast each adapter's input to the adapter's dtype. Under bf16 autocast the
+    fp32 adapter weights are cast per matmul anyway, so peft's cast of every activation to fp32 only adds a
+    copy per adapted layer (196 in the 7B model); outside autocast the cast is needed, so it is active only
+    under bf16 autocast (training's mixed-precision step, ``bf16_adapters``)."""
+    if not active:
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
+
+
+def bf16_adapters(model: "AudioGraftedQwen2VL") -> contextlib.AbstractContextManager:
+    """Inference of a bf16 LoRA model on CUDA, as training's bf16 mixed-precision step runs it: under bf16
+    autocast, adapter inputs left in bf16. Otherwise peft runs every adapter matmul in fp32 on activations
+    cast to fp32 (at 7B 83 against 63 ms a row with the adapter off, benchmarks/NOTES.md). Elsewhere (CPU,
+    fp32 models, no adapter) it changes nothing."""
+    if not (model.cfg.lora and model.cfg.dtype == "bfloat16" and model.base_vlm.device.type == "cuda"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    # no autocast weight cache: the fast path captures CUDA graphs inside, which must not keep its casts
+    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+    stack.enter_context(adapter_inputs_uncast(model.vlm, True))
+    return stack
+
+
 @contextlib.contextmanager
 def _evaluating(model: nn.Module):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), bf16_adapters(model):
             yield
     finally:
         model.train(was_training)

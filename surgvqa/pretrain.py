@@ -242,7 +242,7 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 96, eval_
                      seed: int = 0, log=print) -> HeardBank:
     """Speak every question wording of both templates with ``train_voices`` voices of the train pool and
     ``eval_voices`` of the eval pool (a seeded draw), encode each utterance with the config's frozen Whisper
-    exactly as fine-tuning does (``Collator.log_mel``, ``whisper_frames``), pool it as the projector does,
+    exactly as fine-tuning does (``Collator.log_mel``, ``whisper_states``), pool it as the projector does,
     and save the bank to ``out``."""
     from tqdm.auto import tqdm
 
@@ -264,7 +264,7 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 96, eval_
         for split, voice, wording in tqdm(jobs, desc="heard bank", disable=None):
             wave = render(wording, voice, cfg.sample_rate)
             mel = text_collator.log_mel(_text_sample(wording, f"{voice.key} saying {wording!r}"), wave)
-            pooled = model.projector.pool_frames(model.whisper_frames(mel[None]))[0]
+            pooled = model.projector.pool_frames(model.whisper_states(mel[None]))[0]
             features.append(pooled.numpy().astype(np.float16))
             lengths.append(len(pooled))
     bank = HeardBank(features=np.concatenate(features), offsets=np.concatenate([[0], np.cumsum(lengths)]),

@@ -9,7 +9,6 @@ Biases only when ``wandb=True`` and it is installed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import shutil
@@ -27,7 +26,7 @@ from . import audio, data
 from .collate import EVAL_DRAWS, TRAIN_DRAWS, EncodedAudio, QADataset
 from .config import Config, get_config, parse_overrides
 from .data import Sample, limited
-from .model import build_model, collator, parameter_groups, save_checkpoint, score_candidates
+from .model import adapter_inputs_uncast, build_model, collator, parameter_groups, save_checkpoint, score_candidates
 
 STATE_FILE = "trainer_state.json"
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
@@ -44,7 +43,7 @@ def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[st
     device = next(model.whisper.parameters()).device
     paths = audio.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
                                       lambda uid, wave: collate.log_mel(by_uid[uid], wave),
-                                      lambda mel: model.whisper_frames(mel.to(device)), folder, cfg)
+                                      lambda mel: model.whisper_states(mel.to(device)), folder, cfg)
     return EncodedAudio(paths, model.whisper.config.d_model)
 
 
@@ -157,18 +156,6 @@ def load_last(directory: Path, model, optimizer, scheduler, rank: int) -> "Train
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainerState.load(directory)
-
-
-def adapter_inputs_uncast(model, active: bool):
-    """Within it, peft does not cast each adapter's input to the adapter's dtype. Under bf16 autocast the
-    fp32 adapter weights are cast per matmul anyway, so peft's cast of every activation to fp32 only adds a
-    copy per adapted layer (196 in the 7B model); outside autocast the cast is needed, so it is active only
-    for the bf16 mixed-precision training step."""
-    if not active:
-        return contextlib.nullcontext()
-    from peft.helpers import disable_input_dtype_casting
-
-    return disable_input_dtype_casting(model)
 
 
 def timed(iterable, waited: list[float]):

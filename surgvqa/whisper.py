@@ -9,6 +9,7 @@ batched greedy English ASR.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import json
 import logging
@@ -265,6 +266,51 @@ def encode_at_length(encoder, mel: torch.Tensor) -> torch.Tensor:
         return encoder(mel.to(full_table.weight.dtype)).last_hidden_state
     finally:
         encoder.embed_positions, encoder.config.max_source_positions = full_table, full_positions
+
+
+# Whisper's encoder attends over every frame it is given and takes no mask. For a batch of questions of several
+# lengths the padding is masked out of its attention by an attention function registered with transformers
+# (AttentionInterface) under this name, which reads the batch's valid frames from _valid_frames.
+PADDED_ATTENTION = "sdpa_question_padding"
+_valid_frames: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("valid_frames", default=None)
+_registered = False
+
+
+def _padded_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    valid = _valid_frames.get()
+    if valid is None:
+        raise RuntimeError(f"{PADDED_ATTENTION} runs only inside encode_lengths (it reads the batch's lengths)")
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=valid[:, None, None, :],
+                                                           dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def encode_lengths(encoder, mel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Whisper's encoder on zero-padded log-mels of several lengths in one call (batch, n_mels, T), ``lengths``
+    in mel frames (even): (batch, max(lengths)/2, width). Row i's first lengths[i]/2 frames are what
+    ``encode_at_length`` gives on its frames alone: the convolutions pad with zeros, which is what the padding
+    holds, and the padding is masked out of attention.
+    """
+    global _registered
+    from transformers import AttentionInterface
+
+    if not _registered:
+        AttentionInterface.register(PADDED_ATTENTION, _padded_attention)
+        _registered = True
+    longest = int(lengths.max())
+    frames = torch.arange(longest, device=mel.device)
+    mel = mel[..., :longest] * (frames[None, :] < lengths[:, None].to(mel.device))[:, None, :]
+    valid = frames[None, : longest // 2] < (lengths[:, None].to(mel.device) // 2)
+    before = encoder.config._attn_implementation
+    encoder.config._attn_implementation = PADDED_ATTENTION  # read at every forward by the encoder's layers
+    token = _valid_frames.set(valid)
+    try:
+        return encode_at_length(encoder, mel)
+    finally:
+        _valid_frames.reset(token)
+        encoder.config._attn_implementation = before
 
 
 class _DropMessage(logging.Filter):

@@ -66,6 +66,26 @@ def items(samples):
     return make_items(samples, size=FRAME_SIZE)
 
 
+def test_questions_of_several_lengths_go_through_whisper_in_one_call_as_each_would_alone(model, items):
+    from surgvqa.whisper import encode_lengths
+
+    batch = M.collator(model)(items)
+    lengths = batch["audio_lengths"]
+    assert len(set(lengths.tolist())) == len(items)  # every question a different length
+    together = encode_lengths(model.whisper, batch["audio_features"], lengths)
+    assert together.shape[:2] == (len(items), int(lengths.max()) // 2)
+    for i, n in enumerate(lengths.tolist()):
+        alone = model.whisper_states(batch["audio_features"][i:i + 1, :, :n])[0]
+        torch.testing.assert_close(together[i, : n // 2], alone, atol=1e-5, rtol=1e-5)
+    # garbage past a sample's length changes nothing (the padding is zeroed and masked out of attention)
+    noisy = batch["audio_features"].clone()
+    shortest = int(lengths.argmin())
+    noisy[shortest, :, int(lengths[shortest]):] = 5.0
+    torch.testing.assert_close(encode_lengths(model.whisper, noisy, lengths), together)
+    # the encoder is left as it was
+    assert model.whisper.config._attn_implementation != "sdpa_question_padding"
+
+
 def test_forward_shapes_and_loss(model, items):
     batch = M.collator(model)(items)
     out = model(**batch)
@@ -94,7 +114,7 @@ def test_whisper_runs_on_the_real_length_like_a_whisper_built_for_it(model, whis
     short.load_state_dict(state)
     with torch.no_grad():
         expected = short(batch["audio_features"][:, :, :n_mel]).last_hidden_state
-    torch.testing.assert_close(model.whisper_frames(batch["audio_features"][:, :, :n_mel]), expected)
+    torch.testing.assert_close(model.whisper_states(batch["audio_features"][:, :, :n_mel]), expected)
     # the shared encoder is left as it was
     assert model.whisper.config.max_source_positions == 1500
     assert model.whisper.embed_positions.num_embeddings == 1500
@@ -333,7 +353,7 @@ def cached_items(model, items, tmp_path, cfg):
 
     def encode(mel):
         calls.append(len(mel))
-        return model.whisper_frames(mel)
+        return model.whisper_states(mel)
 
     folder = audio.encoded_audio_dir(audio.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
     cached = audio.cache_encoded_audio(paths, lambda uid, wave: col.log_mel(by_uid[uid], wave), encode, folder,
