@@ -59,9 +59,9 @@ from surgvqa.config import get_config  # noqa: E402
 from surgvqa.fastpath import (CLIP_ATTENTION, CandidateScorer, FastQuery, GraphedScorer, model_inputs,  # noqa: E402
                               prefill, register_clip_attention, set_text_attention, set_vision_attention)
 from surgvqa.fastpath import answer_and_score as fastpath_answer_and_score  # noqa: E402
-from surgvqa.model import (MAX_NEW_TOKENS, AudioGraftedQwen2VL, _apply_training_setup,  # noqa: E402
-                           adapter_inputs_uncast, answer_and_score, build_tiny_tokenizer, parameter_groups,
-                           score_candidates, tiny_vlm_config)
+from surgvqa.inference import MAX_NEW_TOKENS, adapter_inputs_uncast, answer_and_score, score_candidates  # noqa: E402
+from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, build_tiny_tokenizer,  # noqa: E402
+                           parameter_groups, tiny_vlm_config)
 
 # --- shapes ----------------------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class Workload:
 
 @torch.no_grad()
 def hf_generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], n_tokens: int) -> torch.Tensor:
-    """surgvqa.model.generate's call into transformers' generate, held to exactly n_tokens (random weights
+    """surgvqa.inference.generate's call into transformers' generate, held to exactly n_tokens (random weights
     may otherwise emit end-of-turn early and time a shorter answer)."""
     out = model.base_vlm.generate(**model_inputs(model, batch), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
                                   do_sample=False, eos_token_id=model.im_end_id,
@@ -269,7 +269,7 @@ def train_step_fn(model: AudioGraftedQwen2VL, batch: dict[str, Any], optimizer: 
     position, fp32-upcast 152k columns per token); otherwise the project's forward (logits at labels only).
     ``autocast``: under bf16 autocast, as accelerate's and Trainer's bf16 mixed precision run it (peft keeps
     the adapters in fp32; without autocast their matmuls run in fp32). ``uncast_adapters``: peft's own cast
-    of every adapter input to the adapter's fp32 switched off (surgvqa.model.adapter_inputs_uncast)."""
+    of every adapter input to the adapter's fp32 switched off (surgvqa.inference.adapter_inputs_uncast)."""
     base = model.base_vlm
     inputs = {k: v for k, v in batch.items() if k != "samples"}
     device_type = next(base.parameters()).device.type
@@ -376,7 +376,7 @@ class Run:
 
     def checks(self) -> None:
         """The fast paths compute the project's function: same greedy tokens as transformers' generate, same
-        candidate log-likelihoods as surgvqa.model.score_candidates (within the dtype's rounding)."""
+        candidate log-likelihoods as surgvqa.inference.score_candidates (within the dtype's rounding)."""
         layout = self.layouts["video"]
         batch = self.workload.batch(layout, 2, for_generation=True)
         with layout.applied(self.model):
@@ -416,7 +416,7 @@ class Run:
         self.save()
 
     def check_inference_path(self, batch: dict[str, Any]) -> None:
-        """The path notebooks 05 and 07 and training-time evaluation take (surgvqa.model.answer_and_score,
+        """The path notebooks 05 and 07 and training-time evaluation take (surgvqa.inference.answer_and_score,
         on CUDA the fast path with graphs) answers and scores as the plain path."""
         m, cuda = self.model, self.device.type == "cuda"
         plain_cfg, m.cfg = m.cfg, m.cfg.replace(fast_inference=False)
@@ -525,7 +525,7 @@ class Run:
             lambda b: lambda: answer_and_score(m, b, MAX_NEW_TOKENS), "sdpa", lengths_s)
         # A fine-tuned model answers with its LoRA adapter unmerged (r=64 on every LM linear layer, fp32 adapter
         # weights as peft keeps them). peft alone runs each adapter matmul in fp32; 05's path runs it under
-        # bf16 autocast with the inputs left in bf16 (surgvqa.model.bf16_adapters), as training's step does.
+        # bf16 autocast with the inputs left in bf16 (surgvqa.inference.bf16_adapters), as training's step does.
         with_adapter(m)
         add("05's path + LoRA adapter, fp32 adapter matmuls", "video", size,
             lambda b: lambda: fastpath_answer_and_score(m, b, MAX_NEW_TOKENS, use_graph=self.device.type == "cuda"),

@@ -9,9 +9,9 @@ COMMANDS = {
     "workbook": "surgvqa.workbook:main",
     "synthesize": "surgvqa.audio:main",
     "score": "surgvqa.evaluate:main",
-    "merge": "surgvqa.evaluate:merge_main",
+    "merge": "surgvqa.inference:merge_main",
     "pretrain": "surgvqa.pretrain:main",
-    "heard-bank": "surgvqa.pretrain:heard_bank_main",
+    "heard-bank": "surgvqa.pretrain_data:heard_bank_main",
     "make-checkpoint": "surgvqa.dryrun:main",
     "phantom-frames": "surgvqa.frames:phantom_frames_main",
 }

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from . import audio, frames
+from . import audio, frames, whisper
 from .config import Config
 from .data import FRAMES_PER_CLIP, Sample
 
@@ -64,7 +64,7 @@ TRAIN_DRAWS, EVAL_DRAWS = 0, 1  # keys of the mixed mode's draws: a training epo
 @dataclass(frozen=True)
 class EncodedQuestion:
     """A question's audio already through the frozen Whisper encoder, ``(encoder frames, d_model)`` float32
-    (``audio.cache_encoded_audio``); it stands in an item where the waveform would."""
+    (``whisper.cache_encoded_audio``); it stands in an item where the waveform would."""
 
     frames: np.ndarray
 
@@ -386,7 +386,7 @@ class QADataset(Dataset):
         clip = frames.load_clip(s, self.cfg)
         wave = None
         if self.encoded_audio is not None:
-            wave = EncodedQuestion(audio.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
+            wave = EncodedQuestion(whisper.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
                                                             self.encoded_audio.width))
         elif self.cfg.question_mode != "text":
             wave = audio.load_question_audio(s.uid, self.audio_paths[s.uid], self.cfg)

@@ -252,6 +252,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                            vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2,
                            accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
 }
+# Stage 0 (``python -m surgvqa pretrain``): the tiny graft from random weights on random phantom clips, questions
+# written (and, with a heard bank, heard); clips per step, steps, learning rates and workers of pretraining.
+PRESETS["phantom-pretrain"] = dict(PRESETS["tiny"], question_mode="text", vlm_from_scratch=True,
+                                   pretrained_projector=False, batch_size=64, max_steps=2000, lr=1e-3,
+                                   projector_lr=1e-3, warmup_steps=100, eval_every=500, num_workers=4)
 
 
 def get_config(preset: str | None = None, **overrides: Any) -> Config:

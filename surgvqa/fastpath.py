@@ -9,11 +9,11 @@
 * ``GraphedPrefill`` / ``GraphedScorer``: the prompt's host reads (M-RoPE and vision positions, segment
   bounds) done once ahead; Whisper + projector, the vision tower and the continuation replayed as graphs.
 
-* ``answer_and_score``: what ``surgvqa.model.answer_and_score`` / ``score_candidates`` / ``generate`` run on
+* ``answer_and_score``: what ``surgvqa.inference.answer_and_score`` / ``score_candidates`` / ``generate`` run on
   CUDA (notebooks 05 and 07, training-time evaluation): a stock prefill with clip attention, the candidates
   over a static copy of its cache, the greedy answer over another, replayed as a CUDA graph per token.
 
-Each path computes what ``surgvqa.model.score_candidates`` / ``generate`` compute on the plain path (checked
+Each path computes what ``surgvqa.inference.score_candidates`` / ``generate`` compute on the plain path (checked
 by ``benchmarks/gpu.py`` on every run and by its CPU smoke test, and ``answer_and_score`` by tests/test_model.py);
 on a CPU the same code runs without graphs.
 ``benchmarks/NOTES.md`` has what each one gains on an H200 at 7B shapes.
@@ -30,8 +30,8 @@ from transformers import Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .collate import IGNORE_INDEX
-from .model import (AudioGraftedQwen2VL, CandidateScores, audio_inputs, candidate_scores, candidate_token_rows,
-                    vision_inputs)
+from .inference import CandidateScores, audio_inputs, candidate_scores, candidate_token_rows, vision_inputs
+from .model import AudioGraftedQwen2VL
 
 # Vision attention routed to a registered function. transformers passes the packed sequence with its
 # cu_seqlens only to implementations whose name contains "flash" (is_flash_attention_requested); any other
@@ -378,7 +378,7 @@ class FastQuery:
 class CandidateScorer:
     """Each label's answer sentence scored over the shared prompt: one prefill, then all candidates of the
     batch in one forward over the static KV cache, with logits only at the scored positions and one
-    host read at the end (surgvqa.model.score_candidates reads each candidate's total separately)."""
+    host read at the end (surgvqa.inference.score_candidates reads each candidate's total separately)."""
 
     def __init__(self, model: AudioGraftedQwen2VL, batch: dict[str, Any], dtype: torch.dtype | None = None):
         self.model, self.batch = model, batch
@@ -465,7 +465,7 @@ def clip_attention(model: AudioGraftedQwen2VL):
 @torch.no_grad()
 def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int, score: bool = True,
                      use_graph: bool = True) -> tuple[list[str] | None, list[CandidateScores] | None]:
-    """What ``surgvqa.model.answer_and_score`` computes, on the fast path: one prefill through stock
+    """What ``surgvqa.inference.answer_and_score`` computes, on the fast path: one prefill through stock
     Qwen2-VL (clip attention), then the candidates scored over a static copy of its cache and the greedy
     answer decoded over another (a CUDA graph replayed per token when ``use_graph``). ``max_new_tokens`` 0:
     no answers; ``score`` False: no scores. The batch is a generation batch on the model's device."""

@@ -638,6 +638,7 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
     The scene is drawn once on a canvas larger than the frame; each frame is a view of it (zoom for
     advancing/withdrawing, a pan for drift, camera jitter) cut out and resized in one step. Screen-fixed
     parts (tool, jets, vignetting, exposure flicker, sensor noise) are then added to every frame.
+    It stays one function because the drawing order is the rendering: each layer paints over the one before.
     """
     if size < 16:
         raise ValueError(f"frame size {size} is too small to draw a clip (minimum 16)")

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import audio, data
+from . import audio, data, whisper
 from .collate import EVAL_DRAWS, TRAIN_DRAWS, EncodedAudio, QADataset
 from .config import Config, get_config, parse_overrides
 from .data import Sample, limited
-from .model import adapter_inputs_uncast, build_model, collator, parameter_groups, save_checkpoint, score_candidates
+from .inference import adapter_inputs_uncast, score_candidates
+from .model import build_model, collator, parameter_groups, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
@@ -38,10 +39,10 @@ def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[st
     run hears no audio or ``cache_audio_features`` is off); training then reads the cached outputs."""
     if cfg.question_mode == "text" or not cfg.cache_audio_features:
         return None
-    folder = audio.encoded_audio_dir(audio.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    folder = whisper.encoded_audio_dir(whisper.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
     collate, by_uid = collator(model), {s.uid: s for s in samples}
     device = next(model.whisper.parameters()).device
-    paths = audio.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
+    paths = whisper.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
                                       lambda uid, wave: collate.log_mel(by_uid[uid], wave),
                                       lambda mel: model.whisper_states(mel.to(device)), folder, cfg)
     return EncodedAudio(paths, model.whisper.config.d_model)
@@ -251,7 +252,9 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     """Train the graft for ``cfg``; returns the final summary (also written to output_dir/summary.json).
 
     ``stop_after`` ends the run after that many optimizer steps as if interrupted (the last state is
-    saved), which is how resuming is tested.
+    saved), which is how resuming is tested. It stays one function, as accelerate's own training loops are: the
+    setup, the loop, evaluation and saving share the accelerator and what it prepared; what stands alone (the
+    saved state, the resume checks, the logger, the evaluation pass) is a function above.
     """
     from datetime import timedelta
 

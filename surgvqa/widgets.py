@@ -400,10 +400,11 @@ class Demo:
 
 def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray]) -> Callable[[Sample, np.ndarray], Any]:
     """``answer(sample, waveform)`` for ``Demo``: the model hears the waveform (audio-only prompt) about the
-    sample's clip, whatever question it asks (``surgvqa.model.answer_any_question``)."""
+    sample's clip, whatever question it asks (``surgvqa.inference.answer_any_question``)."""
     import dataclasses
 
-    from .model import answer_any_question, collator
+    from .inference import answer_any_question
+    from .model import collator
 
     collate = dataclasses.replace(collator(model), question_mode="audio", frame_size=cfg.frame_size)
 

@@ -210,19 +210,22 @@ def write_summary(reports_dir: str | Path = "reports", preset: str = DEFAULT_PRE
              "this file, figures in `figures/`, every stored metric in `summary.json`.", ""]
     evaluated = metrics.get("05-evaluate")
     if evaluated:
-        lines += [f"Held-out test video 002-004, n = {evaluated['n_test']}; accuracy is the strict scorer's "
-                  "reading of the free-text answer, with its 95 % Wilson interval.", "",
-                  "| baseline | accuracy | 95 % CI | candidate accuracy | chance | blind prior | ms/query |",
-                  "|---|---|---|---|---|---|---|"]
+        import pandas as pd
+
         first = ["blind prior", "audio-only (headline)", "text-only", "audio + text"]
         order = sorted(evaluated["baselines"], key=lambda n: (first.index(n) if n in first else len(first), n))
-        for name in order:
-            row = evaluated["baselines"][name]
-            pct = lambda v: "" if v is None else f"{100 * v:.1f} %"
-            ms = "" if not row.get("ms_per_query") else f"{row['ms_per_query']:.0f}"
-            lines.append(f"| {name} | {pct(row['accuracy'])} | {pct(row['ci_low'])} - {pct(row['ci_high'])} | "
-                         f"{pct(row['candidate_accuracy'])} | {pct(row['chance'])} | {pct(row['blind_prior'])} | {ms} |")
-        lines.append("")
+
+        def pct(v):
+            return "" if v is None else f"{100 * v:.1f} %"
+
+        table = pd.DataFrame([{
+            "accuracy": pct(row["accuracy"]), "95 % CI": f"{pct(row['ci_low'])} - {pct(row['ci_high'])}",
+            "candidate accuracy": pct(row["candidate_accuracy"]), "chance": pct(row["chance"]),
+            "blind prior": pct(row["blind_prior"]),
+            "ms/query": "" if not row.get("ms_per_query") else f"{row['ms_per_query']:.0f}"}
+            for row in (evaluated["baselines"][name] for name in order)], index=pd.Index(order, name="baseline"))
+        lines += [f"Held-out test video 002-004, n = {evaluated['n_test']}; accuracy is the strict scorer's "
+                  "reading of the free-text answer, with its 95 % Wilson interval.", "", markdown_table(table), ""]
     trained = metrics.get("04-train")
     if trained:
         lines += [f"Training: {trained['steps']} steps, best eval accuracy {100 * trained['best_eval_accuracy']:.1f} % "
@@ -231,6 +234,21 @@ def write_summary(reports_dir: str | Path = "reports", preset: str = DEFAULT_PRE
     readme = out_dir / "README.md"
     readme.write_text("\n".join(lines))
     return readme
+
+
+def markdown_table(table) -> str:
+    """A pandas table as a pipe table (pandas' to_markdown needs tabulate, which is not a dependency): floats
+    to 3 decimals, whole floats as integers, strings as they are; the index is the first column."""
+    import pandas as pd
+
+    def cell(v):
+        return "" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else \
+            str(int(v)) if isinstance(v, float) else str(v)
+
+    header = [table.index.name or "question_type", *table.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(i), *map(cell, row)]) + " |" for i, row in zip(table.index, table.values)]
+    return "\n".join(lines)
 
 
 def _source_cell_index(executed: Path, index: int) -> int:

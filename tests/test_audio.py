@@ -372,10 +372,10 @@ def test_converted_processor_loads_offline_with_whisper_special_tokens(whisper):
 
 
 def test_word_error_rate():
-    assert audio.word_error_rate(["Is the NBI light on?"], ["is the N.B.I. light on"]) == 0.0
-    assert audio.word_errors("a b c d", "a x c") == (2, 4)  # one substitution, one deletion
-    assert audio.word_errors("a b", "a b c d") == (2, 2)  # two insertions
-    assert audio.word_error_rate(["a b c d", "e f"], ["a b c d", "e g"]) == pytest.approx(1 / 6)
+    assert W.word_error_rate(["Is the NBI light on?"], ["is the N.B.I. light on"]) == 0.0
+    assert W.word_errors("a b c d", "a x c") == (2, 4)  # one substitution, one deletion
+    assert W.word_errors("a b", "a b c d") == (2, 2)  # two insertions
+    assert W.word_error_rate(["a b c d", "e f"], ["a b c d", "e g"]) == pytest.approx(1 / 6)
 
 
 @pytest.mark.slow
@@ -390,7 +390,7 @@ def test_greedy_transcription_of_all_questions_in_three_voices(whisper):
         waves = [audio.render(q, voice) for q in questions]
         hypotheses += W.transcribe(waves, model, processor, batch_size=8)
         references += questions
-    wer = audio.word_error_rate(references, hypotheses)
+    wer = W.word_error_rate(references, hypotheses)
     print(f"tiny.en greedy WER over {len(references)} utterances: {wer:.3f}")
     assert wer <= 0.3
 
@@ -428,7 +428,7 @@ def test_whisper_base_from_two_packages_matches_ctranslate2_and_transcribes(tmp_
     # a smoke check that the converted decoder decodes (the encoder check above is the precise one):
     # base is multilingual and no better than tiny.en on espeak-ng's synthetic voice (measured 0.41)
     transcripts = W.transcribe(waves, model, processor)
-    assert audio.word_error_rate(questions, transcripts) <= 0.5, transcripts
+    assert W.word_error_rate(questions, transcripts) <= 0.5, transcripts
 
 
 def test_command_line_synthesizes_a_split(tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_fast_paths_match_the_project(results):
     # the graphed path (positions ahead, audio rows by index, graphs on CUDA) scores what the shared-prefix
     # scorer does
     assert checks["graphed_scoring_max_abs_diff"] < 1e-3 * max(1.0, checks["scoring_reference_scale"])
-    # the path notebooks 05 and 07 take (surgvqa.model.answer_and_score) against the fast path with graphs off
+    # the path notebooks 05 and 07 take (surgvqa.inference.answer_and_score) against the fast path with graphs off
     assert checks["inference_path_answer_agreement"] == 1.0 and checks["inference_path_label_agreement"] == 1.0
     assert checks["inference_path_scoring_max_abs_diff"] < 1e-3 * max(1.0, checks["scoring_reference_scale"])
     assert any(r["lever"].startswith("05's path") for r in results["eval"])

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from surgvqa import dryrun
+from surgvqa import inference as I
 from surgvqa import model as M
 from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX, Collator
 from surgvqa.config import get_config
@@ -86,7 +87,7 @@ def test_few_layer_checkpoints_of_the_real_widths_load_and_run_like_real_ones(tm
     batch = M.collator(model)(make_items(samples, size=56))
     loss = model(**batch).loss
     assert torch.isfinite(loss) and loss.item() > 5  # random weights over a 152k vocabulary
-    scored = M.score_candidates(model, M.collator(model)(make_items(samples, size=56), for_generation=True))
+    scored = I.score_candidates(model, M.collator(model)(make_items(samples, size=56), for_generation=True))
     assert [sorted(s.probabilities) for s in scored] == [["catheter", "forceps", "snare"],
                                                           ["down", "left", "right", "stable", "up"], ["no", "yes"]]
     assert all(np.isclose(sum(s.probabilities.values()), 1.0) for s in scored)

@@ -10,7 +10,9 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from surgvqa import inference as I
 from surgvqa import model as M
+from surgvqa import whisper as W
 from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX
 from surgvqa.config import get_config
 from surgvqa.data import answer_sentences, candidate_labels, load_template
@@ -223,7 +225,7 @@ def test_4bit_load_of_a_saved_tiny_model(whisper, items, tmp_path):
 
 def test_score_candidates_matches_teacher_forced_likelihoods(model, samples, items):
     col = M.collator(model)
-    scores = M.score_candidates(model, col(items, for_generation=True))
+    scores = I.score_candidates(model, col(items, for_generation=True))
     sentences = answer_sentences()
     for s, item, result in zip(samples, items, scores):
         labels = candidate_labels(s.question_type)
@@ -242,7 +244,7 @@ def test_score_candidates_matches_teacher_forced_likelihoods(model, samples, ite
 
 def test_generate_is_greedy_decoding_of_the_forward(model, items):
     col = M.collator(model)
-    answers = M.generate(model, col(items, for_generation=True), max_new_tokens=4)
+    answers = I.generate(model, col(items, for_generation=True), max_new_tokens=4)
     assert len(answers) == len(items)
     for item, answer in zip(items, answers):
         batch = col([item], for_generation=True)
@@ -287,9 +289,9 @@ def test_vocab_projector_rows_are_mixtures_of_the_models_token_embeddings(whispe
 def test_answer_and_score_equals_generate_and_score_candidates(model, items, max_new_tokens):
     # one prefill for both: the decoded answer must not leak into the candidates' cache
     batch = M.collator(model)(items, for_generation=True)
-    answers, scores = M.answer_and_score(model, batch, max_new_tokens=max_new_tokens)
-    assert answers == M.generate(model, batch, max_new_tokens=max_new_tokens)
-    for got, expected in zip(scores, M.score_candidates(model, batch)):
+    answers, scores = I.answer_and_score(model, batch, max_new_tokens=max_new_tokens)
+    assert answers == I.generate(model, batch, max_new_tokens=max_new_tokens)
+    for got, expected in zip(scores, I.score_candidates(model, batch)):
         assert got.label == expected.label and list(got.log_likelihoods) == list(expected.log_likelihoods)
         for label, value in expected.log_likelihoods.items():
             assert abs(got.log_likelihoods[label] - value) < 1e-4, label
@@ -297,7 +299,7 @@ def test_answer_and_score_equals_generate_and_score_candidates(model, items, max
 
 def test_generation_helpers_refuse_a_training_batch(model, items):
     batch = M.collator(model)(items)
-    for helper in (M.generate, M.score_candidates, M.answer_and_score):
+    for helper in (I.generate, I.score_candidates, I.answer_and_score):
         with pytest.raises(ValueError, match="generation batch"):
             helper(model, batch)
 
@@ -329,7 +331,7 @@ def test_mixed_batches_take_audio_only_where_the_prompt_hears_it(model, items):
     loss = model(**batch).loss
     assert torch.isfinite(loss)
     # candidate scoring runs on a mixed generation batch too; audio rows that point at the wrong items fail
-    scores = M.score_candidates(model, mixed(items * 3, for_generation=True))
+    scores = I.score_candidates(model, mixed(items * 3, for_generation=True))
     assert len(scores) == len(items) * 3
     shifted = dict(batch, audio_rows=batch["audio_rows"].flip(0))
     with pytest.raises(M.AudioTokenMismatch):
@@ -355,11 +357,11 @@ def cached_items(model, items, tmp_path, cfg):
         calls.append(len(mel))
         return model.whisper_states(mel)
 
-    folder = audio.encoded_audio_dir(audio.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
-    cached = audio.cache_encoded_audio(paths, lambda uid, wave: col.log_mel(by_uid[uid], wave), encode, folder,
+    folder = W.encoded_audio_dir(W.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    cached = W.cache_encoded_audio(paths, lambda uid, wave: col.log_mel(by_uid[uid], wave), encode, folder,
                                        cfg, progress=False)
     width = model.whisper.config.d_model
-    return ([(s, f, EncodedQuestion(audio.load_encoded_audio(s.uid, cached[s.uid], width))) for s, f, _ in items],
+    return ([(s, f, EncodedQuestion(W.load_encoded_audio(s.uid, cached[s.uid], width))) for s, f, _ in items],
             cached, calls)
 
 
@@ -389,9 +391,9 @@ def test_a_corrupt_cached_encoder_output_names_the_sample_and_file(model, items,
     uid = items[0][0].uid
     cached[uid].write_bytes(b"not an array")
     with pytest.raises(audio.AudioError, match=f"sample {uid} .*{cached[uid].name}.*cannot be read"):
-        audio.load_encoded_audio(uid, cached[uid], 64)
+        W.load_encoded_audio(uid, cached[uid], 64)
     with pytest.raises(audio.AudioError, match=r"expected finite float32 \(frames, 32\)"):
-        audio.load_encoded_audio(uid, cached[items[1][0].uid], 32)
+        W.load_encoded_audio(uid, cached[items[1][0].uid], 32)
 
 
 def test_a_cached_encoder_output_replaced_or_cut_short_is_refused(model, items, tmp_path):
@@ -400,16 +402,16 @@ def test_a_cached_encoder_output_replaced_or_cut_short_is_refused(model, items, 
     cfg = tiny_config(audio_features_dir=str(tmp_path / "features"), audio_dir=str(tmp_path))
     _, cached, _ = cached_items(model, items, tmp_path, cfg)
     uid = items[0][0].uid
-    array = audio.load_encoded_audio(uid, cached[uid], 64)
+    array = W.load_encoded_audio(uid, cached[uid], 64)
     np.save(cached[uid], np.zeros_like(array))  # well-formed, wrong
     with pytest.raises(audio.AudioError, match=f"sample {uid} .*not what was written.*sha256"):
-        audio.load_encoded_audio(uid, cached[uid], 64)
+        W.load_encoded_audio(uid, cached[uid], 64)
     np.save(cached[uid], array[: len(array) // 2])
     with pytest.raises(audio.AudioError, match="not what was written.*'frames': \\(" + str(len(array))):
-        audio.load_encoded_audio(uid, cached[uid], 64)
+        W.load_encoded_audio(uid, cached[uid], 64)
     cached[uid].with_suffix(".json").unlink()  # facts missing: encoded again on the next pass
     again, calls = cached_items(model, items, tmp_path, cfg)[1:]
-    assert calls == [1] and audio.load_encoded_audio(uid, again[uid], 64).shape == array.shape
+    assert calls == [1] and W.load_encoded_audio(uid, again[uid], 64).shape == array.shape
 
 
 def test_a_missing_question_wav_is_named_before_anything_is_encoded(model, items, tmp_path):
@@ -417,18 +419,16 @@ def test_a_missing_question_wav_is_named_before_anything_is_encoded(model, items
 
     cfg = tiny_config(audio_dir=str(tmp_path))
     with pytest.raises(audio.AudioError, match=f"sample {items[0][0].uid} .*nowhere.wav.*does not exist"):
-        audio.cache_encoded_audio({items[0][0].uid: str(tmp_path / "nowhere.wav")}, None, None, tmp_path, cfg)
+        W.cache_encoded_audio({items[0][0].uid: str(tmp_path / "nowhere.wav")}, None, None, tmp_path, cfg)
 
 
 def test_the_encoder_fingerprint_follows_the_weights(whisper):
-    from surgvqa import audio
-
     encoder, _ = whisper
     same, _ = tiny_whisper()
-    assert audio.encoder_fingerprint(encoder) == audio.encoder_fingerprint(same)
+    assert W.encoder_fingerprint(encoder) == W.encoder_fingerprint(same)
     with torch.no_grad():
         same.layers[0].fc1.weight[0, 0] += 1e-3
-    assert audio.encoder_fingerprint(encoder) != audio.encoder_fingerprint(same)
+    assert W.encoder_fingerprint(encoder) != W.encoder_fingerprint(same)
 
 
 def test_a_batch_cannot_mix_waveforms_and_cached_outputs(model, items):
@@ -445,7 +445,7 @@ def test_candidates_of_one_token_each_are_scored_from_the_prompt_alone(model):
     from test_collate import make_items
 
     rows = [s for s in load_template("out") if s.question_type == "blue_dye_presence"][:2]
-    scores = M.score_candidates(model, M.collator(model)(make_items(rows, size=FRAME_SIZE, seconds=(1.0, 1.5)),
+    scores = I.score_candidates(model, M.collator(model)(make_items(rows, size=FRAME_SIZE, seconds=(1.0, 1.5)),
                                                          for_generation=True))
     assert [sorted(s.probabilities) for s in scores] == [["no", "yes"]] * 2
     assert all(abs(sum(s.probabilities.values()) - 1) < 1e-9 for s in scores)
@@ -476,8 +476,8 @@ def test_the_fast_path_answers_and_scores_as_the_plain_path(model, items, mode):
     from surgvqa import fastpath
 
     batch = dataclasses.replace(M.collator(model), question_mode=mode)(items, for_generation=True)
-    plain_answers, plain_scores = M.answer_and_score(model, batch, max_new_tokens=12)
-    with M._evaluating(model):
+    plain_answers, plain_scores = I.answer_and_score(model, batch, max_new_tokens=12)
+    with I._evaluating(model):
         fast_answers, fast_scores = fastpath.answer_and_score(model, batch, 12, use_graph=False)
         only_scores = fastpath.answer_and_score(model, batch, 0, use_graph=False)
     assert fast_answers == plain_answers
@@ -498,8 +498,8 @@ def test_the_fast_path_ends_each_answer_at_its_end_of_turn_as_the_plain_path():
     samples = first_of_types("mucosa_visibility", "lesion_motion_direction", "tool_identification", "lesion_site")
     items = make_items(samples, size=shipped.cfg.frame_size, seconds=(1.0, 1.7, 2.3, 1.2))
     batch = dataclasses.replace(M.collator(shipped), question_mode="text")(items, for_generation=True)
-    plain, _ = M.answer_and_score(shipped, batch, max_new_tokens=40)
-    with M._evaluating(shipped):
+    plain, _ = I.answer_and_score(shipped, batch, max_new_tokens=40)
+    with I._evaluating(shipped):
         fast, _ = fastpath.answer_and_score(shipped, batch, 40, use_graph=False)
     assert fast == plain
     lengths = {len(shipped.tokenizer(a)["input_ids"]) for a in plain}
@@ -515,9 +515,9 @@ def test_the_fast_path_on_a_4bit_model_scores_as_the_plain_path(whisper, items, 
     quantized = M.build_model(tiny_config(vlm=str(tmp_path / "vlm"), vlm_from_scratch=False, load_in_4bit=True),
                               whisper=whisper)
     batch = M.collator(quantized)(items, for_generation=True)
-    M.answer_and_score(quantized, batch, max_new_tokens=6)  # bitsandbytes' CPU backend repacks at first use
-    plain_answers, plain_scores = M.answer_and_score(quantized, batch, max_new_tokens=6)
-    with M._evaluating(quantized):
+    I.answer_and_score(quantized, batch, max_new_tokens=6)  # bitsandbytes' CPU backend repacks at first use
+    plain_answers, plain_scores = I.answer_and_score(quantized, batch, max_new_tokens=6)
+    with I._evaluating(quantized):
         fast_answers, fast_scores = fastpath.answer_and_score(quantized, batch, 6, use_graph=False)
     assert fast_answers == plain_answers
     for plain, fast in zip(plain_scores, fast_scores):

@@ -8,20 +8,23 @@ import torch
 
 from surgvqa import get_config, phantom
 from surgvqa.collate import IGNORE_INDEX, IM_END, VIDEO_TOKEN, frames_to_patches
-from surgvqa.data import FRAMES_PER_CLIP
 from surgvqa.audio import render, voice_pools
 from surgvqa.data import question_wordings
 from surgvqa.model import build_model, collator, load_checkpoint, load_pretrained_projector
-from surgvqa.pretrain import (EQUAL_SEGMENT_ATTENTION, MOTION_TYPES, HeardBank, PhantomRows, PretrainSettings,
-                              build_heard_bank, clip_frames, main, phantom_accuracy, pretrain,
-                              register_equal_segment_attention, row_builder, row_candidate_accuracy,
-                              shared_vision_token_losses, video_patches)
+from surgvqa.fastpath import CLIP_ATTENTION, register_clip_attention
+from surgvqa.pretrain import PretrainSettings, main, pretrain
+from surgvqa.pretrain_data import (HeardBank, PhantomRows, build_heard_bank, row_builder, shared_vision_token_losses,
+                                   video_patches)
+from surgvqa.pretrain_report import MOTION_TYPES, clip_frames, phantom_accuracy, row_candidate_accuracy
 
 SIZE = 56  # 2 x 2 merged vision tokens per temporal slice: fast, and still a real video grid
 # heldout seed 3: its first clips carry both motion questions, so the single-frame control has rows
-TOY = PretrainSettings(frame_size=SIZE, batch_size=4, steps=6, lr=3e-3, warmup_steps=2, num_workers=0,
-                       heldout_seed=3, heldout_clips=2, eval_rows=6, eval_every=100, log_every=1,
-                       eval_batch_size=32)
+TOY = PretrainSettings(heldout_seed=3, heldout_clips=2, eval_rows=6, log_every=1, eval_batch_size=32)
+TOY_CONFIG = dict(frame_size=SIZE, batch_size=4, max_steps=6, lr=3e-3, warmup_steps=2, num_workers=0, eval_every=100)
+
+
+def toy_config(**overrides):
+    return get_config("phantom-pretrain", **{**TOY_CONFIG, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +71,8 @@ def test_a_row_is_the_collators_text_mode_training_row(model, builder, clips):
 
 
 def test_batch_positions_patches_and_label_index_match_the_stock_model(model, builder):
-    settings = dataclasses.replace(TOY, batch_size=3, lesion_share=0.0)
-    batch = PhantomRows(builder, settings, model.cfg).batch(0)
+    settings = dataclasses.replace(TOY, lesion_share=0.0)
+    batch = PhantomRows(builder, settings, model.cfg.replace(batch_size=3)).batch(0)
     base = model.base_vlm
     n_rows = batch["input_ids"].shape[0]
     assert n_rows > 3 and batch["row_clip"].tolist() == sorted(batch["row_clip"].tolist())
@@ -93,8 +96,8 @@ def test_batch_positions_patches_and_label_index_match_the_stock_model(model, bu
 def test_shared_vision_loss_equals_each_row_through_the_model_forward(model, builder):
     """fp32, CPU: the shared-vision batch gives, row by row, the loss of AudioGraftedQwen2VL.forward on the
     Collator's single-row batch (own vision pass, stock positions, attention mask)."""
-    settings = dataclasses.replace(TOY, batch_size=2, lesion_share=1.0)
-    dataset = PhantomRows(builder, settings, model.cfg)
+    settings = dataclasses.replace(TOY, lesion_share=1.0)
+    dataset = PhantomRows(builder, settings, model.cfg.replace(batch_size=2))
     clips = dataset.clips(1)
     rng = np.random.default_rng([settings.data_seed, 1])
     rows_per_clip = [builder.rows(samples, rng) for _, samples in clips]
@@ -126,30 +129,35 @@ def test_shared_vision_loss_equals_each_row_through_the_model_forward(model, bui
 
 
 def test_question_types_setting_keeps_only_those_rows(model):
-    settings = dataclasses.replace(TOY, batch_size=3, question_types="nbi_status, scope_motion_type")
+    settings = dataclasses.replace(TOY, question_types="nbi_status, scope_motion_type")
     builder = row_builder(model, SIZE, settings.question_type_list)
-    batch = PhantomRows(builder, settings, model.cfg).batch(0)
+    batch = PhantomRows(builder, settings, model.cfg.replace(batch_size=3)).batch(0)
     from surgvqa.data import QUESTION_TYPES
     assert {QUESTION_TYPES[i] for i in batch["answer_type"].tolist()} <= {"nbi_status", "scope_motion_type"}
     with pytest.raises(ValueError, match="unknown question types"):
         dataclasses.replace(TOY, question_types="colour").question_type_list
 
 
-def test_equal_segment_vision_attention_matches_stock_sdpa(model):
-    register_equal_segment_attention()
+def test_the_clip_attention_pretraining_uses_matches_stock_sdpa(model):
+    clip_attention = register_clip_attention()
     visual = model.base_vlm.model.visual
     grid = torch.tensor([[4, 4, 4]] * 3)
     patches = torch.randn(int(grid.prod(1).sum()), 3 * 2 * 14 * 14)
+    unequal = torch.tensor([[2, 4, 4], [2, 4, 8]])
     with torch.no_grad():
         stock = visual(patches, grid_thw=grid).pooler_output
-        visual.config._attn_implementation = EQUAL_SEGMENT_ATTENTION
+        stock_unequal = visual(patches[:32 + 64], grid_thw=unequal).pooler_output
+        visual.config._attn_implementation = CLIP_ATTENTION
         try:
+            calls = clip_attention.packed_calls
             batched = visual(patches, grid_thw=grid).pooler_output
-            with pytest.raises(ValueError, match="do not tile"):
-                visual(patches[:32 + 64], grid_thw=torch.tensor([[2, 4, 4], [2, 4, 8]]))
+            assert clip_attention.packed_calls - calls == len(visual.blocks)  # one call a vision layer
+            # clips of different sizes fall back to one call per slice, with the same result
+            batched_unequal = visual(patches[:32 + 64], grid_thw=unequal).pooler_output
         finally:
             visual.config._attn_implementation = "sdpa"
     assert torch.allclose(stock, batched, atol=1e-5)
+    assert torch.allclose(stock_unequal, batched_unequal, atol=1e-5)
 
 
 def test_single_frame_control_repeats_frame_zero(clips):
@@ -162,16 +170,16 @@ def test_single_frame_control_repeats_frame_zero(clips):
 
 def test_toy_pretraining_lowers_the_loss_and_saves_a_reloadable_checkpoint(tmp_path, builder):
     out = tmp_path / "pretrained"
-    trained, metrics = pretrain(get_config(vlm_from_scratch=True), TOY, out, command="toy", log=lambda *_: None)
+    trained, metrics = pretrain(toy_config(), TOY, out, command="toy", log=lambda *_: None)
     log = pd.read_csv(out / "train_log.csv")
-    assert len(log) == TOY.steps and log["train_loss"].iloc[-2:].mean() < log["train_loss"].iloc[:2].mean() - 0.5
+    assert len(log) == TOY_CONFIG["max_steps"] and log["train_loss"].iloc[-2:].mean() < log["train_loss"].iloc[:2].mean() - 0.5
     assert {"data_wait_ms", "forward_ms", "backward_ms", "optimizer_ms", "answer_exact/nbi_status", "rows"} <= set(log.columns)
     evals = pd.read_csv(out / "eval_log.csv")
     assert set(evals["set"]) == {"heldout", "eval_split", "heldout_single_frame", "heldout_still_answer"}
     single = set(evals[evals["set"] == "heldout_single_frame"]["question_type"])
     assert single and single <= set(MOTION_TYPES)  # the motion questions the 2 held-out clips carry
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["steps"] == TOY.steps == metrics["steps"] and saved["settings"]["frame_size"] == SIZE
+    assert saved["steps"] == TOY_CONFIG["max_steps"] == metrics["steps"] and saved["config"]["frame_size"] == SIZE
     card = (out / "MODEL_CARD.md").read_text()
     assert "toy" in card and "| nbi_status |" in card and "curves.png" in card and (out / "curves.png").is_file()
     assert (out / "vlm" / "model.safetensors").is_file()
@@ -179,8 +187,8 @@ def test_toy_pretraining_lowers_the_loss_and_saves_a_reloadable_checkpoint(tmp_p
 
     reloaded = load_checkpoint(out)
     assert reloaded.cfg.frame_size == SIZE and reloaded.cfg.question_mode == "text"
-    batch = PhantomRows(builder, dataclasses.replace(TOY, batch_size=2), reloaded.cfg).batch(7)
-    reloaded.base_vlm.model.visual.config._attn_implementation = EQUAL_SEGMENT_ATTENTION
+    batch = PhantomRows(builder, TOY, reloaded.cfg.replace(batch_size=2)).batch(7)
+    reloaded.base_vlm.model.visual.config._attn_implementation = CLIP_ATTENTION
     trained.eval()
     with torch.no_grad():
         _, before = shared_vision_token_losses(trained, batch)
@@ -191,10 +199,10 @@ def test_toy_pretraining_lowers_the_loss_and_saves_a_reloadable_checkpoint(tmp_p
 def test_a_pixel_only_cue_is_learned_from_single_turn_rows(tmp_path):
     """nbi_status rows only (the palette is the only cue; both answers follow the same prompts): after a
     short toy run (40 steps x 16 clips at 56 px) held-out candidate-scoring accuracy is far above chance (1/2)."""
-    settings = dataclasses.replace(TOY, batch_size=16, steps=40, lr=3e-3, warmup_steps=5, log_every=10,
-                                   question_types="nbi_status", heldout_seed=4, heldout_clips=60, eval_rows=1,
-                                   eval_every=1000)
-    _, metrics = pretrain(get_config(vlm_from_scratch=True), settings, tmp_path / "nbi", command="toy nbi", log=lambda *_: None)
+    settings = dataclasses.replace(TOY, log_every=10, question_types="nbi_status", heldout_seed=4, heldout_clips=60,
+                                   eval_rows=1)
+    _, metrics = pretrain(toy_config(batch_size=16, max_steps=40, lr=3e-3, warmup_steps=5, eval_every=1000), settings,
+                          tmp_path / "nbi", command="toy nbi", log=lambda *_: None)
     row = metrics["per_type"]["nbi_status"]
     assert row["heldout_n"] == 60 and row["heldout_accuracy"] >= 0.85, row  # measured 0.98
     assert set(metrics["per_type"]) == {"nbi_status"}  # only the trained type is evaluated
@@ -207,7 +215,7 @@ def test_command_line_rejects_a_frame_size_that_would_be_resized(tmp_path):
 
 def test_still_answers_are_what_a_clip_without_motion_would_answer():
     from surgvqa.phantom import random_clip_samples
-    from surgvqa.pretrain import still_answer_accuracy
+    from surgvqa.pretrain_report import still_answer_accuracy
 
     clips = random_clip_samples(60, seed=5)
     table = still_answer_accuracy(clips, MOTION_TYPES)
@@ -317,10 +325,9 @@ def test_written_row_scoring_ranks_as_score_candidates(heard_model, heard_bank):
 
 def test_heard_pretraining_trains_the_projector_and_ships_it_for_fine_tuning(tmp_path, heard_bank):
     path, bank = heard_bank
-    settings = dataclasses.replace(TOY, steps=3, heard_bank=str(path), heard_share=1.0, both_share=0.5)
+    settings = dataclasses.replace(TOY, heard_bank=str(path), heard_share=1.0, both_share=0.5)
     out = tmp_path / "heard"
-    trained, metrics = pretrain(get_config(vlm_from_scratch=True), settings, out, command="toy heard",
-                                log=lambda *_: None)
+    trained, metrics = pretrain(toy_config(max_steps=3), settings, out, command="toy heard", log=lambda *_: None)
     log = pd.read_csv(out / "train_log.csv")
     for prefix in ("heard_", "both_"):
         assert f"{prefix}loss/nbi_status" in log.columns and f"{prefix}answer_exact/nbi_status" in log.columns
@@ -347,10 +354,11 @@ def test_heard_pretraining_trains_the_projector_and_ships_it_for_fine_tuning(tmp
     with pytest.raises(ValueError, match="only the shipped tiny VLM"):
         load_pretrained_projector(build_model(get_config(vlm_from_scratch=True)), out)
 
-    # pretraining continues that projector on the bank's audio (the encoder there need not be tiny.en)
-    again = dataclasses.replace(settings, steps=0, both_share=0.0, projector_from=str(out))
-    continued, _ = pretrain(get_config(pretrained_projector=False), again, tmp_path / "again", command="toy again",
-                            log=lambda *_: None)
+    # pretraining continues that projector on the bank's audio (the encoder there need not be tiny.en); one
+    # step at learning rate 0 keeps it as loaded
+    again = dataclasses.replace(settings, both_share=0.0, projector_from=str(out))
+    continued, _ = pretrain(toy_config(vlm_from_scratch=False, max_steps=1, lr=0.0, projector_lr=0.0), again,
+                            tmp_path / "again", command="toy again", log=lambda *_: None)
     assert torch.equal(continued.projector.linear.weight.cpu(), trained.projector.linear.weight.cpu())
     assert "projector continued" in (tmp_path / "again" / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="whisper_fingerprint"):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from surgvqa import pretrain
+from surgvqa import pretrain, pretrain_data, pretrain_report
 from surgvqa.config import REPO_ROOT
 from surgvqa.model import TINY_PRETRAINED_DIR, load_checkpoint
 
@@ -23,8 +23,8 @@ def test_the_checkpoint_is_small_safetensors_with_config_and_tokenizer():
 def test_eval_split_accuracy_matches_the_model_card():
     model = load_checkpoint(SHIPPED)
     card = json.loads((SHIPPED / "metrics.json").read_text())["per_type"]
-    settings = pretrain.PretrainSettings(frame_size=112)
-    table = pretrain.phantom_accuracy(model, pretrain.eval_split_clips(settings, model.cfg), 112, batch_size=32)
+    settings = pretrain.PretrainSettings()
+    table = pretrain_report.phantom_accuracy(model, pretrain_report.eval_split_clips(settings, model.cfg), 112, batch_size=32)
     assert len(table) == 20
     for qtype, row in table.iterrows():
         assert row["accuracy"] == pytest.approx(card[qtype]["eval_split_accuracy"], abs=0.07), qtype
@@ -38,13 +38,13 @@ def test_heard_eval_split_accuracy_matches_the_model_card(tmp_path):
     card says."""
     model = load_checkpoint(SHIPPED)
     card = json.loads((SHIPPED / "metrics.json").read_text())
-    bank = pretrain.build_heard_bank(model.cfg, tmp_path / "bank.npz", train_voices=1, eval_voices=2,
-                                     log=lambda *_: None)
+    bank = pretrain_data.build_heard_bank(model.cfg, tmp_path / "bank.npz", train_voices=1, eval_voices=2,
+                                          log=lambda *_: None)
     assert bank.fingerprint == json.loads((SHIPPED / "projector_source.json").read_text())["whisper_fingerprint"]
-    builder = pretrain.row_builder(model, 112, bank=bank, heard_share=1.0, both_share=1.0)
-    clips = pretrain.eval_split_clips(pretrain.PretrainSettings(frame_size=112), model.cfg)
+    builder = pretrain_data.row_builder(model, 112, bank=bank, heard_share=1.0, both_share=1.0)
+    clips = pretrain_report.eval_split_clips(pretrain.PretrainSettings(), model.cfg)
     for mode, column in (("audio", "eval_split_heard_accuracy"), ("both", "eval_split_both_accuracy")):
-        table = pretrain.row_candidate_accuracy(model, builder, clips, 112, heard_split="eval", mode=mode)
+        table = pretrain_report.row_candidate_accuracy(model, builder, clips, 112, heard_split="eval", mode=mode)
         assert len(table) == 20
         for qtype, row in table.iterrows():
             assert row["accuracy"] == pytest.approx(card["per_type"][qtype][column], abs=0.1), (mode, qtype)

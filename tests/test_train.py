@@ -206,7 +206,7 @@ def test_two_processes_follow_the_one_process_schedule_in_mixed_mode_at_batch_1(
 def test_a_merged_export_answers_like_the_adapter(tmp_path, audio_dir, load_in_4bit):
     """``python -m surgvqa merge``: LoRA (and QLoRA, merged into the unquantised base) folded into the
     weights answers the eval rows as the adapter does; the parity is written beside the merged model."""
-    from surgvqa.evaluate import merge_main
+    from surgvqa.inference import merge_main
     from surgvqa.model import TINY_PRETRAINED_DIR
 
     cfg = smoke_cfg(tmp_path, audio_dir, vlm=str(TINY_PRETRAINED_DIR), lora=True, lora_r=8, frame_size=112,
@@ -231,7 +231,7 @@ def test_training_time_evaluation_equals_notebook_05_on_the_same_rows(tmp_path, 
     """The accuracy training logs for best/ is what notebook 05's predict gives for those rows and that
     checkpoint (training reads cached encoder outputs; predict runs Whisper on the WAVs); in the mixed mode
     each row is asked as training's evaluation drew it."""
-    from surgvqa.evaluate import training_eval_parity
+    from surgvqa.inference import training_eval_parity
 
     cfg = smoke_cfg(tmp_path, audio_dir, max_steps=4, question_mode=mode)
     summary = train(cfg, log=lambda *_: None)
@@ -250,21 +250,21 @@ def test_training_time_evaluation_equals_notebook_05_on_the_same_rows(tmp_path, 
 def test_predict_batches_questions_of_one_length_and_keeps_the_given_order(tmp_path, audio_dir, monkeypatch):
     """Whisper runs once per distinct question length in a batch, so predict batches questions by length;
     its records still come in the order of the rows given."""
-    from surgvqa import audio, model as graft
-    from surgvqa.evaluate import predict
+    from surgvqa import audio, inference
+    from surgvqa.model import build_model
 
     cfg = smoke_cfg(tmp_path, audio_dir)
     rows = limited(data.load_split(cfg)["eval"], 8, cfg.seed)
     manifest = audio.synthesize_split(rows, "eval", cfg, progress=False)
     batches = []
-    scored = graft.score_candidates
+    scored = inference.score_candidates
 
     def recording(model, batch):
         batches.append(batch["audio_lengths"].tolist())
         return scored(model, batch)
 
-    monkeypatch.setattr(graft, "score_candidates", recording)
-    records = predict(graft.build_model(cfg), rows, cfg, "audio", manifest, batch_size=3, generate_answers=False,
+    monkeypatch.setattr(inference, "score_candidates", recording)
+    records = inference.predict(build_model(cfg), rows, cfg, "audio", manifest, batch_size=3, generate_answers=False,
                       progress=False)
     assert [r["uid"] for r in records] == [s.uid for s in rows]
     lengths = [n for batch in batches for n in batch]

@@ -88,7 +88,7 @@ def test_inspector_refuses_predictions_of_unknown_samples(rows):
 
 
 def heard(question_type="nbi_status", label="yes"):
-    from surgvqa.model import HeardAnswer
+    from surgvqa.inference import HeardAnswer
 
     return HeardAnswer(question_type, label, 0.9, 0.8, "Yes, NBI light is on in this sequence.", "its answer sentence")
 

@@ -1,0 +1,460 @@
+"""Running the graft: the inference entry points every notebook, training-time evaluation and the benchmark
+call (``generate``, ``score_candidates``, ``answer_and_score``, ``answer_any_question``), ``predict`` over a
+split's samples in a question mode, the check that training's logged evaluation is what ``predict`` gives, and
+``python -m surgvqa merge`` with its parity check.
+
+On CUDA the entry points run ``surgvqa.fastpath`` (graphed decoding over a static KV cache, switchable with
+``fast_inference``); on a CPU the plain path here, over transformers' own cache. Both compute the same scores and
+answers (tests/test_model.py; the benchmark checks the CUDA side).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import audio, data
+from .collate import EVAL_DRAWS, QADataset, prefetched_batches
+from .data import Sample, limited, load_split
+from .evaluate import data_answer, score_answer
+from .model import AudioGraftedQwen2VL, collator, load_checkpoint, merge_for_export, on_device, save_checkpoint
+from .progress import progress_bar
+
+# Greedy answers stop at end-of-turn or after this many tokens (the data's longest answer sentence is 12 tokens in
+# the Qwen2 vocabulary; zero-shot models say more).
+MAX_NEW_TOKENS = 32
+
+
+# --- inference -----------------------------------------------------------------------------------------
+
+def adapter_inputs_uncast(model: nn.Module, active: bool):
+    """Within it, peft does not cast each adapter's input to the adapter's dtype. Under bf16 autocast the
+    fp32 adapter weights are cast per matmul anyway, so peft's cast of every activation to fp32 only adds a
+    copy per adapted layer (196 in the 7B model); outside autocast the cast is needed, so it is active only
+    under bf16 autocast (training's mixed-precision step, ``bf16_adapters``)."""
+    if not active:
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
+
+
+def bf16_adapters(model: "AudioGraftedQwen2VL") -> contextlib.AbstractContextManager:
+    """Inference of a bf16 LoRA model on CUDA, as training's bf16 mixed-precision step runs it: under bf16
+    autocast, adapter inputs left in bf16. Otherwise peft runs every adapter matmul in fp32 on activations
+    cast to fp32 (at 7B 83 against 63 ms a row with the adapter off, benchmarks/NOTES.md). Elsewhere (CPU,
+    fp32 models, no adapter) it changes nothing."""
+    if not (model.cfg.lora and model.cfg.dtype == "bfloat16" and model.base_vlm.device.type == "cuda"):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    # no autocast weight cache: the fast path captures CUDA graphs inside, which must not keep its casts
+    stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False))
+    stack.enter_context(adapter_inputs_uncast(model.vlm, True))
+    return stack
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), bf16_adapters(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_generation_batch(batch: dict[str, Any]) -> None:
+    if "labels" in batch or not bool(batch["attention_mask"][:, -1].all()):
+        raise ValueError("expected a generation batch (collate with for_generation=True: left-padded, "
+                         "no answer, no labels)")
+
+
+def vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    keys = ("audio_features", "audio_encoded", "audio_lengths", "audio_rows")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy free-text answers of a left-padded generation batch, one string per sample."""
+    _check_generation_batch(batch)
+    batch = on_device(batch, model)
+    with _evaluating(model):
+        if fast_inference(model):
+            from . import fastpath
+
+            return fastpath.answer_and_score(model, batch, max_new_tokens, score=False)[0]
+        return _greedy_answers(model, _prefill(model, batch), max_new_tokens)[0]
+
+
+@dataclass
+class CandidateScores:
+    uid: str
+    label: str  # the most likely label of the question type
+    probabilities: dict[str, float]  # over the type's label set (softmax of the log-likelihoods)
+    log_likelihoods: dict[str, float]  # of each label's answer sentence + end-of-turn
+
+
+def candidate_token_rows(model: AudioGraftedQwen2VL, samples: Sequence[data.Sample]
+                         ) -> tuple[list[int], list[str], list[list[int]]]:
+    """(owning sample index, label, token ids) of every candidate answer of every sample, in order."""
+    owners, labels, rows = [], [], []
+    for i, s in enumerate(samples):
+        texts, complete = data.candidate_answers(s.question_type, model.cfg)
+        for label, text in texts.items():
+            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            owners.append(i)
+            labels.append(label)
+            rows.append(ids + [model.im_end_id] if complete else ids)
+    return owners, labels, rows
+
+
+@dataclass
+class _Prefill:
+    """A generation batch's prompt run once: its key/value cache, the log-probabilities of the first answer
+    token, and the M-RoPE position of that token (the prompt's last position + 1, per row)."""
+
+    cache: Any
+    first: torch.Tensor  # (batch, vocab)
+    mask: torch.Tensor  # the prompt's attention mask
+    next_position: torch.Tensor  # (batch, 1)
+
+
+def _prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> _Prefill:
+    base = model.base_vlm
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions, rope_deltas = base.model.get_rope_index(
+        ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
+    embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
+    prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
+    first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
+    # Text positions continue after the prompt's last M-RoPE position (rope_deltas shift past the vision grid).
+    return _Prefill(prefix.cache, first, mask, mask.sum(dim=1, keepdim=True) + rope_deltas)
+
+
+def _greedy_answers(model: AudioGraftedQwen2VL, pre: _Prefill, max_new_tokens: int) -> tuple[list[str], int]:
+    """Greedy decoding on a prefill's cache (M-RoPE text positions continue after the prompt; finished rows
+    are fed padding); returns the answers and the number of tokens it added to the cache."""
+    base, pad = model.base_vlm, model.tokenizer.pad_token_id
+    token = pre.first.argmax(-1)
+    done = token == model.im_end_id
+    tokens, mask = [token], pre.mask
+    for step in range(1, max_new_tokens):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = (pre.next_position + step - 1).unsqueeze(0).expand(3, -1, -1)
+        hidden = base.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=pre.cache,
+                            use_cache=True).last_hidden_state
+        token = base.lm_head(hidden[:, -1]).argmax(-1).masked_fill(done, pad)  # finished rows only pad
+        done = done | (token == model.im_end_id)
+        tokens.append(token)
+    texts = model.tokenizer.batch_decode(torch.stack(tokens, dim=1), skip_special_tokens=True)
+    return [t.strip() for t in texts], len(tokens) - 1
+
+
+def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sample]) -> list[CandidateScores]:
+    """Candidate scores from a prefill (see ``_candidate_totals``)."""
+    owners, labels, rows = candidate_token_rows(model, samples)
+    return candidate_scores(samples, owners, labels, _candidate_totals(model, pre, owners, rows))
+
+
+def _candidate_totals(model: AudioGraftedQwen2VL, pre: _Prefill, owners: Sequence[int],
+                      rows: Sequence[Sequence[int]]) -> list[float]:
+    """The log-likelihood of each token row after its owner's prompt: the prefill's cache is repeated for
+    each row (in place) and every row of the batch is scored in one more forward."""
+    base = model.base_vlm
+    device = pre.mask.device
+    owner = torch.tensor(owners, device=device)
+    pre.cache.batch_select_indices(owner)
+    # Feed every candidate token but the last; the prompt's last position already predicted the first. When
+    # every candidate is one token (a small tokenizer can have whole answers as tokens), nothing is fed.
+    length = max(len(r) for r in rows) - 1
+    if length:
+        feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        feed_mask = torch.zeros_like(feed)
+        for r, row in enumerate(rows):
+            feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=device)
+            feed_mask[r, : len(row) - 1] = 1
+        text_positions = (pre.next_position[owner] + torch.arange(length, device=device)).unsqueeze(0).expand(3, -1, -1)
+        cont = base.model(input_ids=feed, attention_mask=torch.cat([pre.mask[owner], feed_mask], dim=1),
+                          position_ids=text_positions, cache=pre.cache, use_cache=True)
+        logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
+
+    totals = []
+    for r, row in enumerate(rows):
+        total = pre.first[owners[r], row[0]]
+        if len(row) > 1:
+            total = total + logp[r, torch.arange(len(row) - 1), torch.tensor(row[1:])].sum()
+        totals.append(float(total))
+    return totals
+
+
+def candidate_scores(samples: Sequence[data.Sample], owners: Sequence[int], labels: Sequence[str],
+                     totals: Sequence[float]) -> list[CandidateScores]:
+    """Each sample's scores from the log-likelihood of every candidate (rows as ``candidate_token_rows``)."""
+    results = []
+    for i, s in enumerate(samples):
+        ll = {labels[r]: float(totals[r]) for r, o in enumerate(owners) if o == i}
+        probs = torch.softmax(torch.tensor(list(ll.values()), dtype=torch.float64), dim=0).tolist()
+        results.append(CandidateScores(uid=s.uid, label=max(ll, key=ll.get), probabilities=dict(zip(ll, probs)),
+                                       log_likelihoods=ll))
+    return results
+
+
+@dataclass
+class HeardAnswer:
+    question_type: str  # the question the model understood
+    label: str
+    confidence: float  # the label's probability among its type's answers
+    type_confidence: float  # the type's probability among all types (by mean log-likelihood per token)
+    text: str  # the free-text answer
+    by: str  # "its answer sentence" (the free text is one of the data's answers) or "likelihood"
+
+
+def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
+                        ) -> list[HeardAnswer]:
+    """For prompts whose question type nobody chose (a question asked out loud in the demo). The free-text
+    answer decides when it is word for word one of the data's answer sentences (the model was trained to
+    say exactly those); otherwise every answer sentence of every question type is scored and the type
+    whose best sentence has the highest mean log-likelihood per token is the question understood (a plain
+    sum favours short sentences). The label is that type's likeliest answer."""
+    _check_generation_batch(batch)
+    batch = on_device(batch, model)
+    sentences = {" ".join(text.lower().split()): key for key, text in data.answer_sentences(model.cfg).items()}
+    with _evaluating(model):
+        pre = _prefill(model, batch)
+        texts, added = _greedy_answers(model, pre, max_new_tokens)
+        if added:
+            pre.cache.crop(-added)
+        owners, keys, rows = [], [], []
+        for i, s in enumerate(batch["samples"]):
+            for qtype in data.QUESTION_TYPES:
+                _, labels, type_rows = candidate_token_rows(model, [dataclasses.replace(s, question_type=qtype)])
+                owners += [i] * len(type_rows)
+                keys += [(qtype, label) for label in labels]
+                rows += type_rows
+        totals = _candidate_totals(model, pre, owners, rows)
+    answers = []
+    for i in range(len(batch["samples"])):
+        mine = [r for r, o in enumerate(owners) if o == i]
+        per_token = {}
+        for r in mine:
+            qtype = keys[r][0]
+            per_token[qtype] = max(per_token.get(qtype, -float("inf")), totals[r] / len(rows[r]))
+        type_probs = dict(zip(per_token, torch.softmax(torch.tensor(list(per_token.values()), dtype=torch.float64),
+                                                       dim=0).tolist()))
+        said = sentences.get(" ".join(texts[i].lower().split()))
+        qtype = said[0] if said else max(per_token, key=per_token.get)
+        ll = {keys[r][1]: totals[r] for r in mine if keys[r][0] == qtype}
+        probs = dict(zip(ll, torch.softmax(torch.tensor(list(ll.values()), dtype=torch.float64), dim=0).tolist()))
+        label = said[1] if said else max(ll, key=ll.get)
+        answers.append(HeardAnswer(qtype, label, probs[label], type_probs[qtype], texts[i],
+                                   "its answer sentence" if said else "likelihood"))
+    return answers
+
+
+def fast_inference(model: AudioGraftedQwen2VL) -> bool:
+    """Whether inference runs on surgvqa.fastpath: on CUDA unless the config's fast_inference is off."""
+    return model.cfg.fast_inference and model.base_vlm.device.type == "cuda"
+
+
+def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
+    """Rank the label set of each sample's question type by the likelihood of its answer SENTENCE.
+
+    The candidate text is the answer sentence the model is trained to produce (data.answer_sentences),
+    followed by the end-of-turn token, so a candidate is the whole answer, not a prefix of it. The prompt
+    of each sample runs once; its key/value cache is then repeated for that sample's candidates and all
+    candidates of the batch are scored in one more forward.
+    """
+    _check_generation_batch(batch)
+    batch = on_device(batch, model)
+    with _evaluating(model):
+        if fast_inference(model):
+            from . import fastpath
+
+            return fastpath.answer_and_score(model, batch, 0)[1]
+        return _scores(model, _prefill(model, batch), batch["samples"])
+
+
+def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
+                     ) -> tuple[list[str], list[CandidateScores]]:
+    """``generate``'s greedy answers and ``score_candidates``' scores from ONE run of the prompt: the answer
+    is decoded on the prompt's cache, which is then cut back to the prompt and scores the candidates."""
+    _check_generation_batch(batch)
+    batch = on_device(batch, model)
+    with _evaluating(model):
+        if fast_inference(model):
+            from . import fastpath
+
+            return fastpath.answer_and_score(model, batch, max_new_tokens)
+        pre = _prefill(model, batch)
+        answers, added = _greedy_answers(model, pre, max_new_tokens)
+        if added:
+            pre.cache.crop(-added)
+        return answers, _scores(model, pre, batch["samples"])
+
+
+# --- running a model --------------------------------------------------------------------------------
+
+def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd.DataFrame | None = None,
+            questions: dict[str, str] | None = None, batch_size: int = 16, generate_answers: bool = True,
+            progress: bool = True) -> list[dict]:
+    """Answer ``samples`` under a question mode; one record per sample in the predictions schema.
+
+    ``mode`` is audio, text or both (the prompt the model gets), whatever the mode it was trained in.
+    ``questions`` (uid -> text) replaces the written question, e.g. by an ASR transcript. The free-text
+    answer (greedy decoding) is what the strict scorer reads; candidate probabilities come from scoring the
+    candidates on the same run of the prompt (``answer_and_score``). ``latency_ms`` is the model time of the
+    batch divided by its size.
+    """
+
+    if mode not in ("audio", "text", "both"):
+        raise ValueError(f"mode {mode!r}: must be audio, text or both")
+    rows = list(samples)
+    if questions is not None:
+        missing = [s.uid for s in rows if s.uid not in questions]
+        if missing:
+            raise KeyError(f"no replacement question for {len(missing)} sample(s), e.g. {missing[:3]}")
+        rows = [dataclasses.replace(s, question=questions[s.uid]) for s in rows]
+    audio_info = {}
+    if audio_manifest is not None:
+        audio_info = audio_manifest.set_index("uid")[["path", "voice", "duration_s"]].to_dict("index")
+    mode_cfg = cfg.replace(question_mode=mode)
+    collate = dataclasses.replace(collator(model), question_mode=mode, frame_size=cfg.frame_size)
+    # Whisper has no attention mask, so a batch is encoded in one call per distinct question length: batches
+    # of questions of one length (the same wording and voice) cost one call. Records keep the given order.
+    if mode != "text" and audio_info:
+        order = sorted(range(len(rows)), key=lambda i: (audio_info.get(rows[i].uid, {}).get("duration_s") or 0, i))
+    else:
+        order = list(range(len(rows)))
+    dataset = QADataset([rows[i] for i in order], mode_cfg,
+                        {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
+    batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
+    records = []
+    with torch.inference_mode():
+        for batch in progress_bar(batches, desc=f"predict ({mode})", disable=not progress, unit="batch",
+                          total=math.ceil(len(dataset) / batch_size)):
+            started = time.perf_counter()
+            if generate_answers:
+                texts, scored = answer_and_score(model, batch)
+            else:
+                scored = score_candidates(model, batch)
+                texts = [None] * len(scored)
+            per_sample_ms = 1000 * (time.perf_counter() - started) / len(scored)
+            for s, sc, text in zip(batch["samples"], scored, texts):
+                info = audio_info.get(s.uid, {})
+                records.append({
+                    "id": s.id, "uid": s.uid, "question_type": s.question_type, "short_answer": s.short_answer,
+                    # without generation the answer is the sentence of the most likely candidate
+                    "prediction": text if text is not None else data_answer(s.question_type, sc.label),
+                    "probabilities": sc.probabilities, "candidate_label": sc.label,
+                    "latency_ms": per_sample_ms, "mode": mode, "voice": info.get("voice"),
+                    "audio_duration_s": info.get("duration_s"), "template": cfg.template,
+                })
+    given_order = [0] * len(records)
+    for position, i in enumerate(order):
+        given_order[i] = records[position]
+    return given_order
+
+
+def training_eval_parity(checkpoint: str | Path, model, batch_size: int | None = None) -> dict:
+    """The eval accuracy training logged for a run's ``best/`` beside ``predict``'s on the same rows and
+    checkpoint (training scores cached encoder outputs in its own loop; ``predict`` runs Whisper on the audio,
+    as notebook 05 does). In the mixed mode each row is asked the way training's evaluation drew for it."""
+    checkpoint = Path(checkpoint)
+    summary_file = checkpoint.parent / "summary.json"
+    if checkpoint.name != "best" or not summary_file.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training run's best/ (no {summary_file})")
+    summary = json.loads(summary_file.read_text())
+    logged = [h for h in summary["history"] if h["step"] == summary["best_step"]]
+    if not logged:
+        raise ValueError(f"{summary_file}: no evaluation logged at the best step {summary['best_step']}")
+    cfg = model.cfg
+    rows = data.limited(data.load_split(cfg)["eval"], cfg.eval_limit, cfg.seed)
+    manifest = audio.synthesize_split(rows, "eval", cfg, progress=False)
+    draws = collator(model)
+    draws.reseed(EVAL_DRAWS)
+    by_mode: dict[str, list[Sample]] = {}
+    for s in rows:
+        by_mode.setdefault(draws.item_mode(s), []).append(s)
+    records = [r for mode, asked in by_mode.items()
+               for r in predict(model, asked, cfg, mode, manifest if mode != "text" else None,
+                                batch_size=batch_size or cfg.batch_size, generate_answers=False, progress=False)]
+    predicted = sum(r["candidate_label"] == r["short_answer"] for r in records) / len(records)
+    return {"best_step": summary["best_step"], "n": len(records), "modes": {m: len(v) for m, v in by_mode.items()},
+            "logged_accuracy": float(logged[0]["eval_accuracy"]), "predicted_accuracy": predicted,
+            # training's accuracy went through a float32 all-reduce
+            "equal": abs(predicted - float(logged[0]["eval_accuracy"])) < 1e-6}
+
+
+MERGE_AGREEMENT = 0.99  # the least answer agreement at which a merged export counts as the adapter's model
+
+
+def merge_parity(adapter_records: Sequence[dict], merged_records: Sequence[dict]) -> dict:
+    """How alike two predictions of the same rows are: free-text answers read to the same label, the same
+    most likely candidate, and the largest difference of a candidate's log-probability (normalised over its
+    question type's candidates)."""
+    if [r["uid"] for r in adapter_records] != [r["uid"] for r in merged_records]:
+        raise ValueError("the two predictions are not of the same rows in the same order")
+    answers = [score_answer(a["prediction"], a["question_type"]) == score_answer(b["prediction"], b["question_type"])
+               for a, b in zip(adapter_records, merged_records)]
+    labels = [a["candidate_label"] == b["candidate_label"] for a, b in zip(adapter_records, merged_records)]
+    gap = max(abs(math.log(max(a["probabilities"][k], 1e-300)) - math.log(max(b["probabilities"][k], 1e-300)))
+              for a, b in zip(adapter_records, merged_records) for k in a["probabilities"])
+    return {"n": len(answers), "answer_agreement": float(np.mean(answers)),
+            "candidate_agreement": float(np.mean(labels)), "max_abs_logprob_diff": gap}
+
+
+def merge_main(argv: list[str]) -> int:
+    """``python -m surgvqa merge CHECKPOINT --out DIR``: the adapter folded into full-precision base weights
+    (a QLoRA run's base is reloaded unquantised), written as a checkpoint, and checked against the adapter
+    on eval rows; exit 1 when fewer than 99 % of answers agree."""
+    parser = argparse.ArgumentParser(prog="python -m surgvqa merge", description=merge_main.__doc__.split(":")[0])
+    parser.add_argument("checkpoint", help="a checkpoint folder with a LoRA adapter (best/ of a run)")
+    parser.add_argument("--out", required=True, help="folder for the merged checkpoint and merge_parity.json")
+    parser.add_argument("--rows", type=int, default=200, help="eval rows to compare on (0: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"{out} exists and is not empty: choose a new folder")
+    adapter = load_checkpoint(args.checkpoint)
+    cfg = adapter.cfg
+    # The adapter changes the language model only; written questions reach every adapted layer.
+    rows = limited(load_split(cfg)["eval"], args.rows, cfg.seed)
+    before = predict(adapter, rows, cfg, "text", batch_size=args.batch_size)
+    del adapter
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    merged = merge_for_export(load_checkpoint(args.checkpoint, load_in_4bit=False))
+    after = predict(merged, rows, cfg, "text", batch_size=args.batch_size)
+    save_checkpoint(merged, out)
+    parity = {"checkpoint": str(args.checkpoint), "quantized_adapter": cfg.load_in_4bit,
+              **merge_parity(before, after)}
+    (out / "merge_parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+    print(json.dumps(parity, indent=2))
+    if parity["answer_agreement"] < MERGE_AGREEMENT:
+        print(f"[merge] only {parity['answer_agreement']:.1%} of answers agree (at least {MERGE_AGREEMENT:.0%} "
+              f"expected): the merged model is not the adapter's model", file=sys.stderr)
+        return 1
+    return 0
