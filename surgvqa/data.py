@@ -12,11 +12,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from .config import Config, get_config
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +374,54 @@ def limited(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
     for r in range(rounds):  # round-robin over types so a small subset still covers them
         picked += [v[r] for v in by_type.values() if r < len(v)]
     return [samples[i] for i in sorted(picked[:limit])]
+
+
+# --- other wordings of the questions -------------------------------------------------------------
+
+# Natural wordings of every question type beside the templates' (data/raw/paraphrases/README.md says where they
+# come from), each in one split: train and eval wordings may be read and heard in (pre)training and its
+# evaluations; test wordings only by the robustness checks, never in any training.
+PARAPHRASE_FILE = "data/raw/paraphrases/question_wordings.csv"
+WORDING_SPLITS = ("train", "eval", "test")
+PARAPHRASE_COLUMNS = ("question_type", "split", "style", "wording")
+
+
+def paraphrase_bank(cfg: Config | None = None, path: str | Path | None = None) -> pd.DataFrame:
+    """Every wording of every question type: the bank's (columns question_type, split, style, wording) and
+    both templates' (split train, style ``template``), with ``source`` (bank or template). Checked: known
+    types and splits, a question sentence, no wording twice (ignoring case and spacing) nor a template's in
+    the bank, and every type worded in every split; an error names the file and the line."""
+    import pandas as pd
+
+    cfg = cfg or get_config()
+    path = Path(path) if path else cfg.path(PARAPHRASE_FILE)
+    if not path.is_file():
+        raise AnnotationError(f"paraphrase bank {path} does not exist")
+    bank = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if tuple(bank.columns) != PARAPHRASE_COLUMNS:
+        raise AnnotationError(f"{path}: columns {list(bank.columns)}, expected {list(PARAPHRASE_COLUMNS)}")
+    templates = {" ".join(w.lower().split()): (t, qtype) for t in TEMPLATE_FILES
+                 for qtype, w in question_wordings(t, cfg).items()}
+    seen: dict[str, int] = {}
+    for line, row in zip(range(2, len(bank) + 2), bank.itertuples(index=False)):
+        where = f"{path} line {line}"
+        if row.question_type not in QUESTION_TYPES:
+            raise AnnotationError(f"{where}: unknown question type {row.question_type!r}")
+        if row.split not in WORDING_SPLITS:
+            raise AnnotationError(f"{where}: split {row.split!r}, expected one of {WORDING_SPLITS}")
+        key = " ".join(row.wording.lower().split())
+        if not key or key[-1] not in "?.":
+            raise AnnotationError(f"{where}: wording {row.wording!r} is not a question sentence")
+        if key in templates:
+            raise AnnotationError(f"{where}: {row.wording!r} is the {templates[key][0]} template's wording")
+        if key in seen:
+            raise AnnotationError(f"{where}: {row.wording!r} is also on line {seen[key]}")
+        seen[key] = line
+    missing = [(t, s) for t in QUESTION_TYPES for s in WORDING_SPLITS
+               if not ((bank.question_type == t) & (bank.split == s)).any()]
+    if missing:
+        raise AnnotationError(f"{path}: no wording for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    template_rows = pd.DataFrame([{"question_type": qtype, "split": "train", "style": "template", "wording": w}
+                                  for t in TEMPLATE_FILES for qtype, w in question_wordings(t, cfg).items()]
+                                 ).drop_duplicates(["question_type", "wording"])  # two types share a wording
+    return pd.concat([template_rows.assign(source="template"), bank.assign(source="bank")], ignore_index=True)

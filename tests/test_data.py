@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 
 from surgvqa import data, evaluate
+from surgvqa.config import REPO_ROOT
 
 GOOD = json.loads((data.data_dir() / "out_template.jsonl").open().readline())
 
@@ -130,3 +131,40 @@ def test_an_empty_annotation_file_is_named(tmp_path):
     empty.write_text("\n  \n")
     with pytest.raises(AnnotationError, match=f"{empty} holds no annotation rows"):
         load_annotations(empty)
+
+
+def test_the_paraphrase_bank_words_every_type_in_every_split_and_keeps_test_wordings_apart():
+    bank = data.paraphrase_bank()
+    assert set(bank["question_type"]) == set(data.QUESTION_TYPES)
+    for split, per_type in (("train", 5), ("eval", 2), ("test", 3)):
+        counts = bank[(bank.source == "bank") & (bank.split == split)].groupby("question_type").size()
+        assert (counts == per_type).all() and len(counts) == 20, split
+    # both templates' wordings are train wordings; a test wording is in no other split
+    templates = {w for t in ("in", "out") for w in data.question_wordings(t).values()}
+    assert set(bank[bank.source == "template"]["wording"]) == templates
+    assert set(bank[bank.source == "template"]["split"]) == {"train"}
+    keys = bank["wording"].str.lower().str.split().str.join(" ")
+    assert not keys.duplicated().any()
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("nbi_status,test,short,Is the NBI light on?", "is the in template's wording"),
+    ("nbi_status,train,short,Nbi   on?", "also on line 42"),
+    ("colour_check,test,short,Which colour?", "unknown question type 'colour_check'"),
+    ("nbi_status,holdout,short,Is it NBI light?", "split 'holdout'"),
+    ("nbi_status,test,short,NBI", "not a question sentence"),
+])
+def test_a_bad_paraphrase_line_names_the_file_and_the_line(tmp_path, bad_line, message):
+    source = (REPO_ROOT / data.PARAPHRASE_FILE).read_text()
+    path = tmp_path / "wordings.csv"
+    path.write_text(source + bad_line + "\n")
+    with pytest.raises(data.AnnotationError, match=f"wordings.csv line 202: .*{message}"):
+        data.paraphrase_bank(path=path)
+
+
+def test_a_paraphrase_bank_without_a_split_of_a_type_is_refused(tmp_path):
+    lines = (REPO_ROOT / data.PARAPHRASE_FILE).read_text().splitlines()
+    path = tmp_path / "wordings.csv"
+    path.write_text("\n".join(l for l in lines if not l.startswith("nbi_status,test,")) + "\n")
+    with pytest.raises(data.AnnotationError, match=r"no wording for \[\('nbi_status', 'test'\)\]"):
+        data.paraphrase_bank(path=path)
