@@ -425,3 +425,24 @@ def paraphrase_bank(cfg: Config | None = None, path: str | Path | None = None) -
                                   for t in TEMPLATE_FILES for qtype, w in question_wordings(t, cfg).items()]
                                  ).drop_duplicates(["question_type", "wording"])  # two types share a wording
     return pd.concat([template_rows.assign(source="template"), bank.assign(source="bank")], ignore_index=True)
+
+
+def closest_questions(texts: Sequence[str], cfg: Config | None = None) -> list[tuple[str, str]]:
+    """Closed-set intent matching, the pipeline a user would build instead of a model that hears: each text (an
+    ASR transcript, say) goes to the question type of its most similar known wording (TF-IDF over character
+    2-4-grams within words, cosine; robust to a transcript's spelling of "NBI" or a dropped word) and is replaced
+    by that type's wording in ``cfg.template``, which the model was trained on. Known wordings: both templates'
+    and the paraphrase bank's train and eval wordings; its test wordings are never matched against.
+    (question type, wording) per text."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if not texts:
+        return []
+    cfg = cfg or get_config()
+    bank = paraphrase_bank(cfg)
+    known = bank[bank["split"] != "test"]
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True).fit(known["wording"])
+    similarity = (vectorizer.transform(list(texts)) @ vectorizer.transform(known["wording"]).T).toarray()
+    types = known["question_type"].to_numpy()[similarity.argmax(axis=1)]
+    wordings = question_wordings(cfg.template, cfg)
+    return [(str(t), wordings[t]) for t in types]

@@ -168,3 +168,18 @@ def test_a_paraphrase_bank_without_a_split_of_a_type_is_refused(tmp_path):
     path.write_text("\n".join(l for l in lines if not l.startswith("nbi_status,test,")) + "\n")
     with pytest.raises(data.AnnotationError, match=r"no wording for \[\('nbi_status', 'test'\)\]"):
         data.paraphrase_bank(path=path)
+
+
+def test_closest_questions_match_a_transcript_to_its_question_type_without_the_test_wordings():
+    bank = data.paraphrase_bank()
+    templates = bank[bank.source == "template"]
+    matched = data.closest_questions(templates["wording"].tolist())
+    assert [t for t, _ in matched] == templates["question_type"].tolist()
+    # what the model then reads is the question type's wording in the config's template
+    wordings = data.question_wordings("out")
+    assert all(w == wordings[t] for t, w in matched)
+    # held-out wordings, never matched against, still mostly reach their type (chance 1/20; measured 0.72)
+    test = bank[bank.split == "test"]
+    types = [t for t, _ in data.closest_questions(test["wording"].tolist())]
+    assert sum(t == q for t, q in zip(types, test["question_type"])) / len(test) >= 0.5
+    assert data.closest_questions([]) == []

@@ -57,7 +57,9 @@ def test_metrics_chain_from_training_to_the_demo(reports):
     assert evaluated["checkpoint"] == trained["best_checkpoint"]
     assert evaluated["n_test"] == 16
     assert set(evaluated["baselines"]) == {"blind prior", "audio-only (headline)", "text-only", "audio + text",
-                                           "Whisper ASR -> text", "text-only, zero-shot base model"}
+                                           "Whisper ASR -> text", "Whisper ASR -> closest question -> text",
+                                           "text-only, zero-shot base model"}
+    assert 0 <= evaluated["asr_intent_accuracy"] <= 1
     # smoke's projector starts random, so the model before fine-tuning cannot hear: it reads the question
     # the starting model is scored on the same rows, type by type, and its predictions are kept
     assert set(evaluated["audio_only_before_fine_tuning_per_type"]) == set(evaluated["audio_only_per_type"])
