@@ -445,8 +445,9 @@ def manifest_path(split: str, cfg: Config | None = None, suffix: str = ".csv") -
 
 def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None = None,
                      question_text: Callable[[Sample], str] = lambda s: s.question,
-                     workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Speak every sample's question with its assigned voice; return (and save) the manifest.
+                     workers: int | None = None, progress: bool = True, manifest: str | None = None) -> pd.DataFrame:
+    """Speak every sample's question with its assigned voice (of ``split``'s pool); return (and save, under
+    ``manifest``, by default the split's name) the manifest.
 
     Files already in the cache (same text, same voice spec) are not rendered again. ``path`` in the
     manifest is relative to ``cfg.audio_dir``; the manifest is saved there as CSV and JSONL.
@@ -491,10 +492,10 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
     facts = {rel: _file_facts(root / rel) for rel in {r["path"] for r in rows}}
     for r in rows:
         r["duration_s"], r["sha256"] = facts[r["path"]]
-    manifest = pd.DataFrame(rows, columns=["uid", "sample_id", "video_id", "split", "question_type", "path",
-                                           "engine", "voice", "rate", "pitch", "duration_s", "sha256", "text"])
-    _save_manifest(manifest, split, cfg)
-    return manifest
+    table = pd.DataFrame(rows, columns=["uid", "sample_id", "video_id", "split", "question_type", "path",
+                                        "engine", "voice", "rate", "pitch", "duration_s", "sha256", "text"])
+    _save_manifest(table, manifest or split, cfg)
+    return table
 
 
 def _file_facts(path: Path) -> tuple[float, str]:

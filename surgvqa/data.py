@@ -446,3 +446,21 @@ def closest_questions(texts: Sequence[str], cfg: Config | None = None) -> list[t
     types = known["question_type"].to_numpy()[similarity.argmax(axis=1)]
     wordings = question_wordings(cfg.template, cfg)
     return [(str(t), wordings[t]) for t in types]
+
+
+def reworded(samples: Sequence[Sample], split: str, cfg: Config | None = None) -> list[Sample]:
+    """The samples asked in the paraphrase bank's ``split`` wordings instead of their template's: each gets one
+    of its question type's wordings, chosen by its uid (the same in every run)."""
+    import dataclasses
+    import hashlib
+
+    if split not in WORDING_SPLITS:
+        raise ValueError(f"wording split {split!r}: one of {WORDING_SPLITS}")
+    bank = paraphrase_bank(cfg)
+    mine = bank[(bank["source"] == "bank") & (bank["split"] == split)]
+    options = mine.groupby("question_type")["wording"].apply(list).to_dict()
+    out = []
+    for s in samples:
+        pick = int.from_bytes(hashlib.sha256(s.uid.encode()).digest()[:8], "little") % len(options[s.question_type])
+        out.append(dataclasses.replace(s, question=options[s.question_type][pick]))
+    return out

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from surgvqa import audio
+from surgvqa import audio, data
 from surgvqa import whisper as W
 from surgvqa.audio import AudioError, TTSError, VoiceError, VoiceSpec
 from surgvqa.config import get_config
@@ -234,6 +234,14 @@ def test_synthesis_writes_manifest_and_a_rerun_does_no_work(eval_samples, cfg, m
     monkeypatch.setattr(audio, "render", no_rendering)
     again = audio.synthesize_split(eval_samples, "eval", cfg, workers=1, progress=False)
     pd.testing.assert_frame_equal(again, manifest)
+    # other questions of the same rows, by the same voices, go to a manifest of their own
+    before = audio.manifest_path("eval", cfg).read_text()
+    monkeypatch.undo()
+    asked = audio.synthesize_split(data.reworded(eval_samples, "eval", cfg), "eval", cfg, workers=1,
+                                   progress=False, manifest="eval-reworded")
+    assert list(asked["voice"]) == list(manifest["voice"]) and list(asked["text"]) != list(manifest["text"])
+    assert audio.manifest_path("eval", cfg).read_text() == before
+    assert list(pd.read_csv(audio.manifest_path("eval-reworded", cfg))["text"]) == list(asked["text"])
 
 
 def test_cache_key_is_text_and_full_voice_spec():

@@ -183,3 +183,18 @@ def test_closest_questions_match_a_transcript_to_its_question_type_without_the_t
     types = [t for t, _ in data.closest_questions(test["wording"].tolist())]
     assert sum(t == q for t, q in zip(types, test["question_type"])) / len(test) >= 0.5
     assert data.closest_questions([]) == []
+
+
+def test_reworded_samples_ask_the_same_rows_in_the_banks_wordings_of_one_split():
+    rows = data.published_split()["test"][:60]
+    again = data.reworded(rows, "test")
+    bank = data.paraphrase_bank()
+    test_wordings = bank[(bank.source == "bank") & (bank.split == "test")]
+    allowed = test_wordings.groupby("question_type")["wording"].apply(set).to_dict()
+    assert [s.uid for s in again] == [s.uid for s in rows]
+    assert all(a.question in allowed[a.question_type] and a.question != s.question for a, s in zip(again, rows))
+    assert all(a.short_answer == s.short_answer and a.frames == s.frames for a, s in zip(again, rows))
+    assert [s.question for s in data.reworded(rows, "test")] == [s.question for s in again]  # by uid, every run
+    assert len({s.question for s in again}) > 20
+    with pytest.raises(ValueError, match="wording split 'heldout'"):
+        data.reworded(rows, "heldout")

@@ -60,6 +60,8 @@ def test_metrics_chain_from_training_to_the_demo(reports):
                                            "Whisper ASR -> text", "Whisper ASR -> closest question -> text",
                                            "text-only, zero-shot base model"}
     assert 0 <= evaluated["asr_intent_accuracy"] <= 1
+    assert set(evaluated["held_out_wordings"]) == {"held-out wordings, heard", "held-out wordings, read"}
+    assert all(0 <= v <= 1 for v in evaluated["held_out_wordings"].values())
     # smoke's projector starts random, so the model before fine-tuning cannot hear: it reads the question
     # the starting model is scored on the same rows, type by type, and its predictions are kept
     assert set(evaluated["audio_only_before_fine_tuning_per_type"]) == set(evaluated["audio_only_per_type"])
