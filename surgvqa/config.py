@@ -14,6 +14,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = "tiny"
+# TTS engines that may voice a split (surgvqa.audio.ENGINES less flite, which only the unseen-engine check uses)
+POOL_ENGINES = ("espeak-ng", "piper", "edge-tts")
 
 
 @dataclass
@@ -39,7 +41,18 @@ class Config:
     phantom_cache_dir: str = ""  # empty: render on the fly, no disk cache
 
     # --- audio ------------------------------------------------------------------------------------
-    tts_engine: str = "espeak-ng"
+    tts_engine: str = "espeak-ng"  # the engine of the train, eval and test voice pools
+    # engines whose voices join the train pool only: a one-speaker engine (piper's offline voice) cannot be split
+    # into disjoint pools, so it widens what training hears while the test voices stay ``tts_engine``'s unheard ones
+    extra_train_engines: tuple[str, ...] = ()
+    # each train question is said at its own rate (x0.85-1.2 of its speaker's) and pitch (+-10 of 0-99)
+    voice_perturbation: bool = False
+    # the share of train questions heard through operating-room noise (surgvqa.noise: babble, monitor beeps,
+    # suction hiss, broadband noise at 0-30 dB SNR, or room reverberation), drawn per question
+    train_noise: float = 0.0
+    # "template": every split asks in ``template``'s wording; "bank": each train question is asked in one of its
+    # type's train wordings (the paraphrase bank's and both templates'), eval and test keep ``template``'s
+    train_wordings: str = "template"
     audio_dir: str = "data/interim/audio"
     sample_rate: int = 16000
     disjoint_voices: bool = True  # train, eval and test voices come from disjoint pools
@@ -89,6 +102,9 @@ class Config:
     grad_accum: int = 1
     max_steps: int = 600
     warmup_steps: int = 30
+    # projector alignment before fine-tuning (surgvqa.align): steps of batch_size heard train questions, only the
+    # projector training, distilled from the language model's own answer to the written question; 0: none
+    align_steps: int = 0
     schedule: str = "cosine"
     eval_every: int = 100
     eval_limit: int = 0  # 0: the whole eval split
@@ -107,6 +123,7 @@ class Config:
     def __post_init__(self) -> None:
         self._check_types_and_ranges()
         self.trainval_videos = tuple(self.trainval_videos)
+        self.extra_train_engines = tuple(self.extra_train_engines)
         choices = {
             "template": ("in", "out"),
             "split": ("published", "stratified"),
@@ -118,10 +135,22 @@ class Config:
             "dtype": ("float32", "bfloat16"),
             "schedule": ("cosine", "linear"),
             "device": ("auto", "cpu", "cuda"),
+            "train_wordings": ("template", "bank"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {key}={getattr(self, key)!r}: must be one of {allowed}")
+        for engine in self.extra_train_engines:
+            if engine not in POOL_ENGINES or engine == self.tts_engine:
+                raise ValueError(f"config extra_train_engines={list(self.extra_train_engines)}: each must be one of "
+                                 f"{POOL_ENGINES} other than tts_engine={self.tts_engine!r} (flite is held out for the "
+                                 f"unseen-engine check and never trains)")
+        if self.tts_engine not in POOL_ENGINES:
+            raise ValueError(f"config tts_engine={self.tts_engine!r}: must be one of {POOL_ENGINES} (flite is held "
+                             f"out for the unseen-engine check)")
+        if self.align_steps and self.question_mode == "text":
+            raise ValueError(f"config align_steps={self.align_steps}: aligning the projector needs heard questions, "
+                             f"and question_mode='text' hears none")
         if self.vlm_from_scratch and self.vlm != "tiny":
             raise ValueError(f"config vlm_from_scratch=True builds the tiny VLM from scratch; vlm={self.vlm!r} is "
                              f"loaded from its checkpoint (for random weights at real shapes: python -m surgvqa "
@@ -158,9 +187,7 @@ class Config:
         return torch.device("cuda" if self.device != "cpu" and torch.cuda.is_available() else "cpu")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["trainval_videos"] = list(self.trainval_videos)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -192,7 +219,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "lr": (0.0, 1.0), "projector_lr": (0.0, 1.0), "batch_size": (1, None), "grad_accum": (1, None),
     "max_steps": (1, None), "warmup_steps": (0, None), "eval_every": (1, None), "eval_limit": (0, None),
     "patience": (1, None), "num_workers": (0, 256), "limit_train": (0, None),
-    "limit_test": (0, None),
+    "limit_test": (0, None), "train_noise": (0.0, 1.0), "align_steps": (0, None),
 }
 
 
@@ -219,7 +246,8 @@ def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 _REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
                              dtype="bfloat16", lr=1e-4, projector_lr=1e-4, max_steps=3000, eval_every=200,
-                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True)
+                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True,
+                             voice_perturbation=True, train_noise=0.5, train_wordings="bank", align_steps=500)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.
@@ -230,7 +258,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (on the stage-3 checkpoint, 3e-4 cost 2.5 points heard). docs/HISTORY.md: what each step bought.
     "tiny": dict(frame_size=112, question_mode="mixed", lr=3e-5, projector_lr=1e-4, max_steps=300,
                  warmup_steps=20, eval_every=100, eval_limit=200, audio_pool=16, audio_projector="vocab",
-                 pretrained_projector=True),
+                 pretrained_projector=True, extra_train_engines=("piper",), voice_perturbation=True,
+                 train_noise=0.5, train_wordings="bank"),
     # A few samples and steps: what the tests and a quick look run.
     "smoke": dict(frame_size=64, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_limit=8,
                   limit_train=16, limit_test=16, output_dir="data/processed/smoke"),

@@ -329,12 +329,17 @@ def make_split(samples: Sequence[Sample], trainval_videos: Iterable[str], test_v
 
 
 def load_split(cfg: Config | None = None) -> dict[str, list[Sample]]:
-    """The split the config asks for: the published one, or a stratified one made by ``make_split``."""
+    """The split the config asks for: the published one, or a stratified one made by ``make_split``; with
+    ``cfg.train_wordings="bank"`` the train questions in the paraphrase bank's train wordings (``reworded``)."""
     cfg = cfg or get_config()
     if cfg.split == "published":
-        return published_split(cfg.template, cfg)
-    return make_split(load_template(cfg.template, cfg), cfg.trainval_videos, cfg.test_video,
-                      cfg.eval_fraction, cfg.split_seed)
+        splits = published_split(cfg.template, cfg)
+    else:
+        splits = make_split(load_template(cfg.template, cfg), cfg.trainval_videos, cfg.test_video,
+                            cfg.eval_fraction, cfg.split_seed)
+    if cfg.train_wordings == "bank":
+        splits = {**splits, "train": reworded(splits["train"], "train", cfg)}
+    return splits
 
 
 # --- blind prior ---------------------------------------------------------------------------------
@@ -448,17 +453,33 @@ def closest_questions(texts: Sequence[str], cfg: Config | None = None) -> list[t
     return [(str(t), wordings[t]) for t in types]
 
 
-def reworded(samples: Sequence[Sample], split: str, cfg: Config | None = None) -> list[Sample]:
-    """The samples asked in the paraphrase bank's ``split`` wordings instead of their template's: each gets one
-    of its question type's wordings, chosen by its uid (the same in every run)."""
-    import dataclasses
-    import hashlib
-
+def wordings_of(split: str, cfg: Config | None = None) -> dict[str, list[str]]:
+    """question type -> the paraphrase bank's wordings of ``split`` (for train, both templates' among them), in
+    the file's order."""
     if split not in WORDING_SPLITS:
         raise ValueError(f"wording split {split!r}: one of {WORDING_SPLITS}")
     bank = paraphrase_bank(cfg)
-    mine = bank[(bank["source"] == "bank") & (bank["split"] == split)]
-    options = mine.groupby("question_type")["wording"].apply(list).to_dict()
+    return bank[bank["split"] == split].groupby("question_type")["wording"].apply(list).to_dict()
+
+
+def training_wordings(cfg: Config | None = None) -> dict[str, list[str]]:
+    """question type -> the wordings training and pretraining may read and hear: the bank's train wordings with
+    ``cfg.train_wordings="bank"``, otherwise the two templates' (one each, fewer where they agree)."""
+    cfg = cfg or get_config()
+    if cfg.train_wordings == "bank":
+        return wordings_of("train", cfg)
+    templates = [question_wordings(t, cfg) for t in TEMPLATE_FILES]
+    return {t: list(dict.fromkeys(w[t] for w in templates)) for t in QUESTION_TYPES}
+
+
+def reworded(samples: Sequence[Sample], split: str, cfg: Config | None = None) -> list[Sample]:
+    """The samples asked in the paraphrase bank's ``split`` wordings instead of their template's (for train, both
+    templates' wordings among them): each gets one of its question type's wordings, chosen by its uid (the same
+    in every run)."""
+    import dataclasses
+    import hashlib
+
+    options = wordings_of(split, cfg)
     out = []
     for s in samples:
         pick = int.from_bytes(hashlib.sha256(s.uid.encode()).digest()[:8], "little") % len(options[s.question_type])

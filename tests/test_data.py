@@ -198,3 +198,39 @@ def test_reworded_samples_ask_the_same_rows_in_the_banks_wordings_of_one_split()
     assert len({s.question for s in again}) > 20
     with pytest.raises(ValueError, match="wording split 'heldout'"):
         data.reworded(rows, "heldout")
+
+
+def test_training_reads_the_banks_train_wordings_and_templates_while_eval_and_test_keep_the_template():
+    from surgvqa.config import get_config
+
+    bank_cfg, template_cfg = get_config(), get_config(train_wordings="template")
+    wordings = data.training_wordings(bank_cfg)
+    templates = {t: {data.question_wordings(n)[t] for n in ("in", "out")} for t in data.QUESTION_TYPES}
+    bank = data.paraphrase_bank()
+    for qtype, options in wordings.items():
+        mine = bank[(bank.question_type == qtype) & (bank.split == "train")]
+        assert set(options) == set(mine.wording) and templates[qtype] <= set(options) and len(options) >= 6
+    only_templates = data.training_wordings(template_cfg)
+    assert all(set(only_templates[t]) == templates[t] and len(only_templates[t]) == len(templates[t]) for t in templates)
+    asked, plain = data.load_split(bank_cfg), data.load_split(template_cfg)
+    assert [s.uid for s in asked["train"]] == [s.uid for s in plain["train"]]
+    assert all(a.question in wordings[a.question_type] for a in asked["train"])
+    share_reworded = sum(a.question != p.question for a, p in zip(asked["train"], plain["train"])) / len(plain["train"])
+    assert 0.6 < share_reworded < 0.95  # 5 bank wordings and 1-2 template wordings a type
+    assert [s.question for s in asked["eval"]] == [s.question for s in plain["eval"]]
+    assert [s.question for s in asked["test"]] == [s.question for s in plain["test"]]
+
+
+def test_the_tiny_tokenizer_covers_every_wording_of_the_bank():
+    """Every wording round-trips through the tiny preset's own BPE (byte-level: nothing is unknown), and its words
+    stay whole-ish: about two pieces a word (the templates' own wordings: 1.2), where bytes would be five or more."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "checkpoints" / "tiny-phantom")
+    bank = data.paraphrase_bank()
+    pieces_per_word = []
+    for wording in bank.wording:
+        ids = tokenizer(wording, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == wording
+        pieces_per_word.append(len(ids) / len(wording.split()))
+    assert sum(pieces_per_word) / len(pieces_per_word) < 2.2

@@ -1,0 +1,97 @@
+"""Operating-room noise: each kind at the SNR asked, seeded, over speech that stays loadable; its use in synthesis."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from surgvqa import audio, noise
+from surgvqa.audio import VoiceSpec
+from surgvqa.config import get_config
+from surgvqa.data import published_split
+from surgvqa.noise import RoomNoise
+
+QUESTION = "Is the endoscope body visible in this sequence?"
+
+
+@pytest.fixture(scope="module")
+def speech():
+    return audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3"), 16000) * np.float32(0.3)  # headroom: no rescaling
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return noise.noise_sources(tmp_path_factory.mktemp("noise"), "eval")
+
+
+def snr_db(clean, noisy):
+    return 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean((noisy - clean).astype(np.float64) ** 2))
+
+
+@pytest.mark.parametrize("kind", ["babble", "broadband", "hiss"])
+@pytest.mark.parametrize("snr", [0.0, 10.0])
+def test_additive_noise_lands_at_the_snr_asked_and_is_seeded(speech, sources, kind, snr):
+    out = noise.add_room_noise(speech, 16000, RoomNoise(kind, snr), seed=3, sources=sources)
+    assert out.shape == speech.shape and out.dtype == np.float32
+    assert snr_db(speech, out) == pytest.approx(snr, abs=0.5)
+    assert np.array_equal(out, noise.add_room_noise(speech, 16000, RoomNoise(kind, snr), seed=3, sources=sources))
+    assert not np.array_equal(out, noise.add_room_noise(speech, 16000, RoomNoise(kind, snr), seed=4, sources=sources))
+
+
+def test_beeps_are_tones_between_words_and_reverb_adds_a_tail(speech, sources):
+    beeped = noise.add_room_noise(speech, 16000, RoomNoise("beeps", 0.0), seed=1, sources=sources)
+    added = beeped - speech
+    spectrum = np.abs(np.fft.rfft(added))
+    peak_hz = np.fft.rfftfreq(added.size, 1 / 16000)[spectrum.argmax()]
+    assert min(abs(peak_hz - hz) for hz in (740, 880, 1000)) < 15
+    reverberant = noise.add_room_noise(speech, 16000, RoomNoise("reverb"), seed=1)
+    assert reverberant.size > speech.size and np.abs(reverberant[speech.size:]).max() > 0
+    assert np.abs(reverberant).max() < 1.0
+
+
+def test_noise_conditions_and_sources_refuse_what_they_cannot_do(tmp_path, speech):
+    with pytest.raises(ValueError, match="one of"):
+        RoomNoise("siren", 10)
+    with pytest.raises(ValueError, match="reverb takes no SNR"):
+        RoomNoise("reverb", 10)
+    with pytest.raises(ValueError, match="needs one"):
+        RoomNoise("babble")
+    with pytest.raises(ValueError, match="outside"):
+        RoomNoise("babble", float("nan"))
+    with pytest.raises(ValueError, match="never test voices"):
+        noise.noise_sources(tmp_path, "test")
+    with pytest.raises(ValueError, match="needs the folder"):
+        noise.add_room_noise(speech, 16000, RoomNoise("babble", 5), seed=0)
+    assert RoomNoise("babble", 10).tag == "babble@10dB" and RoomNoise("reverb").tag == "reverb"
+
+
+def test_training_noise_draws_every_kind_within_the_snr_range():
+    rng = np.random.default_rng(0)
+    drawn = [noise.training_noise(rng) for _ in range(300)]
+    assert {n.kind for n in drawn} == set(noise.NOISE_KINDS)
+    snrs = [n.snr_db for n in drawn if n.snr_db is not None]
+    assert noise.TRAIN_SNR_DB[0] <= min(snrs) and max(snrs) <= noise.TRAIN_SNR_DB[1] and len(set(snrs)) > 20
+
+
+def test_noisy_synthesis_is_cached_per_condition_and_loads_as_noisy_speech(tmp_path):
+    cfg = get_config(audio_dir=str(tmp_path / "audio"))
+    rows = published_split("out")["test"][:4]
+    clean = audio.synthesize_split(rows, "test", cfg, progress=False)
+    noisy = audio.synthesize_split(rows, "test", cfg, progress=False, manifest="test-broadband",
+                                   noise=RoomNoise("broadband", 0.0))
+    assert list(noisy["voice"]) == list(clean["voice"]) and set(noisy["noise"]) == {"broadband@0dB"}
+    assert set(clean["noise"]) == {""} and not set(noisy["path"]) & set(clean["path"])
+    assert all(p.endswith(audio.NOISY_SUFFIX) for p in noisy["path"])
+    assert list(audio.read_manifest("test-broadband", cfg)["noise"]) == list(noisy["noise"])
+    for r in noisy.itertuples():
+        wave = audio.load_question_audio(r.uid, r.path, cfg)  # noisy on purpose, so not refused as noise
+        # the same samples under another name are what a corrupt file looks like: refused
+        plain = tmp_path / f"{r.uid.replace('/', '_')}.wav"
+        audio.write_wav_atomic(plain, wave, 16000)
+        with pytest.raises(audio.AudioError, match="not speech but noise"):
+            audio.load_question_audio(r.uid, plain, cfg)
+    train = published_split("out")["train"][:60]
+    manifest = audio.synthesize_split(train, "train", cfg, progress=False)
+    share = (manifest["noise"] != "").mean()
+    assert share == pytest.approx(cfg.train_noise, abs=0.2)
+    quiet = audio.synthesize_split(train, "train", cfg.replace(train_noise=0.0), progress=False, manifest="quiet")
+    assert set(quiet["noise"]) == {""}
