@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .config import Config, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .model import AudioGraftedQwen2VL, build_model, collator
 from .phantom import ClipState
+from .progress import progress_bar
 
 if TYPE_CHECKING:
     from .pretrain import PretrainSettings
@@ -126,39 +128,57 @@ class HeardBank:
         return bank
 
 
-def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 96, eval_voices: int = 16,
+def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_voices: int = 12,
                      seed: int = 0, log=print) -> HeardBank:
-    """Speak every question wording of both templates with ``train_voices`` voices of the train pool and
-    ``eval_voices`` of the eval pool (a seeded draw), encode each utterance with the config's frozen Whisper
-    exactly as fine-tuning does (``Collator.log_mel``, ``whisper_states``), pool it as the projector does,
-    and save the bank to ``out``."""
-    from tqdm.auto import tqdm
-
-    from .audio import render, voice_pools
+    """Speak every training wording (``data.training_wordings``) ``train_voices`` times, each time by a voice
+    drawn as fine-tuning draws a train question's (every engine of the train pool, perturbed with
+    ``cfg.voice_perturbation``, under room noise for ``cfg.train_noise`` of them), and both templates' wordings by
+    ``eval_voices`` voices of the eval pool, clean (the heard measurements of pretraining); encode each
+    utterance with the config's frozen Whisper exactly as fine-tuning does (``Collator.log_mel``,
+    ``whisper_states``), pool it as the projector does, and save the bank to ``out``."""
+    from .audio import (assign_voices, audio_relpath, load_question_audio, remove_stale_temporaries,
+                        render_into_cache, voice_pools)
+    from .noise import noise_sources, training_noise
     from .whisper import encoder_fingerprint
 
     model = build_model(cfg)
     text_collator = collator(model)
-    pools = voice_pools(cfg.tts_engine, cfg.disjoint_voices)
+    eval_pool = voice_pools(cfg.tts_engine, cfg.disjoint_voices)["eval"]
+    if not 0 < eval_voices <= len(eval_pool) or train_voices <= 0:
+        raise ValueError(f"train_voices {train_voices} must be > 0 and eval_voices {eval_voices} in 1..{len(eval_pool)}")
     rng = np.random.default_rng(seed)
-    chosen = {}
-    for split, n in (("train", train_voices), ("eval", eval_voices)):
-        if not 0 < n <= len(pools[split]):
-            raise ValueError(f"{split}_voices {n}: the {split} pool has {len(pools[split])} voices")
-        chosen[split] = [pools[split][i] for i in sorted(rng.choice(len(pools[split]), n, replace=False))]
-    wordings = sorted({w for t in TEMPLATES for w in data.question_wordings(t, cfg).values()})
-    jobs = [(split, voice, w) for split, voices in chosen.items() for voice in voices for w in wordings]
+    chosen_eval = [eval_pool[i] for i in sorted(rng.choice(len(eval_pool), eval_voices, replace=False))]
+    jobs = []  # (split, voice, wording, noise, noise seed)
+    for wording in sorted({w for ws in data.training_wordings(cfg).values() for w in ws}):
+        said = [_text_sample(wording, f"heard-bank-{seed}-{i}-{wording}") for i in range(train_voices)]
+        for voice in assign_voices(said, "train", cfg).values():
+            noisy = cfg.train_noise > 0 and rng.uniform() < cfg.train_noise
+            jobs.append(("train", voice, wording, training_noise(rng) if noisy else None, int(rng.integers(2**31))))
+    templates = sorted({w for t in TEMPLATES for w in data.question_wordings(t, cfg).values()})
+    jobs += [("eval", voice, w, None, 0) for voice in chosen_eval for w in templates]
+    # rendered into the synthesis cache on every core (a re-run re-renders nothing), then encoded here
+    root = cfg.path(cfg.audio_dir)
+    sources = noise_sources(root / "noise", "train", cfg.sample_rate) if cfg.train_noise else None
+    paths = [root / audio_relpath(w, voice, noise, noise_seed) for _, voice, w, noise, noise_seed in jobs]
+    for engine in {j[1].engine for j in jobs}:
+        remove_stale_temporaries(root / engine)
+    todo = {str(p): (w, voice, str(p), cfg.sample_rate, noise, noise_seed, sources)
+            for p, (_, voice, w, noise, noise_seed) in zip(paths, jobs) if not p.is_file()}
+    render_into_cache(list(todo.values()), os.cpu_count() or 1,
+                      f"heard bank: speak ({len(jobs) - len(todo)} of {len(jobs)} utterances cached)")
     features, lengths = [], []
     with torch.no_grad():
-        for split, voice, wording in tqdm(jobs, desc="heard bank", disable=None):
-            wave = render(wording, voice, cfg.sample_rate)
-            mel = text_collator.log_mel(_text_sample(wording, f"{voice.key} saying {wording!r}"), wave)
+        for (_, voice, wording, noise, _), path in zip(progress_bar(jobs, desc="heard bank: encode", unit="utterance"),
+                                                       paths):
+            who = f"{voice.key} saying {wording!r}" + (f" under {noise.tag}" if noise else "")
+            wave = load_question_audio(who, path, cfg)
+            mel = text_collator.log_mel(_text_sample(wording, who), wave)
             pooled = model.projector.pool_frames(model.whisper_states(mel[None]))[0]
             features.append(pooled.numpy().astype(np.float16))
             lengths.append(len(pooled))
     bank = HeardBank(features=np.concatenate(features), offsets=np.concatenate([[0], np.cumsum(lengths)]),
-                     wordings=np.array([w for _, _, w in jobs]), voices=np.array([v.key for _, v, _ in jobs]),
-                     splits=np.array([split for split, _, _ in jobs]), audio_pool=cfg.audio_pool,
+                     wordings=np.array([j[2] for j in jobs]), voices=np.array([j[1].key for j in jobs]),
+                     splits=np.array([j[0] for j in jobs]), audio_pool=cfg.audio_pool,
                      whisper=cfg.whisper, fingerprint=encoder_fingerprint(model.whisper))
     bank.save(out)
     log(f"heard bank {out}: {json.dumps(bank.describe())}")
@@ -190,7 +210,7 @@ class RowBuilder:
         self.audio_id = text_collator.token_ids[AUDIO_TOKEN]
         self._heard_prompt: dict[tuple[str, str, int], list[int]] = {}
         self.collator, self.tokenizer, self.vision_tokens = text_collator, text_collator.tokenizer, vision_tokens
-        self.wordings = {t: data.question_wordings(t, cfg) for t in TEMPLATES}
+        self.wordings = data.training_wordings(cfg)  # question type -> the wordings a row may ask in
         self.im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
         self.video_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.pad_id = self.tokenizer.pad_token_id
@@ -228,14 +248,15 @@ class RowBuilder:
 
     def rows(self, samples: Sequence[Sample], rng: np.random.Generator) -> list[Row]:
         """One row per question of a clip (those of ``question_types`` only, when set), each in a randomly
-        chosen template's wording; with probability ``heard_share`` a row where that wording is only heard,
+        chosen training wording (``data.training_wordings``); with probability ``heard_share`` a row where that wording is only heard,
         said by a random train voice of the bank, and with probability ``both_share`` one where it is heard
         and written. No row holds any other question or answer."""
         out = []
         for s in samples:
             if self.question_types is not None and s.question_type not in self.question_types:
                 continue
-            question = self.wordings[TEMPLATES[rng.integers(len(TEMPLATES))]][s.question_type]
+            options = self.wordings[s.question_type]
+            question = options[rng.integers(len(options))]
             prompt = self.prompt(question)
             out.append(Row(prompt + self.answer(s.answer), len(prompt), QUESTION_TYPES.index(s.question_type),
                            question))
@@ -388,9 +409,9 @@ def heard_bank_main(argv: list[str] | None = None) -> int:
     """``python -m surgvqa heard-bank --out FILE [--train-voices N] [--eval-voices N] [-p key=value ...]``"""
     parser = argparse.ArgumentParser(prog="python -m surgvqa heard-bank", description=build_heard_bank.__doc__)
     parser.add_argument("--out", required=True, help="the bank file (.npz)")
-    parser.add_argument("--train-voices", type=int, default=96)
-    parser.add_argument("--eval-voices", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="the draw of voices from each pool")
+    parser.add_argument("--train-voices", type=int, default=32, help="utterances of each training wording")
+    parser.add_argument("--eval-voices", type=int, default=12, help="eval-pool voices saying the templates' wordings")
+    parser.add_argument("--seed", type=int, default=0, help="the draw of voices and noise")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="config override of the tiny preset (whisper, audio_pool, tts_engine ...)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -269,7 +269,9 @@ def write_model_card(directory: Path, metrics: dict[str, Any], table: pd.DataFra
         f"- model: {metrics['parameters']:,} parameters ({json.dumps(metrics['model_dims'])}); "
         f"batch {s['batch_size']} clips, AdamW lr {s['lr']}, warmup {s['warmup_steps']} + cosine to "
         f"{s['min_lr_ratio']} x lr",
-        "- supervision: one single-turn text-mode row per (clip, question), wording drawn from both templates; "
+        "- supervision: one single-turn text-mode row per (clip, question), wording drawn from "
+        + ("the training wordings (the paraphrase bank's train wordings and both templates')"
+           if metrics["config"].get("train_wordings") == "bank" else "both templates") + "; "
         "each clip's video encoded once and shared by its rows; loss on every answer and its end-of-turn"
         + (f"; question types {s['question_types']}" if s.get("question_types") else ""),
         *([f"- heard rows: with probability {s['heard_share']} a question also gets an audio-only row, said by "

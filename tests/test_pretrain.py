@@ -8,8 +8,8 @@ import torch
 
 from surgvqa import get_config, phantom
 from surgvqa.collate import IGNORE_INDEX, IM_END, VIDEO_TOKEN, frames_to_patches
-from surgvqa.audio import render, voice_pools
-from surgvqa.data import question_wordings
+from surgvqa.audio import VoiceSpec, render, voice_pools
+from surgvqa.data import question_wordings, training_wordings, wordings_of
 from surgvqa.model import build_model, collator, load_checkpoint, load_pretrained_projector
 from surgvqa.fastpath import CLIP_ATTENTION, register_clip_attention
 from surgvqa.pretrain import PretrainSettings, main, pretrain
@@ -64,10 +64,18 @@ def test_a_row_is_the_collators_text_mode_training_row(model, builder, clips):
             prompt = tok.decode(row.ids[: row.answer_start])
             assert prompt.count("Question: ") == 1 and row.question in prompt and s.answer not in prompt
             assert prompt.count(VIDEO_TOKEN) == builder.vision_tokens
-    # both wordings occur
-    questions = {r.question for _, samples in clips for r in builder.rows(samples, np.random.default_rng(1))}
-    assert any(q in builder.wordings["in"].values() for q in questions)
-    assert any(q in builder.wordings["out"].values() for q in questions)
+    # rows ask in the training wordings (the paraphrase bank's train wordings and both templates'), several a type
+    asked: dict[str, set[str]] = {}
+    for seed in range(8):
+        for _, samples in clips:
+            for s, r in zip(samples, builder.rows(samples, np.random.default_rng(seed))):
+                asked.setdefault(s.question_type, set()).add(r.question)
+    allowed = training_wordings(get_config())
+    assert all(questions <= set(allowed[t]) for t, questions in asked.items())
+    assert min(map(len, asked.values())) >= 3
+    templates = {w for t in ("in", "out") for w in question_wordings(t).values()}
+    assert any(q in templates for qs in asked.values() for q in qs)
+    assert any(q not in templates for qs in asked.values() for q in qs)
 
 
 def test_batch_positions_patches_and_label_index_match_the_stock_model(model, builder):
@@ -232,8 +240,9 @@ def test_still_answers_are_what_a_clip_without_motion_would_answer():
 
 @pytest.fixture(scope="module")
 def heard_model():
-    """The tiny preset's audio path (pool 16, vocabulary projector) on a random-init VLM."""
-    return build_model(get_config(question_mode="text", frame_size=SIZE, vlm_from_scratch=True))
+    """The tiny preset's audio path (pool 16, vocabulary projector) on a random-init VLM; its train voices without
+    room noise, so that a test can say a bank's utterance again."""
+    return build_model(get_config(question_mode="text", frame_size=SIZE, vlm_from_scratch=True, train_noise=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -242,20 +251,26 @@ def heard_bank(tmp_path_factory, heard_model):
     return path, build_heard_bank(heard_model.cfg, path, train_voices=2, eval_voices=1, log=lambda *_: None)
 
 
-def test_heard_bank_holds_every_wording_by_train_and_eval_voices_only(heard_bank):
+def test_heard_bank_holds_the_training_wordings_by_train_voices_and_the_templates_by_eval_voices(heard_bank):
     path, bank = heard_bank
     loaded = HeardBank.load(path)
     assert np.array_equal(loaded.features, bank.features) and loaded.fingerprint == bank.fingerprint
-    wordings = {w for t in ("in", "out") for w in question_wordings(t).values()}
-    assert set(bank.wordings) == wordings
-    assert len(bank.wordings) == 3 * len(wordings) and set(bank.splits) == {"train", "eval"}
+    templates = {w for t in ("in", "out") for w in question_wordings(t).values()}
+    training = {w for ws in training_wordings(get_config()).values() for w in ws}
+    assert templates < training and len(training) > 3 * len(templates)
+    assert set(bank.index("train")) == training and all(len(v) == 2 for v in bank.index("train").values())
+    assert set(bank.index("eval")) == templates and all(len(v) == 1 for v in bank.index("eval").values())
+    assert not set(bank.index("train")) & set(wordings_of("test"))  # held-out wordings are never heard
     pools = voice_pools()
-    test_voices = {v.key for v in pools["test"]}
-    assert not test_voices & set(bank.voices)
-    assert set(bank.voices[bank.splits == "train"]) <= {v.key for v in pools["train"]}
-    assert set(bank.voices[bank.splits == "eval"]) <= {v.key for v in pools["eval"]}
+    speaker = {v.key: (v.engine, v.voice) for v in pools["train"] + pools["eval"] + pools["test"]}
+    train_specs = [VoiceSpec.from_key(k) for k in bank.voices[bank.splits == "train"]]
+    train_speakers = {(v.engine, v.voice) for v in train_specs}
+    assert train_speakers <= {(v.engine, v.voice) for v in pools["train"]} | {("piper", "joe-us")}
+    assert ("piper", "joe-us") in train_speakers  # a second engine ...
+    assert len({(v.rate, v.pitch) for v in train_specs}) > len(train_speakers)  # ... and perturbed prosody
+    assert {speaker[k] for k in bank.voices[bank.splits == "eval"]} <= {(v.engine, v.voice) for v in pools["eval"]}
+    assert not {(v.engine, v.voice) for v in pools["test"]} & train_speakers
     assert bank.features.dtype == np.float16 and bank.features.shape[1] == 384 and bank.audio_pool == 16
-    assert set(bank.index("eval")) == wordings and all(len(v) == 1 for v in bank.index("eval").values())
 
 
 def test_heard_bank_rejects_a_missing_or_inconsistent_file(tmp_path, heard_bank):
@@ -281,7 +296,6 @@ def test_heard_rows_are_the_collators_audio_and_both_rows_with_the_same_loss(hea
     assert all(len({r.question for r in rows[3 * i: 3 * i + 3]}) == 1 for i in range(len(samples)))
     clip = clip_frames(state, SIZE, 0, single_frame=False)
     by_key = {(w, v): i for i, (w, v) in enumerate(zip(bank.wordings, bank.voices))}
-    voice_of = {v.key: v for v in voice_pools()["train"]}
     batch = builder.collate([rows], clip[None])
     assert batch["row_mode"].tolist() == [0, 1, 2] * len(samples)
     heard_model.eval()
@@ -296,7 +310,7 @@ def test_heard_rows_are_the_collators_audio_and_both_rows_with_the_same_loss(hea
             s = samples[i // 3]
             index = next(j for (w, v), j in by_key.items() if w == row.question
                          and np.array_equal(bank.utterance(j), row.audio))
-            wave = render(row.question, voice_of[bank.voices[index]], 16000)
+            wave = render(row.question, VoiceSpec.from_key(bank.voices[index]), 16000)
             mode_collator = dataclasses.replace(collator(heard_model), question_mode=row.mode, frame_size=SIZE)
             single = mode_collator([(dataclasses.replace(s, question=row.question), clip, wave)])
             assert row.ids == single["input_ids"][0].tolist()
