@@ -187,9 +187,11 @@ class Collator:
 
     # --- pieces of one item ---------------------------------------------------------------------------
 
-    def messages(self, sample: Sample, mode: str | None = None) -> list[dict]:
-        """The user turn: the clip first, then the question (heard, written or both), then the instruction."""
+    def messages(self, sample: Sample, mode: str | None = None, with_frames: bool = True) -> list[dict]:
+        """The user turn: the clip first, then the question (heard, written or both), then the instruction;
+        without frames (projector alignment), the question and the instruction alone."""
         visual = [{"type": "video"}] if self.frames_as == "video" else [{"type": "image"}] * FRAMES_PER_CLIP
+        visual = visual if with_frames else []
         question = {
             "audio": SPOKEN_QUESTION,
             "text": WRITTEN_QUESTION.format(question=sample.question),
@@ -197,10 +199,11 @@ class Collator:
         }[mode or self.question_mode]
         return [{"role": "user", "content": visual + [{"type": "text", "text": question + "\n" + INSTRUCTION}]}]
 
-    def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int, mode: str | None = None) -> str:
+    def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int, mode: str | None = None,
+               with_frames: bool = True) -> str:
         """The chat prompt up to the assistant header, with every placeholder expanded to its row count."""
         mode = mode or self.question_mode
-        text = self.tokenizer.apply_chat_template(self.messages(sample, mode), tokenize=False,
+        text = self.tokenizer.apply_chat_template(self.messages(sample, mode, with_frames), tokenize=False,
                                                   add_generation_prompt=True)
         vision_token = VIDEO_TOKEN if self.frames_as == "video" else IMAGE_TOKEN
         text = text.replace(vision_token, vision_token * vision_tokens_each)

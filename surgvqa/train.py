@@ -27,9 +27,11 @@ from .collate import EVAL_DRAWS, TRAIN_DRAWS, EncodedAudio, QADataset
 from .config import Config, get_config, parse_overrides
 from .data import Sample, limited
 from .inference import adapter_inputs_uncast, score_candidates
+from .align import align_projector
 from .model import build_model, collator, parameter_groups, save_checkpoint
 
 STATE_FILE = "trainer_state.json"
+ALIGN_SUMMARY = "align_summary.json"  # what projector alignment measured (surgvqa.align), beside the run
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
 
 
@@ -293,6 +295,13 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     with accelerator.main_process_first():
         train_encoded = encode_question_audio(model, train_rows, train_audio, cfg)
         eval_encoded = encode_question_audio(model, eval_rows, eval_audio, cfg)
+    if cfg.align_steps and not resume:
+        # the projector learns to hear before LoRA (surgvqa.align), on the main process: preparing DDP below
+        # broadcasts its weights to every other process
+        if main:
+            alignment = align_projector(model, train_rows, train_audio, cfg, out, log)
+            (out / ALIGN_SUMMARY).write_text(json.dumps(alignment, indent=2) + "\n")
+        accelerator.wait_for_everyone()
     train_set = QADataset(train_rows, cfg, train_audio, encoded_audio=train_encoded)
     eval_set = QADataset(eval_rows, cfg, eval_audio, encoded_audio=eval_encoded)
     if len(train_set) < cfg.batch_size:
@@ -414,7 +423,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                "ranks_in_sync": bool(torch.allclose(checksums, checksums[:1].expand_as(checksums), rtol=0, atol=0)),
                "samples_per_s": samples_seen / max(1e-9, time.time() - started),
                # > a few %: the data workers bound the step (raise num_workers)
-               "data_wait_fraction": waited[0] / max(1e-9, time.time() - started)}
+               "data_wait_fraction": waited[0] / max(1e-9, time.time() - started),
+               "alignment": json.loads((out / ALIGN_SUMMARY).read_text()) if (out / ALIGN_SUMMARY).is_file() else None}
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()

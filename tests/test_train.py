@@ -37,7 +37,8 @@ def test_limited_subset_covers_question_types_and_is_seeded():
 
 
 def test_training_logs_evaluates_and_keeps_the_best_checkpoint(tmp_path, audio_dir):
-    cfg = smoke_cfg(tmp_path, audio_dir)
+    # the pretrained VLM at a fine-tuning rate (at 1e-3, six steps of four rows wander before they descend)
+    cfg = smoke_cfg(tmp_path, audio_dir, lr=1e-4)
     summary = train(cfg, log=lambda *_: None)
     out = tmp_path / "run"
     assert summary["steps"] == 6 and [h["step"] for h in summary["history"]] == [2, 4, 6]
@@ -52,6 +53,23 @@ def test_training_logs_evaluates_and_keeps_the_best_checkpoint(tmp_path, audio_d
     assert summary["best_step"] == best["step"]
     model = load_checkpoint(out / "best")
     assert model.cfg.frame_size == 56
+
+
+def test_a_run_with_projector_alignment_aligns_first_and_fine_tunes_from_it(tmp_path, audio_dir):
+    import csv
+    import json
+
+    cfg = smoke_cfg(tmp_path, audio_dir, align_steps=3, lora=True, max_steps=2)
+    lines = []
+    summary = train(cfg, log=lines.append)
+    out = tmp_path / "run"
+    aligned = json.loads((out / "align_summary.json").read_text())
+    assert summary["alignment"] == aligned and aligned["steps"] == 3 and aligned["utterances"] == 3 * cfg.batch_size
+    with open(out / "align_log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    first_train = next(i for i, line in enumerate(lines) if line.startswith("[train] step"))
+    assert any(line.startswith("[align] step 3/3") for line in lines[:first_train])  # before fine-tuning
+    assert summary["steps"] == 2
 
 
 def test_training_from_cached_encoder_outputs_matches_running_whisper_every_step(tmp_path, audio_dir):
