@@ -148,9 +148,6 @@ class Config:
         if self.tts_engine not in POOL_ENGINES:
             raise ValueError(f"config tts_engine={self.tts_engine!r}: must be one of {POOL_ENGINES} (flite is held "
                              f"out for the unseen-engine check)")
-        if self.align_steps and self.question_mode == "text":
-            raise ValueError(f"config align_steps={self.align_steps}: aligning the projector needs heard questions, "
-                             f"and question_mode='text' hears none")
         if self.vlm_from_scratch and self.vlm != "tiny":
             raise ValueError(f"config vlm_from_scratch=True builds the tiny VLM from scratch; vlm={self.vlm!r} is "
                              f"loaded from its checkpoint (for random weights at real shapes: python -m surgvqa "

@@ -264,6 +264,9 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
+    if cfg.align_steps and cfg.question_mode == "text":  # a setting of training only: inference may read a run's cfg
+        raise ValueError(f"config align_steps={cfg.align_steps}: aligning the projector needs heard questions, and "
+                         f"question_mode='text' hears none (set align_steps=0 for a text-only run)")
     # NCCL's default 10 min would end a run whose first rank still fills the audio caches or loads weights
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no",
