@@ -377,6 +377,47 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     return given_order
 
 
+@dataclass
+class Pipeline:
+    """What a user would build instead of hearing, run on the same audio: Whisper transcribes each question
+    (``transcripts``), and ``closest`` replaces each transcript by its closest known question
+    (``data.closest_questions``); ``intent_accuracy``: how often that question has the asked type."""
+    transcripts: dict[str, str]
+    closest: dict[str, str]
+    intent_accuracy: float
+    transcribe_ms: float  # per question
+    match_ms: float
+
+
+def run_pipeline(samples: Sequence[Sample], manifest: pd.DataFrame, cfg, asr_model, processor,
+                 batch_size: int = 16) -> Pipeline:
+    """Transcribe the questions of ``manifest`` (one row per sample, by uid) and match each transcript."""
+    from .whisper import transcribe
+
+    paths = dict(zip(manifest.uid, manifest.path))
+    waves = [audio.load_question_audio(s.uid, paths[s.uid], cfg) for s in samples]
+    started = time.perf_counter()
+    said = transcribe(waves, asr_model, processor, batch_size=batch_size)
+    transcribe_ms = 1000 * (time.perf_counter() - started) / max(1, len(samples))
+    started = time.perf_counter()
+    matched = data.closest_questions(said, cfg)
+    match_ms = 1000 * (time.perf_counter() - started) / max(1, len(samples))
+    return Pipeline(transcripts={s.uid: t for s, t in zip(samples, said)},
+                    closest={s.uid: wording for s, (_, wording) in zip(samples, matched)},
+                    intent_accuracy=sum(t == s.question_type for s, (t, _) in zip(samples, matched)) / max(1, len(samples)),
+                    transcribe_ms=transcribe_ms, match_ms=match_ms)
+
+
+def predict_read(model, samples: Sequence[Sample], cfg, questions: dict[str, str], transcripts: dict[str, str],
+                 batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """``predict`` in the text mode with ``questions`` read instead of the samples' own, each record also holding
+    the ASR transcript it came from (``asr_transcript``) and what was read (``question_read``)."""
+    records = predict(model, samples, cfg, "text", questions=questions, batch_size=batch_size, progress=progress)
+    for r in records:
+        r["asr_transcript"], r["question_read"] = transcripts[r["uid"]], questions[r["uid"]]
+    return records
+
+
 def training_eval_parity(checkpoint: str | Path, model, batch_size: int | None = None) -> dict:
     """The eval accuracy training logged for a run's ``best/`` beside ``predict``'s on the same rows and
     checkpoint (training scores cached encoder outputs in its own loop; ``predict`` runs Whisper on the audio,

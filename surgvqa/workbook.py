@@ -200,8 +200,14 @@ def _cells_reported(path: Path, log):
         logger.propagate = propagate
 
 
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
 def write_summary(reports_dir: str | Path = "reports", preset: str = DEFAULT_PRESET) -> Path:
-    """``summary.json`` (every notebook's stored metrics) and ``README.md`` (the results table) in reports/."""
+    """``summary.json`` (every notebook's stored metrics) and ``README.md`` (the results tables) in reports/."""
+    import pandas as pd
+
     out_dir = Config().path(str(reports_dir))
     metrics = {p.stem: json.loads(p.read_text()) for p in sorted((out_dir / "metrics").glob("*.json"))}
     (out_dir / "summary.json").write_text(json.dumps({"preset": preset, "notebooks": metrics}, indent=2) + "\n")
@@ -210,22 +216,32 @@ def write_summary(reports_dir: str | Path = "reports", preset: str = DEFAULT_PRE
              "this file, figures in `figures/`, every stored metric in `summary.json`.", ""]
     evaluated = metrics.get("05-evaluate")
     if evaluated:
-        import pandas as pd
-
         first = ["blind prior", "audio-only (headline)", "text-only", "audio + text"]
         order = sorted(evaluated["baselines"], key=lambda n: (first.index(n) if n in first else len(first), n))
 
-        def pct(v):
-            return "" if v is None else f"{100 * v:.1f} %"
-
         table = pd.DataFrame([{
-            "accuracy": pct(row["accuracy"]), "95 % CI": f"{pct(row['ci_low'])} - {pct(row['ci_high'])}",
-            "candidate accuracy": pct(row["candidate_accuracy"]), "chance": pct(row["chance"]),
-            "blind prior": pct(row["blind_prior"]),
+            "accuracy": _percent(row["accuracy"]), "95 % CI": f"{_percent(row['ci_low'])} - {_percent(row['ci_high'])}",
+            "candidate accuracy": _percent(row["candidate_accuracy"]), "chance": _percent(row["chance"]),
+            "blind prior": _percent(row["blind_prior"]),
             "ms/query": "" if not row.get("ms_per_query") else f"{row['ms_per_query']:.0f}"}
             for row in (evaluated["baselines"][name] for name in order)], index=pd.Index(order, name="baseline"))
         lines += [f"Held-out test video 002-004, n = {evaluated['n_test']}; accuracy is the strict scorer's "
                   "reading of the free-text answer, with its 95 % Wilson interval.", "", markdown_table(table), ""]
+    robust = metrics.get("08-robustness")
+    if robust:
+        conditions = robust["conditions"]
+        table = pd.DataFrame([{
+            "accuracy": _percent(row["accuracy"]), "95 % CI": f"{_percent(row['ci_low'])} - {_percent(row['ci_high'])}",
+            "ASR -> closest question -> text": _percent(row.get("pipeline")), "chance": _percent(row["chance"]),
+            "blind prior": _percent(row["blind_prior"])} for row in conditions],
+            index=pd.Index([row["condition"] for row in conditions], name="condition"))
+        lines += [f"Robustness (08), audio-only unless read, n = {robust['rows_per_condition']} test rows per "
+                  "condition:", "", markdown_table(table), ""]
+        if robust["targets"]:
+            targets = pd.DataFrame([{"target": t["target"], "accuracy": _percent(t["accuracy"]),
+                                     "met": "yes" if t["met"] else "no"} for t in robust["targets"]],
+                                   index=pd.Index([t["condition"] for t in robust["targets"]], name="condition"))
+            lines += ["Targets:", "", markdown_table(targets), ""]
     trained = metrics.get("04-train")
     if trained:
         lines += [f"Training: {trained['steps']} steps, best eval accuracy {100 * trained['best_eval_accuracy']:.1f} % "
