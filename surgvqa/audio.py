@@ -425,10 +425,9 @@ NOISY_SUFFIX = ".noisy.wav"  # a question with room noise added on purpose (surg
 def audio_relpath(text: str, spec: VoiceSpec, noise: "RoomNoise | None" = None, noise_seed: int = 0) -> str:
     """The cache key: a file name that depends on the text, the full voice spec and the noise added (its kind,
     SNR and seed), nothing else."""
-    if noise is None:
-        return f"{spec.engine}/{hashlib.sha256(f'{spec.key}{chr(10)}{text}'.encode()).hexdigest()[:24]}.wav"
-    digest = hashlib.sha256(f"{spec.key}\n{text}\n{noise.tag}\n{noise_seed}".encode()).hexdigest()[:24]
-    return f"{spec.engine}/{digest}{NOISY_SUFFIX}"
+    key = f"{spec.key}\n{text}" + ("" if noise is None else f"\n{noise.tag}\n{noise_seed}")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return f"{spec.engine}/{digest}{'.wav' if noise is None else NOISY_SUFFIX}"
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -533,13 +532,18 @@ def _render_job(job: tuple) -> str:
     return path
 
 
-def render_into_cache(jobs: list[tuple], workers: int, desc: str, progress: bool = True) -> None:
-    """Render ``_render_job`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources) on
-    ``workers`` processes, with a progress bar; the first alone, so that an engine that cannot speak fails once,
-    before the pool starts."""
+def render_into_cache(jobs: Sequence[tuple], root: Path, workers: int, what: str, progress: bool = True) -> None:
+    """Render the ``_render_job`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources) whose
+    file under the cache ``root`` is missing, or left empty or unreadable, on ``workers`` processes, with a
+    progress bar; the first alone, so that an engine that cannot speak fails once, before the pool starts."""
     from .progress import progress_bar
 
-    bar = progress_bar(total=len(jobs), desc=desc, unit="file", disable=not progress or not jobs)
+    for engine in {job[1].engine for job in jobs}:
+        remove_stale_temporaries(root / engine)
+    wanted = {job[2]: job for job in jobs}
+    jobs = [job for path, job in wanted.items() if not _readable_wav(Path(path))]
+    bar = progress_bar(total=len(jobs), desc=f"{what} ({len(wanted) - len(jobs)} of {len(wanted)} files cached)",
+                       unit="file", disable=not progress or not jobs)
     if jobs:
         _render_job(jobs[0])
         bar.update()
@@ -589,9 +593,7 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
     sources = None
     if any(n is not None and n.kind in ("babble", "beeps") for n in noises.values()):
         sources = noise_sources(root / "noise", "train" if noise is None else "eval", cfg.sample_rate)
-    for engine in {v.engine for v in voices.values()}:
-        remove_stale_temporaries(root / engine)
-    rows, todo = [], {}
+    rows, jobs = [], []
     for s in samples:
         text, spec, heard_noise = question_text(s), voices[s.uid], noises[s.uid]
         noise_seed = int(sample_rng(s.uid, cfg.seed, "noise seed").integers(2**31))
@@ -599,12 +601,9 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
         rows.append(dict(uid=s.uid, sample_id=s.id, video_id=s.video_id, split=split,
                          question_type=s.question_type, path=rel, engine=spec.engine, voice=spec.voice,
                          rate=spec.rate, pitch=spec.pitch, noise=heard_noise.tag if heard_noise else "", text=text))
-        if not _readable_wav(root / rel):  # missing, or a cached file left empty or unreadable: render it
-            todo[rel] = (text, spec, str(root / rel), cfg.sample_rate, heard_noise, noise_seed, sources)
-    n_files = len({r["path"] for r in rows})
+        jobs.append((text, spec, str(root / rel), cfg.sample_rate, heard_noise, noise_seed, sources))
     workers = workers or min(ENGINE_WORKERS[v.engine] or os.cpu_count() or 1 for v in voices.values())
-    render_into_cache(list(todo.values()), workers,
-                      f"synthesize {split} ({n_files - len(todo)} of {n_files} files cached)", progress)
+    render_into_cache(jobs, root, workers, f"synthesize {split}", progress)
     facts = {rel: _file_facts(root / rel) for rel in {r["path"] for r in rows}}
     for r in rows:
         r["duration_s"], r["sha256"] = facts[r["path"]]

@@ -136,8 +136,7 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_
     ``eval_voices`` voices of the eval pool, clean (the heard measurements of pretraining); encode each
     utterance with the config's frozen Whisper exactly as fine-tuning does (``Collator.log_mel``,
     ``whisper_states``), pool it as the projector does, and save the bank to ``out``."""
-    from .audio import (assign_voices, audio_relpath, load_question_audio, remove_stale_temporaries,
-                        render_into_cache, voice_pools)
+    from .audio import assign_voices, audio_relpath, load_question_audio, render_into_cache, voice_pools
     from .noise import noise_sources, training_noise
     from .whisper import encoder_fingerprint
 
@@ -160,12 +159,9 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_
     root = cfg.path(cfg.audio_dir)
     sources = noise_sources(root / "noise", "train", cfg.sample_rate) if cfg.train_noise else None
     paths = [root / audio_relpath(w, voice, noise, noise_seed) for _, voice, w, noise, noise_seed in jobs]
-    for engine in {j[1].engine for j in jobs}:
-        remove_stale_temporaries(root / engine)
-    todo = {str(p): (w, voice, str(p), cfg.sample_rate, noise, noise_seed, sources)
-            for p, (_, voice, w, noise, noise_seed) in zip(paths, jobs) if not p.is_file()}
-    render_into_cache(list(todo.values()), os.cpu_count() or 1,
-                      f"heard bank: speak ({len(jobs) - len(todo)} of {len(jobs)} utterances cached)")
+    render_into_cache([(w, voice, str(p), cfg.sample_rate, noise, noise_seed, sources)
+                       for p, (_, voice, w, noise, noise_seed) in zip(paths, jobs)],
+                      root, os.cpu_count() or 1, "heard bank: speak")
     features, lengths = [], []
     with torch.no_grad():
         for (_, voice, wording, noise, _), path in zip(progress_bar(jobs, desc="heard bank: encode", unit="utterance"),
