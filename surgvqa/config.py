@@ -48,11 +48,14 @@ class Config:
     # each train question is said at its own rate (x0.85-1.2 of its speaker's) and pitch (+-10 of 0-99)
     voice_perturbation: bool = False
     # the share of train questions heard through operating-room noise (surgvqa.noise: babble, monitor beeps,
-    # suction hiss, broadband noise at 0-30 dB SNR, or room reverberation), drawn per question
+    # suction hiss, broadband noise at -5 to 25 dB SNR, or room reverberation), drawn per question
     train_noise: float = 0.0
     # "template": every split asks in ``template``'s wording; "bank": each train question is asked in one of its
     # type's train wordings (the paraphrase bank's and both templates'), eval and test keep ``template``'s
     train_wordings: str = "template"
+    # with train_wordings="bank": this many more wordings of each type, made from its train wordings alone by
+    # dropping words and joining the start of one to the end of another (data.wording_variants)
+    wording_variants: int = 0
     audio_dir: str = "data/interim/audio"
     sample_rate: int = 16000
     disjoint_voices: bool = True  # train, eval and test voices come from disjoint pools
@@ -148,6 +151,9 @@ class Config:
         if self.tts_engine not in POOL_ENGINES:
             raise ValueError(f"config tts_engine={self.tts_engine!r}: must be one of {POOL_ENGINES} (flite is held "
                              f"out for the unseen-engine check)")
+        if self.wording_variants and self.train_wordings != "bank":
+            raise ValueError(f"config wording_variants={self.wording_variants} makes more train wordings from the "
+                             f"paraphrase bank's: it needs train_wordings='bank', not {self.train_wordings!r}")
         if self.vlm_from_scratch and self.vlm != "tiny":
             raise ValueError(f"config vlm_from_scratch=True builds the tiny VLM from scratch; vlm={self.vlm!r} is "
                              f"loaded from its checkpoint (for random weights at real shapes: python -m surgvqa "
@@ -217,6 +223,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_steps": (1, None), "warmup_steps": (0, None), "eval_every": (1, None), "eval_limit": (0, None),
     "patience": (1, None), "num_workers": (0, 256), "limit_train": (0, None),
     "limit_test": (0, None), "train_noise": (0.0, 1.0), "align_steps": (0, None),
+    "wording_variants": (0, 200),
 }
 
 

@@ -462,12 +462,76 @@ def wordings_of(split: str, cfg: Config | None = None) -> dict[str, list[str]]:
     return bank[bank["split"] == split].groupby("question_type")["wording"].apply(list).to_dict()
 
 
+# wording_variants: the share of words a dropping variant loses, and the tries per variant before a type stops
+VARIANT_WORD_DROP = 0.25
+VARIANT_TRIES = 50
+
+
+def wording_variants(cfg: Config | None = None) -> dict[str, list[str]]:
+    """question type -> ``cfg.wording_variants`` new wordings made from its train wordings alone (the bank's and
+    both templates'), so that a model learns a type from its words rather than from seven exact sentences: a
+    variant drops a quarter of a wording's words, or joins the start of one wording to the end of another, or
+    both, and keeps at least one word that only its type's train wordings use. Seeded by the type's name (the
+    same variants in every run). A variant that equals any known wording (any type, any split: no eval or test
+    wording is ever made) or another type's variant is dropped; a type whose wordings yield fewer distinct
+    variants gets fewer."""
+    import hashlib
+
+    cfg = cfg or get_config()
+    train = wordings_of("train", cfg)
+    known = {_wording_key(w) for w in paraphrase_bank(cfg)["wording"]}
+    vocab = {t: {w for wording in ws for w in _wording_key(wording).split()} for t, ws in train.items()}
+    made: dict[str, list[str]] = {}
+    for qtype in QUESTION_TYPES:
+        # a variant keeps a word no other type's train wordings use, so it still says which question it is
+        distinctive = vocab[qtype] - set().union(*(v for t, v in vocab.items() if t != qtype))
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(qtype.encode()).digest()[:8], "little"))
+        sentences = [_sentence_words(w) for w in train[qtype]]
+        mine: dict[str, str] = {}
+        for _ in range(VARIANT_TRIES * cfg.wording_variants):
+            if len(mine) == cfg.wording_variants:
+                break
+            words = sentences[rng.integers(len(sentences))]
+            how = rng.integers(3)  # 0 drop, 1 join, 2 join then drop
+            if how:
+                other = sentences[rng.integers(len(sentences))]
+                words = words[:rng.integers(1, len(words) + 1)] + other[rng.integers(len(other)):]
+            if how != 1:
+                words = [w for w in words if rng.random() >= VARIANT_WORD_DROP]
+            if len(words) < 2:
+                continue
+            text = " ".join(words)
+            text = text[0].upper() + text[1:] + "?"
+            if _wording_key(text) not in known and distinctive & set(_wording_key(text).split()):
+                mine.setdefault(_wording_key(text), text)
+        made[qtype] = list(mine.values())
+    shared = Counter(_wording_key(w) for ws in made.values() for w in ws)
+    return {t: [w for w in ws if shared[_wording_key(w)] == 1] for t, ws in made.items()}
+
+
+def _wording_key(wording: str) -> str:
+    return " ".join(wording.lower().rstrip("?. ").split())
+
+
+def _sentence_words(wording: str) -> list[str]:
+    """A wording's words without its end mark, its first word in lower case unless it is an acronym (NBI)."""
+    words = wording.rstrip("?. ").split()
+    if not words[0].isupper():
+        words[0] = words[0][0].lower() + words[0][1:]
+    return words
+
+
 def training_wordings(cfg: Config | None = None) -> dict[str, list[str]]:
     """question type -> the wordings training and pretraining may read and hear: the bank's train wordings with
-    ``cfg.train_wordings="bank"``, otherwise the two templates' (one each, fewer where they agree)."""
+    ``cfg.train_wordings="bank"`` (and ``wording_variants`` of them), otherwise the two templates' (one each,
+    fewer where they agree)."""
     cfg = cfg or get_config()
     if cfg.train_wordings == "bank":
-        return wordings_of("train", cfg)
+        train = wordings_of("train", cfg)
+        if not cfg.wording_variants:
+            return train
+        variants = wording_variants(cfg)
+        return {t: train[t] + variants[t] for t in train}
     templates = [question_wordings(t, cfg) for t in TEMPLATE_FILES]
     return {t: list(dict.fromkeys(w[t] for w in templates)) for t in QUESTION_TYPES}
 
@@ -479,7 +543,9 @@ def reworded(samples: Sequence[Sample], split: str, cfg: Config | None = None) -
     import dataclasses
     import hashlib
 
-    options = wordings_of(split, cfg)
+    cfg = cfg or get_config()
+    # train questions: with the config's wording_variants among the wordings, as pretraining reads them
+    options = training_wordings(cfg) if split == "train" and cfg.train_wordings == "bank" else wordings_of(split, cfg)
     out = []
     for s in samples:
         pick = int.from_bytes(hashlib.sha256(s.uid.encode()).digest()[:8], "little") % len(options[s.question_type])

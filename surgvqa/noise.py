@@ -23,7 +23,8 @@ from typing import Iterator
 import numpy as np
 
 NOISE_KINDS = ("babble", "broadband", "beeps", "hiss", "reverb")
-TRAIN_SNR_DB = (0.0, 30.0)
+# down to -5 dB, so that a question at 0 dB (as loud as the room) lies inside what training hears
+TRAIN_SNR_DB = (-5.0, 25.0)
 BABBLE_TALKERS = 6
 BABBLE_FILES = 4  # per pool: each a different set of talkers
 SOURCE_VERSION = 1  # bump when the recordings below change, so an old folder is not reused

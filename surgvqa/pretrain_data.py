@@ -129,8 +129,9 @@ class HeardBank:
 
 
 def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_voices: int = 12,
-                     seed: int = 0, log=print) -> HeardBank:
-    """Speak every training wording (``data.training_wordings``) ``train_voices`` times, each time by a voice
+                     seed: int = 0, variant_voices: int = 4, log=print) -> HeardBank:
+    """Speak every training wording (``data.training_wordings``) ``train_voices`` times (a generated variant,
+    ``cfg.wording_variants``, ``variant_voices`` times: there are many), each time by a voice
     drawn as fine-tuning draws a train question's (every engine of the train pool, perturbed with
     ``cfg.voice_perturbation``, under room noise for ``cfg.train_noise`` of them), and both templates' wordings by
     ``eval_voices`` voices of the eval pool, clean (the heard measurements of pretraining); encode each
@@ -143,13 +144,16 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_
     model = build_model(cfg)
     text_collator = collator(model)
     eval_pool = voice_pools(cfg.tts_engine, cfg.disjoint_voices)["eval"]
-    if not 0 < eval_voices <= len(eval_pool) or train_voices <= 0:
-        raise ValueError(f"train_voices {train_voices} must be > 0 and eval_voices {eval_voices} in 1..{len(eval_pool)}")
+    if not 0 < eval_voices <= len(eval_pool) or train_voices <= 0 or variant_voices <= 0:
+        raise ValueError(f"train_voices {train_voices} and variant_voices {variant_voices} must be > 0 and "
+                         f"eval_voices {eval_voices} in 1..{len(eval_pool)}")
+    variants = {w for ws in data.wording_variants(cfg).values() for w in ws} if cfg.wording_variants else set()
     rng = np.random.default_rng(seed)
     chosen_eval = [eval_pool[i] for i in sorted(rng.choice(len(eval_pool), eval_voices, replace=False))]
     jobs = []  # (split, voice, wording, noise, noise seed)
     for wording in sorted({w for ws in data.training_wordings(cfg).values() for w in ws}):
-        said = [_text_sample(wording, f"heard-bank-{seed}-{i}-{wording}") for i in range(train_voices)]
+        said = [_text_sample(wording, f"heard-bank-{seed}-{i}-{wording}")
+                for i in range(variant_voices if wording in variants else train_voices)]
         for voice in assign_voices(said, "train", cfg).values():
             noisy = cfg.train_noise > 0 and rng.uniform() < cfg.train_noise
             jobs.append(("train", voice, wording, training_noise(rng) if noisy else None, int(rng.integers(2**31))))
@@ -207,6 +211,13 @@ class RowBuilder:
         self._heard_prompt: dict[tuple[str, str, int], list[int]] = {}
         self.collator, self.tokenizer, self.vision_tokens = text_collator, text_collator.tokenizer, vision_tokens
         self.wordings = data.training_wordings(cfg)  # question type -> the wordings a row may ask in
+        unheard = sorted({w for ws in self.wordings.values() for w in ws} - set(self.train_utterances)) \
+            if self.train_utterances else []
+        if unheard:
+            # before any step: a bank made for other wordings (wording_variants, train_wordings) fails here
+            raise ValueError(f"the heard bank has no train-voice utterance of {len(unheard)} training wording(s), "
+                             f"e.g. {unheard[:3]}: rebuild it with the same wording settings (python -m surgvqa "
+                             f"heard-bank -p ...)")
         self.im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
         self.video_id = self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
         self.pad_id = self.tokenizer.pad_token_id
@@ -402,17 +413,20 @@ class PhantomRows(IterableDataset):
 
 
 def heard_bank_main(argv: list[str] | None = None) -> int:
-    """``python -m surgvqa heard-bank --out FILE [--train-voices N] [--eval-voices N] [-p key=value ...]``"""
+    """``python -m surgvqa heard-bank --out FILE [--train-voices N] [--variant-voices N] [--eval-voices N]
+    [-p key=value ...]``"""
     parser = argparse.ArgumentParser(prog="python -m surgvqa heard-bank", description=build_heard_bank.__doc__)
     parser.add_argument("--out", required=True, help="the bank file (.npz)")
     parser.add_argument("--train-voices", type=int, default=32, help="utterances of each training wording")
+    parser.add_argument("--variant-voices", type=int, default=4,
+                        help="utterances of each generated wording (-p wording_variants=N)")
     parser.add_argument("--eval-voices", type=int, default=12, help="eval-pool voices saying the templates' wordings")
     parser.add_argument("--seed", type=int, default=0, help="the draw of voices and noise")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="config override of the tiny preset (whisper, audio_pool, tts_engine ...)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     build_heard_bank(get_config("tiny", **parse_overrides(args.param)), args.out, args.train_voices,
-                     args.eval_voices, args.seed)
+                     args.eval_voices, args.seed, args.variant_voices)
     return 0
 
 

@@ -221,6 +221,35 @@ def test_training_reads_the_banks_train_wordings_and_templates_while_eval_and_te
     assert [s.question for s in asked["test"]] == [s.question for s in plain["test"]]
 
 
+def test_wording_variants_are_made_from_a_types_train_wordings_alone_and_never_a_held_out_one():
+    from surgvqa.config import get_config
+
+    cfg = get_config(wording_variants=12)
+    variants = data.wording_variants(cfg)
+    assert variants == data.wording_variants(cfg)  # seeded: the same in every run
+    bank = data.paraphrase_bank()
+    known = {" ".join(w.lower().rstrip("?.").split()) for w in bank.wording}
+    train = data.wordings_of("train")
+    words = {t: {w for x in ws for w in x.lower().rstrip("?.").split()} for t, ws in train.items()}
+    everywhere = [" ".join(w.lower().rstrip("?.").split()) for ws in variants.values() for w in ws]
+    assert len(everywhere) == len(set(everywhere)) and not set(everywhere) & known  # no eval or test wording
+    for qtype, made in variants.items():
+        assert 8 <= len(made) <= 12, qtype
+        others = set().union(*(v for t, v in words.items() if t != qtype))
+        for wording in made:
+            said = set(wording.lower().rstrip("?").split())
+            assert wording.endswith("?") and wording[0].isupper() and len(said) >= 2
+            assert said <= words[qtype], wording  # no word its type's train wordings do not use
+            assert said - others, wording  # and one no other type uses
+    reading = data.training_wordings(cfg)
+    assert all(reading[t] == train[t] + variants[t] for t in train)
+    asked = data.load_split(cfg)["train"]
+    assert any(s.question in variants[s.question_type] for s in asked)
+    assert all(s.question in reading[s.question_type] for s in asked)
+    with pytest.raises(ValueError, match="wording_variants=3 .* needs train_wordings='bank'"):
+        get_config(train_wordings="template", wording_variants=3)
+
+
 def test_the_tiny_tokenizer_covers_every_wording_of_the_bank():
     """Every wording round-trips through the tiny preset's own BPE (byte-level: nothing is unknown), and its words
     stay whole-ish: about two pieces a word (the templates' own wordings: 1.2), where bytes would be five or more."""

@@ -9,7 +9,7 @@ import torch
 from surgvqa import get_config, phantom
 from surgvqa.collate import IGNORE_INDEX, IM_END, VIDEO_TOKEN, frames_to_patches
 from surgvqa.audio import VoiceSpec, render, voice_pools
-from surgvqa.data import question_wordings, training_wordings, wordings_of
+from surgvqa.data import question_wordings, training_wordings, wording_variants, wordings_of
 from surgvqa.model import build_model, collator, load_checkpoint, load_pretrained_projector
 from surgvqa.fastpath import CLIP_ATTENTION, register_clip_attention
 from surgvqa.pretrain import PretrainSettings, main, pretrain
@@ -248,7 +248,9 @@ def heard_model():
 @pytest.fixture(scope="module")
 def heard_bank(tmp_path_factory, heard_model):
     path = tmp_path_factory.mktemp("bank") / "bank.npz"
-    return path, build_heard_bank(heard_model.cfg, path, train_voices=2, eval_voices=1, log=lambda *_: None)
+    # with one generated variant of each type, said once: the bank holds more wordings than heard_model reads
+    return path, build_heard_bank(heard_model.cfg.replace(wording_variants=1), path, train_voices=2, eval_voices=1,
+                                  variant_voices=1, log=lambda *_: None)
 
 
 def test_heard_bank_holds_the_training_wordings_by_train_voices_and_the_templates_by_eval_voices(heard_bank):
@@ -258,7 +260,10 @@ def test_heard_bank_holds_the_training_wordings_by_train_voices_and_the_template
     templates = {w for t in ("in", "out") for w in question_wordings(t).values()}
     training = {w for ws in training_wordings(get_config()).values() for w in ws}
     assert templates < training and len(training) > 3 * len(templates)
-    assert set(bank.index("train")) == training and all(len(v) == 2 for v in bank.index("train").values())
+    variants = {w for ws in wording_variants(get_config(wording_variants=1)).values() for w in ws}
+    assert len(variants) == 20 and not variants & training
+    assert set(bank.index("train")) == training | variants
+    assert all(len(v) == (1 if w in variants else 2) for w, v in bank.index("train").items())
     assert set(bank.index("eval")) == templates and all(len(v) == 1 for v in bank.index("eval").values())
     assert not set(bank.index("train")) & set(wordings_of("test"))  # held-out wordings are never heard
     pools = voice_pools()
@@ -271,6 +276,15 @@ def test_heard_bank_holds_the_training_wordings_by_train_voices_and_the_template
     assert {speaker[k] for k in bank.voices[bank.splits == "eval"]} <= {(v.engine, v.voice) for v in pools["eval"]}
     assert not {(v.engine, v.voice) for v in pools["test"]} & train_speakers
     assert bank.features.dtype == np.float16 and bank.features.shape[1] == 384 and bank.audio_pool == 16
+
+
+def test_pretraining_refuses_a_bank_that_lacks_a_training_wording_before_any_step(heard_bank):
+    _, bank = heard_bank  # made without wording variants
+    with_variants = build_model(get_config(question_mode="text", frame_size=SIZE, vlm_from_scratch=True,
+                                           train_noise=0.0, wording_variants=2))
+    with pytest.raises(ValueError, match="no train-voice utterance of [0-9]+ training wording"):
+        row_builder(with_variants, SIZE, bank=bank, heard_share=1.0)
+    row_builder(with_variants, SIZE, bank=bank)  # rows only read: no bank utterance needed
 
 
 def test_heard_bank_rejects_a_missing_or_inconsistent_file(tmp_path, heard_bank):
