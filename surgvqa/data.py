@@ -527,11 +527,8 @@ def training_wordings(cfg: Config | None = None) -> dict[str, list[str]]:
     fewer where they agree)."""
     cfg = cfg or get_config()
     if cfg.train_wordings == "bank":
-        train = wordings_of("train", cfg)
-        if not cfg.wording_variants:
-            return train
-        variants = wording_variants(cfg)
-        return {t: train[t] + variants[t] for t in train}
+        variants = wording_variants(cfg)  # none with wording_variants=0
+        return {t: ws + variants[t] for t, ws in wordings_of("train", cfg).items()}
     templates = [question_wordings(t, cfg) for t in TEMPLATE_FILES]
     return {t: list(dict.fromkeys(w[t] for w in templates)) for t in QUESTION_TYPES}
 

@@ -147,7 +147,7 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_
     if not 0 < eval_voices <= len(eval_pool) or train_voices <= 0 or variant_voices <= 0:
         raise ValueError(f"train_voices {train_voices} and variant_voices {variant_voices} must be > 0 and "
                          f"eval_voices {eval_voices} in 1..{len(eval_pool)}")
-    variants = {w for ws in data.wording_variants(cfg).values() for w in ws} if cfg.wording_variants else set()
+    variants = {w for ws in data.wording_variants(cfg).values() for w in ws}
     rng = np.random.default_rng(seed)
     chosen_eval = [eval_pool[i] for i in sorted(rng.choice(len(eval_pool), eval_voices, replace=False))]
     jobs = []  # (split, voice, wording, noise, noise seed)
