@@ -25,8 +25,9 @@ Levers, each measured as its own row so the table shows its effect:
              the vision tower and the candidates' continuation replayed as CUDA graphs
   autocast   training under bf16 autocast (as accelerate runs it) and peft's fp32 input casts switched off
 
-The fast paths are the project's own (surgvqa.fastpath); this script builds the model, times them against
-stock transformers and checks they compute the same answers.
+The fast paths are the project's own (surgvqa.fastpath) and, for the graphed prompt, this folder's
+graphed.py; this script builds the model, times them against stock transformers and checks they compute the
+same answers.
 
 Results: a table on stdout and JSON under --out (rewritten after every section, so a cut run keeps what
 it measured).
@@ -47,21 +48,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import transformers
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, WhisperConfig, WhisperFeatureExtractor
+from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runs from a plain checkout too, not only after `pip install -e .`
+sys.path.insert(0, str(REPO / "benchmarks"))  # the graphed paths only this benchmark times
 
-from surgvqa import data  # noqa: E402
+from graphed import FastQuery, GraphedScorer, model_inputs, set_text_attention  # noqa: E402
+from surgvqa import data, scoring  # noqa: E402
+from surgvqa.backbones import TINY  # noqa: E402
 from surgvqa.collate import SAMPLE_RATE, Collator  # noqa: E402
 from surgvqa.config import get_config  # noqa: E402
-from surgvqa.fastpath import (CLIP_ATTENTION, CandidateScorer, FastQuery, GraphedScorer, model_inputs,  # noqa: E402
-                              prefill, register_clip_attention, set_text_attention, set_vision_attention)
+from surgvqa.fastpath import CandidateScorer  # noqa: E402
 from surgvqa.fastpath import answer_and_score as fastpath_answer_and_score  # noqa: E402
 from surgvqa.inference import MAX_NEW_TOKENS, adapter_inputs_uncast, answer_and_score, score_candidates  # noqa: E402
-from surgvqa.model import (AudioGraftedQwen2VL, _apply_training_setup, build_tiny_tokenizer,  # noqa: E402
-                           parameter_groups, tiny_vlm_config)
+from surgvqa.model import (CLIP_ATTENTION, AudioGraftedVLM, _apply_training_setup,  # noqa: E402
+                           build_tiny_tokenizer, parameter_groups, register_clip_attention, set_vision_attention)
 
 # --- shapes ----------------------------------------------------------------------------------------------
 
@@ -158,33 +161,30 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_graft(smoke: bool, device: torch.device, dtype: torch.dtype, audio_pool: int) -> AudioGraftedQwen2VL:
+def build_graft(smoke: bool, device: torch.device, dtype: torch.dtype, audio_pool: int) -> AudioGraftedVLM:
     """The project's graft, random weights, built in place on the device (no host-side init of 8 B params)."""
     cfg = get_config("smoke" if smoke else "qwen2vl-7b", audio_pool=audio_pool, lora=True,
                      dtype="float32" if dtype == torch.float32 else "bfloat16")
     tokenizer = build_tiny_tokenizer(cfg)
     if smoke:
-        vlm_config, whisper_config = tiny_vlm_config(tokenizer), WhisperConfig(**WHISPER_TINY_ENCODER)
+        vlm_config, whisper_config = TINY.tiny_config(tokenizer), WhisperConfig(**WHISPER_TINY_ENCODER)
     else:
         ids = tokenizer.get_vocab()
         text = dict(QWEN2_VL_7B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                     pad_token_id=ids["<|endoftext|>"])
-        vlm_config = Qwen2VLConfig(text_config=text, vision_config=QWEN2_VL_7B_VISION,
-                                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                                   vision_start_token_id=ids["<|vision_start|>"],
-                                   vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        vlm_config = TINY.config(text, QWEN2_VL_7B_VISION, ids=ids, tie_word_embeddings=False)
         whisper_config = WhisperConfig(**WHISPER_LARGE_V3_TURBO_ENCODER)
     vlm_config._attn_implementation = "sdpa"
     feature_extractor = WhisperFeatureExtractor(feature_size=whisper_config.num_mel_bins)
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype):
-        vlm = Qwen2VLForConditionalGeneration(vlm_config)
+        vlm = TINY.model_class(vlm_config)
         whisper = WhisperEncoder(whisper_config)
-        model = AudioGraftedQwen2VL(vlm, whisper, tokenizer, feature_extractor, cfg, whisper_from_cfg=False)
+        model = AudioGraftedVLM(vlm, whisper, tokenizer, feature_extractor, cfg, whisper_from_cfg=False)
     return model.eval()
 
 
-def with_adapter(model: AudioGraftedQwen2VL) -> None:
+def with_adapter(model: AudioGraftedVLM) -> None:
     """The project's LoRA (every LM linear layer, r=64) on the model, once."""
     if not hasattr(model.vlm, "peft_config"):
         model.vlm = _apply_training_setup(model.vlm, model.cfg)
@@ -196,7 +196,7 @@ class Layout:
     def __init__(self, name: str, frames_as: str, audio_pool: int, audio_window_s: float | None):
         self.name, self.frames_as, self.audio_pool, self.audio_window_s = name, frames_as, audio_pool, audio_window_s
 
-    def collator(self, model: AudioGraftedQwen2VL, frame_size: int) -> Collator:
+    def collator(self, model: AudioGraftedVLM, frame_size: int) -> Collator:
         vision = model.base_vlm.config.vision_config
         return Collator(model.tokenizer, model.feature_extractor, question_mode="audio", frames_as=self.frames_as,
                         frame_size=frame_size, audio_pool=self.audio_pool, max_audio_s=STOCK_AUDIO_WINDOW_S,
@@ -204,7 +204,7 @@ class Layout:
                         merge_size=vision.spatial_merge_size)
 
     @contextlib.contextmanager
-    def applied(self, model: AudioGraftedQwen2VL):
+    def applied(self, model: AudioGraftedVLM):
         """The projector pools as this layout says (pooling has no weights: one projector serves all)."""
         pool = model.projector.pool
         model.projector.pool = self.audio_pool
@@ -217,7 +217,7 @@ class Layout:
 class Workload:
     """Collated batches of real annotation rows with random frames and question audio, on the device."""
 
-    def __init__(self, model: AudioGraftedQwen2VL, frame_size: int, device: torch.device):
+    def __init__(self, model: AudioGraftedVLM, frame_size: int, device: torch.device):
         self.model, self.frame_size, self.device = model, frame_size, device
         samples = data.load_template("out", model.cfg)
         by_type: dict[str, data.Sample] = {}
@@ -253,7 +253,7 @@ class Workload:
 # --- the measured operations -----------------------------------------------------------------------------
 
 @torch.no_grad()
-def hf_generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], n_tokens: int) -> torch.Tensor:
+def hf_generate(model: AudioGraftedVLM, batch: dict[str, Any], n_tokens: int) -> torch.Tensor:
     """surgvqa.inference.generate's call into transformers' generate, held to exactly n_tokens (random weights
     may otherwise emit end-of-turn early and time a shorter answer)."""
     out = model.base_vlm.generate(**model_inputs(model, batch), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
@@ -262,7 +262,7 @@ def hf_generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], n_tokens: int
     return out[:, batch["input_ids"].shape[1]:]
 
 
-def train_step_fn(model: AudioGraftedQwen2VL, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+def train_step_fn(model: AudioGraftedVLM, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                   logits_everywhere: bool, autocast: bool = False, uncast_adapters: bool = False
                   ) -> Callable[[], None]:
     """One LoRA step. ``logits_everywhere``: the stock path (transformers' own loss over logits at every
@@ -386,10 +386,10 @@ class Run:
             before_end = (fast == self.model.im_end_id).int().cumsum(dim=1) == 0
             self.results["checks"]["static_decode_token_agreement"] = float(
                 (reference == fast)[before_end].float().mean())
-            stock_logp = prefill(self.model, batch)[0]
+            stock_logp = scoring.prefill(self.model, batch).first
             set_vision_attention(self.model.base_vlm, CLIP_ATTENTION)
             try:
-                clip_logp = prefill(self.model, batch)[0]
+                clip_logp = scoring.prefill(self.model, batch).first
             finally:
                 set_vision_attention(self.model.base_vlm, "sdpa")
             self.results["checks"]["clip_attention_logprob_rel_diff"] = float(
@@ -450,7 +450,7 @@ class Run:
                 try:
                     with layout.applied(m):
                         fn = fn_factory(batch)
-                        prefill_ms = self.timer(lambda: prefill(m, batch))["median_ms"]
+                        prefill_ms = self.timer(lambda: scoring.prefill(m, batch))["median_ms"]
                         t = self.timer(fn)
                 finally:
                     set_vision_attention(base, "sdpa")

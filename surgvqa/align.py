@@ -14,7 +14,6 @@ frame is loaded.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import time
 from pathlib import Path
@@ -27,14 +26,15 @@ import torch.nn.functional as F
 from . import audio
 from .collate import IGNORE_INDEX, IM_END, audio_token_count, pad_rows
 from .data import Sample
-from .model import AudioGraftedQwen2VL, adapter_disabled, collator
+from .loop import RunLog, due, optimizer_groups
+from .model import AudioGraftedVLM, adapter_disabled, collator
 
 ALIGN_TOKENS = 8  # teacher tokens a heard question is distilled over
 ALIGN_LOG = "align_log.csv"
 ALIGN_LOG_COLUMNS = ["step", "time", "kl", "agreement", "lr"]
 
 
-def adapter_off(model: AudioGraftedQwen2VL) -> contextlib.AbstractContextManager:
+def adapter_off(model: AudioGraftedVLM) -> contextlib.AbstractContextManager:
     """The base model (LoRA, when any, switched off) for the whole of alignment; not to be nested."""
     return adapter_disabled(model) if model.cfg.lora else contextlib.nullcontext(model)
 
@@ -44,7 +44,7 @@ class AlignmentRows:
     greedy continuation of the written prompt (computed once per wording). Used inside ``adapter_off``: the
     teacher is the base model."""
 
-    def __init__(self, model: AudioGraftedQwen2VL, tokens: int = ALIGN_TOKENS):
+    def __init__(self, model: AudioGraftedVLM, tokens: int = ALIGN_TOKENS):
         self.model, self.tokens = model, tokens
         self.collate = collator(model)
         self.tokenizer = self.collate.tokenizer
@@ -103,7 +103,7 @@ class AlignmentRows:
                 inputs(heard, labels_heard, audio_features=features, audio_lengths=lengths, samples=list(samples)))
 
 
-def distillation(model: AudioGraftedQwen2VL, written: dict, heard: dict) -> tuple[torch.Tensor, float]:
+def distillation(model: AudioGraftedVLM, written: dict, heard: dict) -> tuple[torch.Tensor, float]:
     """KL(teacher || student) per continuation token, and how often the student's most likely token is the
     teacher's (its greedy answer to the heard question would then be the written one's). Inside ``adapter_off``,
     backward included: recomputing a checkpointed layer with the adapter back on would be another graph."""
@@ -118,7 +118,28 @@ def distillation(model: AudioGraftedQwen2VL, written: dict, heard: dict) -> tupl
     return kl, agreement
 
 
-def align_projector(model: AudioGraftedQwen2VL, samples: Sequence[Sample], audio_paths: dict[str, str], cfg,
+@contextlib.contextmanager
+def projector_only(model: AudioGraftedVLM):
+    """Within it only the projector trains (its weights are yielded); every weight's ``requires_grad`` is put
+    back after, for the fine-tuning that follows."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("projector."))
+    try:
+        yield [p for p in model.projector.parameters() if p.requires_grad]
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+def heard_against_written(model: AudioGraftedVLM, rows: AlignmentRows, picked: Sequence[Sample],
+                          audio_paths: dict[str, str], cfg) -> tuple[torch.Tensor, float]:
+    """``distillation`` of the picked questions, each heard from its file and written."""
+    mels = [rows.collate.log_mel(s, audio.load_question_audio(s.uid, audio_paths[s.uid], cfg)) for s in picked]
+    return distillation(model, *rows.batch(picked, mels))
+
+
+def align_projector(model: AudioGraftedVLM, samples: Sequence[Sample], audio_paths: dict[str, str], cfg,
                     out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``cfg.align_steps`` steps of ``cfg.batch_size`` heard questions of ``samples`` (cycled in a seeded order),
     projector only, AdamW at ``cfg.projector_lr`` with warmup and cosine decay; returns (and logs every
@@ -131,57 +152,44 @@ def align_projector(model: AudioGraftedQwen2VL, samples: Sequence[Sample], audio
     if missing:
         raise KeyError(f"no question audio for {len(missing)} sample(s) to align on, e.g. {missing[:3]}")
     rows = AlignmentRows(model)
-    frozen = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("projector."))
-    trainable = [p for p in model.projector.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.projector_lr, weight_decay=0.0)
-    warmup = min(cfg.warmup_steps, cfg.align_steps // 10)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, cfg.align_steps)
     order = np.random.default_rng(cfg.seed).permutation(len(samples))
     cuda = model.base_vlm.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    writer = None
-    if out_dir is not None:
-        handle = open(Path(out_dir) / ALIGN_LOG, "w", newline="")
-        writer = csv.DictWriter(handle, ALIGN_LOG_COLUMNS)
-        writer.writeheader()
+    align_log = RunLog(Path(out_dir) / ALIGN_LOG if out_dir is not None else None, ALIGN_LOG_COLUMNS)
     model.train()
     started, seen, history = time.perf_counter(), 0, []
-    try:
-        with adapter_off(model):
-            for step in range(1, cfg.align_steps + 1):
-                picked = [samples[order[(seen + i) % len(samples)]] for i in range(cfg.batch_size)]
-                seen += len(picked)
-                mels = [rows.collate.log_mel(s, audio.load_question_audio(s.uid, audio_paths[s.uid], cfg)) for s in picked]
-                written, heard = rows.batch(picked, mels)
-                kl, agreement = distillation(model, written, heard)
-                value = kl.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"alignment step {step}: KL is {value}")
-                optimizer.zero_grad(set_to_none=True)
-                kl.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                scheduler.step()
-                history.append((value, agreement))
-                if writer is not None:
-                    writer.writerow({"step": step, "time": round(time.perf_counter() - started, 3), "kl": value,
-                                     "agreement": agreement, "lr": scheduler.get_last_lr()[0]})
-                if step % cfg.eval_every == 0 or step == cfg.align_steps:
-                    recent = history[-cfg.eval_every:]
-                    log(f"[align] step {step}/{cfg.align_steps}: KL {np.mean([k for k, _ in recent]):.4f}, "
-                        f"agreement {np.mean([a for _, a in recent]):.3f} ({seen} utterances, "
-                        f"{time.perf_counter() - started:.0f} s)")
-    finally:
-        if writer is not None:
-            handle.close()
-        for name, p in model.named_parameters():
-            p.requires_grad_(frozen[name])
-    wall = time.perf_counter() - started
+    with projector_only(model) as trainable, adapter_off(model):
+        optimizer = torch.optim.AdamW(optimizer_groups(model, language_model=False))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, cfg.align_steps // 10),
+                                                    cfg.align_steps)
+        for step in range(1, cfg.align_steps + 1):
+            picked = [samples[order[(seen + i) % len(samples)]] for i in range(cfg.batch_size)]
+            seen += len(picked)
+            kl, agreement = heard_against_written(model, rows, picked, audio_paths, cfg)
+            value = kl.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"alignment step {step}: KL is {value}")
+            optimizer.zero_grad(set_to_none=True)
+            kl.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            history.append((value, agreement))
+            align_log.log(step, {"kl": value, "agreement": agreement, "lr": scheduler.get_last_lr()[0]},
+                          time=time.perf_counter() - started)
+            if due(step, cfg.eval_every, cfg.align_steps):
+                recent = history[-cfg.eval_every:]
+                log(f"[align] step {step}/{cfg.align_steps}: KL {np.mean([k for k, _ in recent]):.4f}, "
+                    f"agreement {np.mean([a for _, a in recent]):.3f} ({seen} utterances, "
+                    f"{time.perf_counter() - started:.0f} s)")
+    return alignment_summary(history, seen, time.perf_counter() - started, cuda)
+
+
+def alignment_summary(history: list[tuple[float, float]], seen: int, wall: float, cuda: bool) -> dict[str, Any]:
+    """KL and agreement over the first and the last tenth of the steps, time and peak memory."""
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
-    return {"steps": cfg.align_steps, "utterances": seen, "wall_s": wall,
+    return {"steps": len(history), "utterances": seen, "wall_s": wall,
             "s_per_1000_utterances": 1000 * wall / seen,
             "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "kl_first": float(np.mean([k for k, _ in first])), "kl_last": float(np.mean([k for k, _ in last])),

@@ -2,8 +2,8 @@
 
 One item is ``(Sample, frames, waveform)``: frames are uint8 ``(8, H, W, 3)``, the waveform is float32 mono
 at 16 kHz (``None`` allowed in the ``text`` question mode only). The prompt is built with the tokenizer's
-chat template (Qwen2-VL's), then every placeholder is expanded to the number of rows that will replace it
-(as ``Qwen2VLProcessor`` does): ``<|video_pad|>`` / ``<|image_pad|>`` to the vision tokens of the clip and
+chat template (the backbone's), then every placeholder is expanded to the number of rows that will replace it
+(as the checkpoint's own processor does): ``<|video_pad|>`` / ``<|image_pad|>`` to the vision tokens of the clip and
 ``<|audio_pad|>`` to the projected Whisper frames of the question. The model checks those counts again.
 
 Question modes: ``audio`` (the question is heard only; its text appears nowhere in the prompt),
@@ -14,37 +14,25 @@ hear their question carry audio rows; ``audio_rows`` lists them.
 Training batches are right-padded and carry ``labels`` (-100 everywhere except the answer tokens and the
 end-of-turn token); generation batches are left-padded, end with the assistant header and carry no labels.
 
-``QADataset`` makes the items from samples (frames loaded, audio validated or read from the encoder cache);
-training and evaluation both read it, through a DataLoader or ``prefetched_batches``.
+The items come from ``surgvqa.features.QADataset``, with an ``EncodedQuestion`` in place of the waveform where
+the question's audio is read from the cache of encoder outputs.
 """
 from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from . import audio, frames, whisper
+from . import backbones
+from .backbones import AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, Backbone
 from .config import Config
 from .data import FRAMES_PER_CLIP, Sample
 
 IGNORE_INDEX = -100  # label value that carries no loss (torch cross_entropy's default ignore_index)
-
-# Qwen2-VL's special tokens; the tiny tokenizer defines the same ones, and AUDIO_TOKEN is added to both.
-IM_END = "<|im_end|>"
-IMAGE_TOKEN = "<|image_pad|>"
-VIDEO_TOKEN = "<|video_pad|>"
-AUDIO_TOKEN = "<|audio_pad|>"
-
-# CLIP normalisation, as Qwen2-VL's image processor uses (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Whisper: 160 waveform samples per mel frame (10 ms at 16 kHz), two mel frames per encoder frame (conv2
 # stride 2), and a 30 s window (3000 mel frames) that positions cannot exceed.
@@ -64,7 +52,7 @@ TRAIN_DRAWS, EVAL_DRAWS = 0, 1  # keys of the mixed mode's draws: a training epo
 @dataclass(frozen=True)
 class EncodedQuestion:
     """A question's audio already through the frozen Whisper encoder, ``(encoder frames, d_model)`` float32
-    (``whisper.cache_encoded_audio``); it stands in an item where the waveform would."""
+    (``features.cache_encoded_audio``); it stands in an item where the waveform would."""
 
     frames: np.ndarray
 
@@ -81,63 +69,13 @@ def audio_token_count(mel_frames: int, audio_pool: int) -> int:
     return mel_frames // per_token
 
 
-def patch_grid_side(side: int, patch_size: int, merge_size: int) -> int:
-    """The nearest multiple of patch_size * merge_size (at least one), as Qwen2-VL's smart_resize rounds."""
-    unit = patch_size * merge_size
-    return max(unit, int(round(side / unit)) * unit)
-
-
-def frames_to_patches(frames: np.ndarray, frames_as: str, frame_size: int, patch_size: int = 14,
-                      temporal_patch_size: int = 2, merge_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened, CLIP-normalised vision patches of one clip, laid out exactly as Qwen2-VL expects.
-
-    The longer side is resized to ``frame_size`` and both sides are rounded to a multiple of
-    patch_size * merge_size. ``video``: one clip of T/2 temporal patches (grid (T/2, h, w));
-    ``images``: T images, each repeated over the temporal patch (grid (1, h, w) each), which is what
-    Qwen2VLImageProcessor does, so the video layout has half the vision tokens.
-    Returns ``(patches (N, 3 * temporal * patch * patch), grid_thw (n_visuals, 3))``.
-    """
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    h, w = x.shape[-2:]
-    scale = frame_size / max(h, w)
-    out_h = patch_grid_side(h * scale, patch_size, merge_size)
-    out_w = patch_grid_side(w * scale, patch_size, merge_size)
-    if (out_h, out_w) != (h, w):
-        x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)
-        x = x.round().clamp(0, 255)  # back on the uint8 grid, as a resized image would be
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = (x / 255.0 - mean) / std
-    grid_h, grid_w = out_h // patch_size, out_w // patch_size
-    if frames_as == "video":
-        if x.shape[0] % temporal_patch_size:
-            raise ValueError(f"{x.shape[0]} frames is not a multiple of the temporal patch {temporal_patch_size}")
-        clips, grids = x.unsqueeze(0), [(x.shape[0] // temporal_patch_size, grid_h, grid_w)]
-    else:  # every frame an image of its own, repeated over the temporal patch
-        clips, grids = x.unsqueeze(1).expand(-1, temporal_patch_size, -1, -1, -1), [(1, grid_h, grid_w)] * len(x)
-    return patch_rows(clips, patch_size, temporal_patch_size, merge_size), torch.tensor(grids, dtype=torch.long)
-
-
-def patch_rows(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
-               ) -> torch.Tensor:
-    """Normalised clips (B, T, 3, H, W) as Qwen2-VL's flattened patch rows, clip after clip:
-    (B * T/temporal * H/patch * W/patch, 3 * temporal * patch * patch)."""
-    b, t, c, h, w = clips.shape
-    grid_t, grid_h, grid_w = t // temporal_patch_size, h // patch_size, w // patch_size
-    x = clips.reshape(b, grid_t, temporal_patch_size, c, grid_h // merge_size, merge_size, patch_size,
-                      grid_w // merge_size, merge_size, patch_size)
-    # (clip, t, h-blocks, w-blocks, h-in-block, w-in-block, channel, temporal, patch-row, patch-col): merged
-    # 2x2 neighbours end up consecutive, which the vision merger relies on.
-    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
-    return x.reshape(b * grid_t * grid_h * grid_w, c * temporal_patch_size * patch_size * patch_size)
-
-
 @dataclass
 class Collator:
     """Turns ``(Sample, frames, waveform)`` items into model batches; see the module docstring."""
 
-    tokenizer: Any  # a PreTrainedTokenizerFast with Qwen2-VL's special tokens, AUDIO_TOKEN and chat template
+    tokenizer: Any  # a tokenizer with the backbone's special tokens, AUDIO_TOKEN and chat template
     feature_extractor: Any  # a WhisperFeatureExtractor (log-mel features)
+    backbone: Backbone = backbones.TINY  # how a clip becomes vision inputs
     question_mode: str = "audio"
     mode_seed: int = 0  # seeds the per-item draw of the mixed mode
     frames_as: str = "video"
@@ -205,7 +143,7 @@ class Collator:
         mode = mode or self.question_mode
         text = self.tokenizer.apply_chat_template(self.messages(sample, mode, with_frames), tokenize=False,
                                                   add_generation_prompt=True)
-        vision_token = VIDEO_TOKEN if self.frames_as == "video" else IMAGE_TOKEN
+        vision_token = self.backbone.vision_placeholder(self.frames_as)
         text = text.replace(vision_token, vision_token * vision_tokens_each)
         n_audio = text.count(AUDIO_TOKEN)
         if n_audio != (1 if mode in ("audio", "both") else 0):
@@ -243,7 +181,7 @@ class Collator:
         return features
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Qwen2-VL's ``mm_token_type_ids``: 0 text, 1 image placeholder, 2 video placeholder."""
+        """The model's ``mm_token_type_ids``: 0 text, 1 image placeholder, 2 video placeholder."""
         types = torch.zeros_like(input_ids, dtype=torch.int)
         types[input_ids == self.token_ids[IMAGE_TOKEN]] = 1
         types[input_ids == self.token_ids[VIDEO_TOKEN]] = 2
@@ -270,8 +208,9 @@ class Collator:
             if len(item) != 3:
                 raise CollateError(f"an item must be (Sample, frames, waveform), got {len(item)} fields")
             sample, frames, waveform = item
-            patches, grid = frames_to_patches(self.check_frames(sample, frames), self.frames_as, self.frame_size,
-                                              self.patch_size, self.temporal_patch_size, self.merge_size)
+            patches, grid = self.backbone.clip_inputs(self.check_frames(sample, frames), self.frames_as,
+                                                      self.frame_size, self.patch_size, self.temporal_patch_size,
+                                                      self.merge_size)
             pixel_list.append(patches)
             grid_list.append(grid)
             vision_tokens_each = int(grid[0].prod()) // self.merge_size ** 2
@@ -359,46 +298,3 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, left: bool) -> tuple
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
-
-
-# --- the dataset the collator reads ----------------------------------------------------------------
-
-class QADataset(Dataset):
-    """``(Sample, frames uint8 (8,H,W,3), waveform float32 or None)`` items, loaded on access.
-
-    Frames come from ``frames.load_clip`` (phantom renders or real JPEGs); audio from the split's manifest,
-    validated by ``audio.load_question_audio``, or from the cache of Whisper's outputs. A missing file
-    raises an error naming the sample: nothing is replaced by zeros.
-    """
-
-    def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
-                 encoded_audio: EncodedAudio | None = None):
-        self.samples, self.cfg = list(samples), cfg
-        self.audio_paths = audio_paths
-        self.encoded_audio = encoded_audio
-        if cfg.question_mode != "text":
-            missing = [s.uid for s in self.samples if s.uid not in (audio_paths or {})]
-            if missing:
-                raise KeyError(f"no question audio for {len(missing)} sample(s), e.g. {missing[:3]}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        s = self.samples[index]
-        clip = frames.load_clip(s, self.cfg)
-        wave = None
-        if self.encoded_audio is not None:
-            wave = EncodedQuestion(whisper.load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],
-                                                            self.encoded_audio.width))
-        elif self.cfg.question_mode != "text":
-            wave = audio.load_question_audio(s.uid, self.audio_paths[s.uid], self.cfg)
-        return s, clip, wave
-
-
-@dataclass
-class EncodedAudio:
-    """Where the cached Whisper encoder output of each sample's question is: uid -> .npy, and its width."""
-
-    paths: dict[str, Path]
-    width: int

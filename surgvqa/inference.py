@@ -1,11 +1,11 @@
 """Running the graft: the inference entry points every notebook, training-time evaluation and the benchmark
 call (``generate``, ``score_candidates``, ``answer_and_score``, ``answer_any_question``), ``predict`` over a
-split's samples in a question mode, the check that training's logged evaluation is what ``predict`` gives, and
-``python -m surgvqa merge`` with its parity check.
+split's samples in a question mode, the ASR pipeline a user would build instead of hearing, the check that
+training's logged evaluation is what ``predict`` gives, and ``python -m surgvqa merge`` with its parity check.
 
-On CUDA the entry points run ``surgvqa.fastpath`` (graphed decoding over a static KV cache, switchable with
-``fast_inference``); on a CPU the plain path here, over transformers' own cache. Both compute the same scores and
-answers (tests/test_model.py; the benchmark checks the CUDA side).
+Each entry point chooses a path: on CUDA ``surgvqa.fastpath`` (graphed decoding over a static KV cache,
+switchable with ``fast_inference``), elsewhere the plain path of ``surgvqa.scoring``, over transformers' own
+cache. Both compute the same scores and answers (tests/test_model.py; the benchmark checks the CUDA side).
 """
 from __future__ import annotations
 
@@ -26,17 +26,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import audio, data
-from .collate import EVAL_DRAWS, QADataset, prefetched_batches
+from . import audio, data, fastpath, scoring
+from .collate import EVAL_DRAWS, prefetched_batches
 from .data import Sample, limited, load_split
 from .evaluate import data_answer, score_answer
-from .model import AudioGraftedQwen2VL, collator, load_checkpoint, merge_for_export, on_device, save_checkpoint
+from .features import QADataset
+from .model import (AudioGraftedVLM, adapter_disabled, build_model, collator, load_checkpoint, merge_for_export,
+                    on_device, save_checkpoint)
 from .progress import progress_bar
-
-# Greedy answers stop at end-of-turn or after this many tokens (the data's longest answer sentence is 12 tokens in
-# the Qwen2 vocabulary; zero-shot models say more).
-MAX_NEW_TOKENS = 32
-
+from .scoring import MAX_NEW_TOKENS, CandidateScores
+from .whisper import load_whisper, transcribe
 
 # --- inference -----------------------------------------------------------------------------------------
 
@@ -52,7 +51,7 @@ def adapter_inputs_uncast(model: nn.Module, active: bool):
     return disable_input_dtype_casting(model)
 
 
-def bf16_adapters(model: "AudioGraftedQwen2VL") -> contextlib.AbstractContextManager:
+def bf16_adapters(model: "AudioGraftedVLM") -> contextlib.AbstractContextManager:
     """Inference of a bf16 LoRA model on CUDA, as training's bf16 mixed-precision step runs it: under bf16
     autocast, adapter inputs left in bf16. Otherwise peft runs every adapter matmul in fp32 on activations
     cast to fp32 (at 7B 83 against 63 ms a row with the adapter off, benchmarks/NOTES.md). Elsewhere (CPU,
@@ -83,142 +82,14 @@ def _check_generation_batch(batch: dict[str, Any]) -> None:
                          "no answer, no labels)")
 
 
-def vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    keys = ("audio_features", "audio_encoded", "audio_lengths", "audio_rows")
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def generate(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+def generate(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy free-text answers of a left-padded generation batch, one string per sample."""
     _check_generation_batch(batch)
     batch = on_device(batch, model)
     with _evaluating(model):
         if fast_inference(model):
-            from . import fastpath
-
             return fastpath.answer_and_score(model, batch, max_new_tokens, score=False)[0]
-        return _greedy_answers(model, _prefill(model, batch), max_new_tokens)[0]
-
-
-@dataclass
-class CandidateScores:
-    uid: str
-    label: str  # the most likely label of the question type
-    probabilities: dict[str, float]  # over the type's label set (softmax of the log-likelihoods)
-    log_likelihoods: dict[str, float]  # of each label's answer sentence + end-of-turn
-
-
-def candidate_token_rows(model: AudioGraftedQwen2VL, samples: Sequence[data.Sample]
-                         ) -> tuple[list[int], list[str], list[list[int]]]:
-    """(owning sample index, label, token ids) of every candidate answer of every sample, in order."""
-    owners, labels, rows = [], [], []
-    for i, s in enumerate(samples):
-        texts, complete = data.candidate_answers(s.question_type, model.cfg)
-        for label, text in texts.items():
-            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
-            owners.append(i)
-            labels.append(label)
-            rows.append(ids + [model.im_end_id] if complete else ids)
-    return owners, labels, rows
-
-
-@dataclass
-class _Prefill:
-    """A generation batch's prompt run once: its key/value cache, the log-probabilities of the first answer
-    token, and the M-RoPE position of that token (the prompt's last position + 1, per row)."""
-
-    cache: Any
-    first: torch.Tensor  # (batch, vocab)
-    mask: torch.Tensor  # the prompt's attention mask
-    next_position: torch.Tensor  # (batch, 1)
-
-
-def _prefill(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> _Prefill:
-    base = model.base_vlm
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    positions, rope_deltas = base.model.get_rope_index(
-        ids, batch["mm_token_type_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
-    embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
-    prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
-    first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
-    # Text positions continue after the prompt's last M-RoPE position (rope_deltas shift past the vision grid).
-    return _Prefill(prefix.cache, first, mask, mask.sum(dim=1, keepdim=True) + rope_deltas)
-
-
-def _greedy_answers(model: AudioGraftedQwen2VL, pre: _Prefill, max_new_tokens: int) -> tuple[list[str], int]:
-    """Greedy decoding on a prefill's cache (M-RoPE text positions continue after the prompt; finished rows
-    are fed padding); returns the answers and the number of tokens it added to the cache."""
-    base, pad = model.base_vlm, model.tokenizer.pad_token_id
-    token = pre.first.argmax(-1)
-    done = token == model.im_end_id
-    tokens, mask = [token], pre.mask
-    for step in range(1, max_new_tokens):
-        if bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = (pre.next_position + step - 1).unsqueeze(0).expand(3, -1, -1)
-        hidden = base.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=pre.cache,
-                            use_cache=True).last_hidden_state
-        token = base.lm_head(hidden[:, -1]).argmax(-1).masked_fill(done, pad)  # finished rows only pad
-        done = done | (token == model.im_end_id)
-        tokens.append(token)
-    texts = model.tokenizer.batch_decode(torch.stack(tokens, dim=1), skip_special_tokens=True)
-    return [t.strip() for t in texts], len(tokens) - 1
-
-
-def _scores(model: AudioGraftedQwen2VL, pre: _Prefill, samples: Sequence[data.Sample]) -> list[CandidateScores]:
-    """Candidate scores from a prefill (see ``_candidate_totals``)."""
-    owners, labels, rows = candidate_token_rows(model, samples)
-    return candidate_scores(samples, owners, labels, _candidate_totals(model, pre, owners, rows))
-
-
-def _candidate_totals(model: AudioGraftedQwen2VL, pre: _Prefill, owners: Sequence[int],
-                      rows: Sequence[Sequence[int]]) -> list[float]:
-    """The log-likelihood of each token row after its owner's prompt: the prefill's cache is repeated for
-    each row (in place) and every row of the batch is scored in one more forward."""
-    base = model.base_vlm
-    device = pre.mask.device
-    owner = torch.tensor(owners, device=device)
-    pre.cache.batch_select_indices(owner)
-    # Feed every candidate token but the last; the prompt's last position already predicted the first. When
-    # every candidate is one token (a small tokenizer can have whole answers as tokens), nothing is fed.
-    length = max(len(r) for r in rows) - 1
-    if length:
-        feed = torch.full((len(rows), length), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
-        feed_mask = torch.zeros_like(feed)
-        for r, row in enumerate(rows):
-            feed[r, : len(row) - 1] = torch.tensor(row[:-1], device=device)
-            feed_mask[r, : len(row) - 1] = 1
-        text_positions = (pre.next_position[owner] + torch.arange(length, device=device)).unsqueeze(0).expand(3, -1, -1)
-        cont = base.model(input_ids=feed, attention_mask=torch.cat([pre.mask[owner], feed_mask], dim=1),
-                          position_ids=text_positions, cache=pre.cache, use_cache=True)
-        logp = torch.log_softmax(base.lm_head(cont.last_hidden_state).float(), dim=-1)
-
-    totals = []
-    for r, row in enumerate(rows):
-        total = pre.first[owners[r], row[0]]
-        if len(row) > 1:
-            total = total + logp[r, torch.arange(len(row) - 1), torch.tensor(row[1:])].sum()
-        totals.append(float(total))
-    return totals
-
-
-def candidate_scores(samples: Sequence[data.Sample], owners: Sequence[int], labels: Sequence[str],
-                     totals: Sequence[float]) -> list[CandidateScores]:
-    """Each sample's scores from the log-likelihood of every candidate (rows as ``candidate_token_rows``)."""
-    results = []
-    for i, s in enumerate(samples):
-        ll = {labels[r]: float(totals[r]) for r, o in enumerate(owners) if o == i}
-        probs = torch.softmax(torch.tensor(list(ll.values()), dtype=torch.float64), dim=0).tolist()
-        results.append(CandidateScores(uid=s.uid, label=max(ll, key=ll.get), probabilities=dict(zip(ll, probs)),
-                                       log_likelihoods=ll))
-    return results
+        return scoring.greedy_answers(model, scoring.prefill(model, batch), max_new_tokens)[0]
 
 
 @dataclass
@@ -231,7 +102,7 @@ class HeardAnswer:
     by: str  # "its answer sentence" (the free text is one of the data's answers) or "likelihood"
 
 
-def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
+def answer_any_question(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
                         ) -> list[HeardAnswer]:
     """For prompts whose question type nobody chose (a question asked out loud in the demo). The free-text
     answer decides when it is word for word one of the data's answer sentences (the model was trained to
@@ -242,18 +113,19 @@ def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_n
     batch = on_device(batch, model)
     sentences = {" ".join(text.lower().split()): key for key, text in data.answer_sentences(model.cfg).items()}
     with _evaluating(model):
-        pre = _prefill(model, batch)
-        texts, added = _greedy_answers(model, pre, max_new_tokens)
+        pre = scoring.prefill(model, batch)
+        texts, added = scoring.greedy_answers(model, pre, max_new_tokens)
         if added:
             pre.cache.crop(-added)
         owners, keys, rows = [], [], []
         for i, s in enumerate(batch["samples"]):
             for qtype in data.QUESTION_TYPES:
-                _, labels, type_rows = candidate_token_rows(model, [dataclasses.replace(s, question_type=qtype)])
+                asked = dataclasses.replace(s, question_type=qtype)
+                _, labels, type_rows = scoring.candidate_token_rows(model, [asked])
                 owners += [i] * len(type_rows)
                 keys += [(qtype, label) for label in labels]
                 rows += type_rows
-        totals = _candidate_totals(model, pre, owners, rows)
+        totals = scoring.candidate_totals(model, pre, owners, rows)
     answers = []
     for i in range(len(batch["samples"])):
         mine = [r for r, o in enumerate(owners) if o == i]
@@ -273,12 +145,12 @@ def answer_any_question(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_n
     return answers
 
 
-def fast_inference(model: AudioGraftedQwen2VL) -> bool:
+def fast_inference(model: AudioGraftedVLM) -> bool:
     """Whether inference runs on surgvqa.fastpath: on CUDA unless the config's fast_inference is off."""
     return model.cfg.fast_inference and model.base_vlm.device.type == "cuda"
 
 
-def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[CandidateScores]:
+def score_candidates(model: AudioGraftedVLM, batch: dict[str, Any]) -> list[CandidateScores]:
     """Rank the label set of each sample's question type by the likelihood of its answer SENTENCE.
 
     The candidate text is the answer sentence the model is trained to produce (data.answer_sentences),
@@ -290,13 +162,11 @@ def score_candidates(model: AudioGraftedQwen2VL, batch: dict[str, Any]) -> list[
     batch = on_device(batch, model)
     with _evaluating(model):
         if fast_inference(model):
-            from . import fastpath
-
             return fastpath.answer_and_score(model, batch, 0)[1]
-        return _scores(model, _prefill(model, batch), batch["samples"])
+        return scoring.scores(model, scoring.prefill(model, batch), batch["samples"])
 
 
-def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
+def answer_and_score(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
                      ) -> tuple[list[str], list[CandidateScores]]:
     """``generate``'s greedy answers and ``score_candidates``' scores from ONE run of the prompt: the answer
     is decoded on the prompt's cache, which is then cut back to the prompt and scores the candidates."""
@@ -304,14 +174,8 @@ def answer_and_score(model: AudioGraftedQwen2VL, batch: dict[str, Any], max_new_
     batch = on_device(batch, model)
     with _evaluating(model):
         if fast_inference(model):
-            from . import fastpath
-
             return fastpath.answer_and_score(model, batch, max_new_tokens)
-        pre = _prefill(model, batch)
-        answers, added = _greedy_answers(model, pre, max_new_tokens)
-        if added:
-            pre.cache.crop(-added)
-        return answers, _scores(model, pre, batch["samples"])
+        return scoring.answers_and_scores(model, batch, max_new_tokens)
 
 
 # --- running a model --------------------------------------------------------------------------------
@@ -392,8 +256,6 @@ class Pipeline:
 def run_pipeline(samples: Sequence[Sample], manifest: pd.DataFrame, cfg, asr_model, processor,
                  batch_size: int = 16) -> Pipeline:
     """Transcribe the questions of ``manifest`` (one row per sample, by uid) and match each transcript."""
-    from .whisper import transcribe
-
     paths = dict(zip(manifest.uid, manifest.path))
     waves = [audio.load_question_audio(s.uid, paths[s.uid], cfg) for s in samples]
     started = time.perf_counter()
@@ -416,6 +278,62 @@ def predict_read(model, samples: Sequence[Sample], cfg, questions: dict[str, str
     for r in records:
         r["asr_transcript"], r["question_read"] = transcripts[r["uid"]], questions[r["uid"]]
     return records
+
+
+BASELINE_MODES = ("audio", "text", "both", "asr", "asr-intent")
+
+
+@dataclass
+class Baselines:
+    """Notebook 05's model baselines over the same rows: each one's prediction records and model time per row
+    (transcription and matching included for the pipelines), by name: a question mode, ``asr`` (the transcript
+    read), ``asr-intent`` (the closest known question read) and ``before`` (the model before fine-tuning)."""
+    records: dict[str, list[dict]]
+    ms_per_row: dict[str, float]
+    pipeline: Pipeline | None  # the transcription both ASR baselines share
+    before_mode: str | None  # how the model before fine-tuning was asked: audio or text
+
+    @staticmethod
+    def file_name(name: str) -> str:
+        return "test-audio-before-fine-tuning.jsonl" if name == "before" else f"test-{name}.jsonl"
+
+
+def before_fine_tuning_mode(model) -> str:
+    """How the model before fine-tuning is asked: heard when training started from a projector pretrained on
+    heard questions (the shipped tiny model), else read, since a base model has never heard a question."""
+    return "audio" if model.cfg.pretrained_projector else "text"
+
+
+def run_baselines(model, rows: Sequence[Sample], manifest: pd.DataFrame, cfg, modes: Sequence[str] = BASELINE_MODES,
+                  batch_size: int = 16, before_fine_tuning: bool = True) -> Baselines:
+    """Every model baseline of ``modes`` on ``rows`` (the ASR baselines share one transcription), then, with
+    ``before_fine_tuning``, the model training started from: a LoRA run's base model with the adapter switched
+    off (no second copy in memory) when it reads, else a model built from the checkpoint's own config."""
+    unknown = [m for m in modes if m not in BASELINE_MODES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: {BASELINE_MODES}")
+    records, ms_per_row, pipeline = {}, {}, None
+    for mode in modes:
+        extra_ms = 0.0
+        if mode in ("asr", "asr-intent"):
+            if pipeline is None:
+                asr_model, processor = load_whisper(cfg.whisper, cfg)
+                pipeline = run_pipeline(rows, manifest, cfg, asr_model, processor, batch_size)
+            questions = pipeline.transcripts if mode == "asr" else pipeline.closest
+            extra_ms = pipeline.transcribe_ms + (pipeline.match_ms if mode == "asr-intent" else 0.0)
+            records[mode] = predict_read(model, rows, cfg, questions, pipeline.transcripts, batch_size=batch_size)
+        else:
+            records[mode] = predict(model, rows, cfg, mode, manifest, batch_size=batch_size)
+        ms_per_row[mode] = float(np.mean([r["latency_ms"] for r in records[mode]])) + extra_ms
+    before_mode = before_fine_tuning_mode(model) if before_fine_tuning else None
+    if before_mode == "text" and model.cfg.lora:
+        with adapter_disabled(model):
+            records["before"] = predict(model, rows, cfg, before_mode, manifest, batch_size=batch_size)
+    elif before_mode:
+        records["before"] = predict(build_model(model.cfg), rows, cfg, before_mode, manifest, batch_size=batch_size)
+    if before_mode:
+        ms_per_row["before"] = float(np.mean([r["latency_ms"] for r in records["before"]]))
+    return Baselines(records, ms_per_row, pipeline, before_mode)
 
 
 def training_eval_parity(checkpoint: str | Path, model, batch_size: int | None = None) -> dict:

@@ -1,23 +1,21 @@
-"""The graft: a frozen Whisper encoder, a trainable projector and a stock Qwen2-VL, composed.
+"""The graft: a frozen Whisper encoder, a trainable projector and a stock vision-language model, composed.
 
 Shaped like transformers' Qwen2-Audio: the collator expands one ``<|audio_pad|>`` placeholder per projected
 audio frame before the model; here the audio rows replace those placeholders with ``masked_scatter`` after
-a count check, and Qwen2-VL itself puts the vision rows in. Both ``input_ids`` and ``inputs_embeds`` go to
-Qwen2-VL: the ids drive its image/video masks and M-RoPE positions (with embeds alone M-RoPE silently falls
-back to 1-D positions), the embeds carry the audio rows. Logits are computed only where labels exist
-(a 152k vocabulary would otherwise dominate a small model's step).
+a count check, and the stock model itself puts the vision rows in. Both ``input_ids`` and ``inputs_embeds`` go
+to it: the ids drive its image/video masks and positions (with embeds alone its multimodal rotary positions
+silently fall back to 1-D ones), the embeds carry the audio rows. Logits are computed only where labels exist
+(a 152k vocabulary would otherwise dominate a small model's step). What differs between model generations is
+asked of the model's backbone (``surgvqa.backbones``).
 
 Whisper runs on the real length of each question: it refuses anything but 30 s of mel frames, so for the
 call its ``max_source_positions`` is shrunk and its position table sliced to the question's length
 (identical to a manual forward), instead of padding to 30 s (10x slower, and attention sees the padding).
 
-Public API: ``build_model(cfg)``, ``AudioGraftedQwen2VL`` (``model(**batch).loss``), ``collator(model)``,
-``parameter_groups(model)``, ``generate``, ``score_candidates``, ``save_checkpoint`` / ``load_checkpoint``,
-``merge_for_export``.
-
-Inference (``generate``, ``score_candidates``, ``answer_and_score``) runs here on a CPU; on CUDA the same
-functions run ``surgvqa.fastpath.answer_and_score`` (static KV cache, clip attention, graphed decoding),
-which computes the same answers and scores (``Config.fast_inference`` switches it off).
+Here: ``build_model(cfg)``, ``AudioGraftedVLM`` (``model(**batch).loss``), ``collator(model)``,
+``parameter_groups(model)``, ``save_checkpoint`` / ``load_checkpoint``, ``merge_for_export``, and the vision
+tower's batched clip attention (``vision_attention``). Running the model (answers, candidate scores) is
+``surgvqa.scoring`` and ``surgvqa.inference``.
 """
 from __future__ import annotations
 
@@ -30,46 +28,24 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (AutoTokenizer, PreTrainedTokenizerFast, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, WhisperFeatureExtractor)
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from . import data
-from .collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, INSTRUCTION, MEL_FRAMES_PER_ENCODER_FRAME, SPOKEN_QUESTION,
+from . import backbones, data
+from .backbones import AUDIO_TOKEN, IM_END, Backbone
+from .collate import (IGNORE_INDEX, INSTRUCTION, MEL_FRAMES_PER_ENCODER_FRAME, SPOKEN_QUESTION,
                       WRITTEN_QUESTION, Collator)
 from .config import REPO_ROOT, Config
-from .whisper import encode_at_length, encode_lengths
+from .loop import optimizer_groups
+from .whisper import encode_at_length, encode_lengths, encoder_fingerprint, load_whisper
 
 # The tiny preset's vision-language model, pretrained on phantom clips by ``python -m surgvqa pretrain``.
 TINY_PRETRAINED_DIR = REPO_ROOT / "checkpoints" / "tiny-phantom" / "vlm"
 # Beside a projector trained in pretraining: the encoder, pooling and kind it was trained for.
 PROJECTOR_SOURCE_FILE = "projector_source.json"
 
-# Qwen2-VL's chat template (Qwen/Qwen2-VL-7B-Instruct), given to the tiny tokenizer so that both presets
-# build prompts the same way.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# Qwen2-VL's special tokens, in its order, then the audio placeholder this project adds.
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>", AUDIO_TOKEN)
+# The tiny tokenizer's vocabulary: the task's own text needs ~1k tokens instead of Qwen's 152k.
 TINY_VOCAB_SIZE = 1024
-
-# LoRA goes on every linear layer of the language model and nowhere else (the vision tower stays frozen).
-LM_LINEAR_LAYERS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-# Kept in full precision when loading in 4 bit (bitsandbytes matches these as full module-name prefixes).
-NOT_QUANTIZED = ["model.visual", "lm_head"]
 
 
 class AudioTokenMismatch(ValueError):
@@ -119,11 +95,11 @@ class GraftOutput:
     logits: torch.Tensor
 
 
-class AudioGraftedQwen2VL(nn.Module):
+class AudioGraftedVLM(nn.Module):
     def __init__(self, vlm: nn.Module, whisper: WhisperEncoder, tokenizer: Any,
                  feature_extractor: WhisperFeatureExtractor, cfg: Config, whisper_from_cfg: bool):
         super().__init__()
-        self.vlm = vlm  # Qwen2VLForConditionalGeneration, or a peft PeftModel around it
+        self.vlm = vlm  # the backbone's model class, or a peft PeftModel around it
         self.whisper = whisper.requires_grad_(False).eval()
         vocabulary = ((lambda: self.base_vlm.get_input_embeddings().weight) if cfg.audio_projector == "vocab"
                       else None)
@@ -134,15 +110,16 @@ class AudioGraftedQwen2VL(nn.Module):
         self.cfg = cfg
         # False when the encoder was handed in rather than loaded from cfg.whisper: checkpoints then carry it.
         self.whisper_from_cfg = whisper_from_cfg
+        self.backbone: Backbone = backbones.backbone_of(self.base_vlm)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
 
     @property
-    def base_vlm(self) -> Qwen2VLForConditionalGeneration:
-        """The Qwen2-VL model itself (LoRA layers, when any, are injected into it in place)."""
+    def base_vlm(self) -> nn.Module:
+        """The vision-language model itself (LoRA layers, when any, are injected into it in place)."""
         return self.vlm.get_base_model() if hasattr(self.vlm, "get_base_model") else self.vlm
 
-    def train(self, mode: bool = True) -> "AudioGraftedQwen2VL":
+    def train(self, mode: bool = True) -> "AudioGraftedVLM":
         super().train(mode)
         self.whisper.eval()  # frozen: its dropout stays off while the rest trains
         return self
@@ -237,7 +214,7 @@ class AudioGraftedQwen2VL(nn.Module):
 # --- building ------------------------------------------------------------------------------------------
 
 def build_tiny_tokenizer(cfg: Config | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on the task's own text, with Qwen2-VL's special tokens and chat template.
+    """A byte-level BPE trained on the task's own text, with the tiny backbone's special tokens and chat template.
 
     The corpus is every question wording of both templates, every answer sentence and the prompt
     wording, so the tiny preset needs a vocabulary of ~1k instead of Qwen's 152k. Byte-level BPE decodes
@@ -252,34 +229,12 @@ def build_tiny_tokenizer(cfg: Config | None = None) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS),
+    special = list(backbones.TINY_SPECIAL_TOKENS)
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token="<|endoftext|>",
-                                   additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-                                   chat_template=QWEN2_VL_CHAT_TEMPLATE)
-
-
-def tiny_vlm_config(tokenizer: Any) -> Qwen2VLConfig:
-    """The tiny preset's Qwen2-VL: the real architecture at small dimensions (2.2 M parameters with the task
-    tokenizer), the architecture of the model in ``checkpoints/tiny-phantom``; ``vlm_from_scratch`` gives it
-    random weights."""
-    ids = tokenizer.get_vocab()
-    hidden, heads = 128, 4  # head_dim 32: mrope_section must sum to head_dim / 2 = 16
-    # M-RoPE gives section k of the rotary frequencies (highest first) to position axis k % 3 (time, height,
-    # width). Qwen2-VL's contiguous [t, h, w] sections leave width only the slowest frequencies: at head_dim 32
-    # ([4, 6, 6]) the 4 token columns of a 112 px frame differ by < 0.07 rad, and a tiny model could not tell
-    # left from right (lesion quadrant and drift stayed at chance). Sixteen 1-wide sections interleave the
-    # axes (as Qwen3-VL does), so height and width each get fast and slow frequencies; stock classes, config only.
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1] * 16},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[IM_END], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(depth=4, embed_dim=128, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=special[0],
+                                   additional_special_tokens=special[1:], chat_template=backbones.TINY.chat_template)
 
 
 def _torch_dtype(cfg: Config) -> torch.dtype:
@@ -294,17 +249,19 @@ def _local_dir(name_or_path: str, cfg: Config) -> Path | None:
     return None
 
 
-def _load_vlm(name_or_path: str, cfg: Config) -> Qwen2VLForConditionalGeneration:
-    """Qwen2-VL from a local folder (never touching the network) or a hub id; 4-bit nf4 when asked."""
+def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
+    """The vision-language model from a local folder (never touching the network) or a hub id, as the class
+    its backbone names; 4-bit nf4 when asked."""
     local = _local_dir(name_or_path, cfg)
+    backbone = backbones.backbone_of_checkpoint(str(local or name_or_path), local_files_only=local is not None)
     quantization = None
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
-                                          llm_int8_skip_modules=NOT_QUANTIZED)
-    return Qwen2VLForConditionalGeneration.from_pretrained(
+                                          llm_int8_skip_modules=list(backbone.not_quantized))
+    return backbone.model_class.from_pretrained(
         str(local or name_or_path), dtype=_torch_dtype(cfg), quantization_config=quantization,
         local_files_only=local is not None)
 
@@ -327,16 +284,11 @@ def _whisper_encoder(whisper: nn.Module) -> WhisperEncoder:
 
 
 def _load_whisper_from_cfg(cfg: Config) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
-    try:
-        from .whisper import load_whisper
-    except ImportError as e:
-        raise ImportError(f"cannot load Whisper {cfg.whisper!r}: surgvqa.audio is not available ({e}); "
-                          f"pass whisper=(encoder, feature_extractor) explicitly") from e
     whisper, processor = load_whisper(cfg.whisper, cfg)
     return _whisper_encoder(whisper), processor.feature_extractor
 
 
-def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> nn.Module:
+def _apply_training_setup(vlm: nn.Module, cfg: Config) -> nn.Module:
     """LoRA on every language-model linear layer (all else frozen), or the whole VLM trainable."""
     if cfg.gradient_checkpointing:
         vlm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -356,7 +308,7 @@ def _apply_training_setup(vlm: Qwen2VLForConditionalGeneration, cfg: Config) -> 
     # trained too (it is saved with the adapter); a pretrained lm_head stays frozen.
     train_output_layer = cfg.vlm == "tiny" and cfg.vlm_from_scratch
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LM_LINEAR_LAYERS, bias="none",
+                      target_modules=backbones.backbone_of(vlm).lora_target, bias="none",
                       modules_to_save=["lm_head"] if train_output_layer else None)
     with _peft_quiet():
         return get_peft_model(vlm, lora)
@@ -371,15 +323,15 @@ def _peft_quiet():
 
 
 def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] | None = None,
-                device: torch.device | str | None = None) -> AudioGraftedQwen2VL:
+                device: torch.device | str | None = None) -> AudioGraftedVLM:
     """The graft for a config.
 
     ``cfg.vlm == "tiny"``: the small Qwen2-VL pretrained on phantom clips that ships in
     ``checkpoints/tiny-phantom`` (see its MODEL_CARD.md), or, with ``vlm_from_scratch``, a random-init one
-    of the same architecture with the task tokenizer. Otherwise Qwen2-VL is loaded from ``cfg.vlm`` (a local folder or a
-    hub id), in 4-bit nf4 when ``load_in_4bit``. Whisper comes from ``surgvqa.audio`` unless ``whisper``
-    gives ``(model or encoder, feature_extractor)``. Everything is placed on ``device`` (default: the
-    config's, see ``Config.torch_device``).
+    of the same architecture with the task tokenizer. Otherwise the model is loaded from ``cfg.vlm`` (a local
+    folder or a hub id) as the class of its backbone, in 4-bit nf4 when ``load_in_4bit``. Whisper comes from
+    ``surgvqa.whisper`` unless ``whisper`` gives ``(model or encoder, feature_extractor)``. Everything is placed
+    on ``device`` (default: the config's, see ``Config.torch_device``).
     """
     if whisper is None:
         encoder, feature_extractor = _load_whisper_from_cfg(cfg)
@@ -392,7 +344,7 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
         tokenizer = build_tiny_tokenizer(cfg)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            vlm = Qwen2VLForConditionalGeneration(tiny_vlm_config(tokenizer)).to(_torch_dtype(cfg))
+            vlm = backbones.TINY.model_class(backbones.TINY.tiny_config(tokenizer)).to(_torch_dtype(cfg))
     else:
         source = str(TINY_PRETRAINED_DIR) if cfg.vlm == "tiny" else cfg.vlm
         if cfg.vlm == "tiny" and not (TINY_PRETRAINED_DIR / "model.safetensors").is_file():
@@ -404,14 +356,14 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
         vlm.resize_token_embeddings(len(tokenizer))
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = AudioGraftedQwen2VL(_apply_training_setup(vlm, cfg), encoder, tokenizer, feature_extractor,
+        model = AudioGraftedVLM(_apply_training_setup(vlm, cfg), encoder, tokenizer, feature_extractor,
                                     cfg, whisper_from_cfg=whisper is None)
     if cfg.pretrained_projector and not (cfg.vlm == "tiny" and cfg.vlm_from_scratch):
         load_pretrained_projector(model)
     return place(model, device)
 
 
-def place(model: AudioGraftedQwen2VL, device: torch.device | str | None = None) -> AudioGraftedQwen2VL:
+def place(model: AudioGraftedVLM, device: torch.device | str | None = None) -> AudioGraftedVLM:
     """Whisper, the projector and the VLM on one device (default: the config's). A 4-bit VLM stays where
     bitsandbytes put it (the current CUDA device), and the rest joins it there."""
     if model.cfg.load_in_4bit:
@@ -422,7 +374,7 @@ def place(model: AudioGraftedQwen2VL, device: torch.device | str | None = None) 
     return model.to(torch.device(device) if device is not None else model.cfg.torch_device())
 
 
-def on_device(batch: dict[str, Any], model: AudioGraftedQwen2VL) -> dict[str, Any]:
+def on_device(batch: dict[str, Any], model: AudioGraftedVLM) -> dict[str, Any]:
     """A collated batch with its tensors on the model's device."""
     device = model.base_vlm.device
 
@@ -440,7 +392,7 @@ def save_projector_source(directory: Path, whisper: str, whisper_fingerprint: st
     return path
 
 
-def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY_PRETRAINED_DIR.parent,
+def load_pretrained_projector(model: AudioGraftedVLM, directory: Path = TINY_PRETRAINED_DIR.parent,
                               whisper_fingerprint: str | None = None) -> None:
     """Load the projector pretrained with the tiny VLM, after checking that it was trained on the outputs of
     the encoder it will get (``whisper_fingerprint``; by default this model's own Whisper weights), with the
@@ -448,8 +400,6 @@ def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY
     import json
 
     from safetensors.torch import load_file
-
-    from .whisper import encoder_fingerprint
 
     cfg = model.cfg
     if cfg.vlm != "tiny" or cfg.vlm_from_scratch:
@@ -470,21 +420,18 @@ def load_pretrained_projector(model: AudioGraftedQwen2VL, directory: Path = TINY
     model.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
 
 
-def collator(model: AudioGraftedQwen2VL) -> Collator:
+def collator(model: AudioGraftedVLM) -> Collator:
     """The collator that matches a model: its tokenizer, feature extractor, config and vision patching."""
     vision = model.base_vlm.config.vision_config
-    return Collator.from_config(model.cfg, model.tokenizer, model.feature_extractor,
+    return Collator.from_config(model.cfg, model.tokenizer, model.feature_extractor, backbone=model.backbone,
                                 patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
                                 merge_size=vision.spatial_merge_size)
 
 
-def parameter_groups(model: AudioGraftedQwen2VL) -> list[dict[str, Any]]:
-    """Optimizer groups: the projector at cfg.projector_lr, every other trainable weight at cfg.lr."""
-    projector = [p for p in model.projector.parameters() if p.requires_grad]
-    others = [p for p in model.vlm.parameters() if p.requires_grad]
-    if any(p.requires_grad for p in model.whisper.parameters()):
-        raise RuntimeError("Whisper must stay frozen")
-    return [{"params": projector, "lr": model.cfg.projector_lr}, {"params": others, "lr": model.cfg.lr}]
+def parameter_groups(model: AudioGraftedVLM) -> list[dict[str, Any]]:
+    """Optimizer groups of fine-tuning (``loop.optimizer_groups``): the projector at cfg.projector_lr, every
+    other trainable weight at cfg.lr."""
+    return optimizer_groups(model)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -492,7 +439,7 @@ def parameter_groups(model: AudioGraftedQwen2VL) -> list[dict[str, Any]]:
 PROJECTOR_FILE = "projector.safetensors"
 
 
-def save_checkpoint(model: AudioGraftedQwen2VL, directory: str | Path, cfg: Config | None = None) -> Path:
+def save_checkpoint(model: AudioGraftedVLM, directory: str | Path, cfg: Config | None = None) -> Path:
     """One folder: config.json, tokenizer, feature extractor, projector, and the VLM weights that matter.
 
     With LoRA: ``adapter/`` only, plus ``vlm/`` base weights when they cannot be loaded from cfg.vlm (the
@@ -526,7 +473,7 @@ def save_checkpoint(model: AudioGraftedQwen2VL, directory: str | Path, cfg: Conf
 
 
 def load_checkpoint(directory: str | Path, trainable: bool = False, device: torch.device | str | None = None,
-                    **overrides: Any) -> AudioGraftedQwen2VL:
+                    **overrides: Any) -> AudioGraftedVLM:
     """The model saved by save_checkpoint (same logits), placed like ``build_model``; ``overrides`` change the
     config (e.g. load_in_4bit)."""
     from peft import PeftModel
@@ -552,7 +499,7 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
             vlm = PeftModel.from_pretrained(vlm, str(directory / "adapter"), is_trainable=trainable)
     else:
         vlm.requires_grad_(trainable)
-    model = AudioGraftedQwen2VL(vlm, encoder, tokenizer, feature_extractor, cfg,
+    model = AudioGraftedVLM(vlm, encoder, tokenizer, feature_extractor, cfg,
                                 whisper_from_cfg=not (directory / "whisper").is_dir())
     model.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
     model.projector.requires_grad_(trainable)
@@ -560,7 +507,7 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
 
 
 @contextlib.contextmanager
-def adapter_disabled(model: AudioGraftedQwen2VL):
+def adapter_disabled(model: AudioGraftedVLM):
     """Within it the model is its base VLM: the LoRA adapter is switched off (no second copy is loaded), which
     is the zero-shot baseline of a LoRA run."""
     if not model.cfg.lora:
@@ -569,7 +516,7 @@ def adapter_disabled(model: AudioGraftedQwen2VL):
         yield model
 
 
-def merge_for_export(model: AudioGraftedQwen2VL) -> AudioGraftedQwen2VL:
+def merge_for_export(model: AudioGraftedVLM) -> AudioGraftedVLM:
     """Fold the LoRA adapter into the base weights (in place); save_checkpoint then writes the full VLM."""
     if not model.cfg.lora:
         raise ValueError("the model has no LoRA adapter to merge")
@@ -582,3 +529,76 @@ def merge_for_export(model: AudioGraftedQwen2VL) -> AudioGraftedQwen2VL:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --- the vision tower's attention over clips of equal size ---------------------------------------------------
+
+# Vision attention routed to a registered function. transformers passes the packed sequence with its
+# cu_seqlens only to implementations whose name contains "flash" (is_flash_attention_requested); any other
+# name gets one call per image/frame after a `lengths.tolist()` host sync in every vision layer.
+CLIP_ATTENTION = "flash_api_equal_clips_sdpa"
+
+
+class ClipAttention:
+    """Vision attention for a packed sequence of clips: one SDPA call over (clips, heads, length, dim).
+
+    The vision tower attends within each image / temporal slice only. When every slice has the same number of
+    patches (the study's clips always do) the packed sequence is a reshape away from a batch, so the whole
+    layer is one kernel and nothing waits for the host. Unequal slices fall back to one call per slice.
+    """
+
+    def __init__(self) -> None:
+        self.packed_calls = 0  # calls over a packed sequence: one a vision layer
+
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs: Any
+                 ) -> tuple[torch.Tensor, None]:
+        heads, total, dim = query.shape[1:]  # (1, heads, patches, dim)
+        if cu_seq_lens_q is None:
+            raise ValueError(f"{CLIP_ATTENTION} needs the packed sequence's cu_seq_lens (the vision tower passes "
+                             f"them to attention functions whose name contains 'flash')")
+        self.packed_calls += 1
+        clips = cu_seq_lens_q.numel() - 1
+        if max_length_q * clips == total:  # lengths sum to total and none exceeds the max: all equal
+            q, k, v = (t[0].view(heads, clips, max_length_q, dim).transpose(0, 1) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, scale=scaling, dropout_p=dropout)
+            out = out.transpose(0, 1).reshape(heads, total, dim)
+        else:
+            bounds = cu_seq_lens_q.tolist()
+            out = torch.cat([F.scaled_dot_product_attention(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b],
+                                                            scale=scaling, dropout_p=dropout)
+                             for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+        return out.transpose(0, 1).unsqueeze(0), None
+
+
+_registered: ClipAttention | None = None
+
+
+def register_clip_attention() -> ClipAttention:
+    """The registered clip attention (registered at the first call; its call counters are shared)."""
+    global _registered
+    from transformers import AttentionInterface
+
+    if _registered is None:
+        _registered = ClipAttention()
+        AttentionInterface.register(CLIP_ATTENTION, _registered)
+    return _registered
+
+
+def set_vision_attention(base: nn.Module, name: str) -> None:
+    # Read at every forward by the vision blocks; set on the config object they hold, no re-validation.
+    base.model.visual.config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def vision_attention(model: "AudioGraftedVLM", name: str):
+    """The vision tower on the attention function ``name`` for the duration (restored after)."""
+    if name == CLIP_ATTENTION:
+        register_clip_attention()
+    before = model.base_vlm.model.visual.config._attn_implementation
+    set_vision_attention(model.base_vlm, name)
+    try:
+        yield
+    finally:
+        set_vision_attention(model.base_vlm, before)

@@ -22,6 +22,9 @@ from typing import Iterator
 
 import numpy as np
 
+from .files import write_wav_atomic
+from .tts import render, voice_pools
+
 NOISE_KINDS = ("babble", "broadband", "beeps", "hiss", "reverb")
 # down to -5 dB, so that a question at 0 dB (as loud as the room) lies inside what training hears
 TRAIN_SNR_DB = (-5.0, 25.0)
@@ -84,8 +87,6 @@ def _seeded(seed: int) -> Iterator[None]:
 def noise_sources(noise_dir: str | Path, pool: str, sample_rate: int = 16000, tts_engine: str = "espeak-ng"
                   ) -> Path:
     """The folder of babble and beep recordings for ``pool`` ("train" or "eval" voices), made on first use."""
-    from .audio import render, voice_pools, write_wav_atomic
-
     if pool not in ("train", "eval"):
         raise ValueError(f"noise pool {pool!r}: train (training noise) or eval (the checks); never test voices")
     folder = Path(noise_dir) / f"v{SOURCE_VERSION}-{pool}-{sample_rate}"

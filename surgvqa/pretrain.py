@@ -1,5 +1,6 @@
 """Stage 0: phantom pretraining of the tiny preset's Qwen2-VL, so that the offline study starts from a model
-that can see. ``python -m surgvqa pretrain --out DIR [--device cuda] [-p key=value ...] [options]``.
+that can see. ``python -m surgvqa pretrain --out DIR [--device cuda] [-p key=value ...]``, where a key is a
+Config key (over the ``phantom-pretrain`` preset) or a pretraining setting (``config.PretrainSettings``).
 
 A tiny random-init VLM trained on one question per clip stays at the answer prior (docs/design.md, Training):
 one vision pass buys one answer, and a thin tool line or a lesion drift gives too little gradient. Here
@@ -34,7 +35,7 @@ and are the hardest to learn; every other label keeps its prior mix.
 Speed (the tiny model is launch-bound on a GPU, not compute-bound):
 - DataLoader workers render, tokenise and lay out whole batches, including the M-RoPE positions (every
   clip has the same vision layout, so positions are a fixed prefix plus a text ramp: no per-sample
-  ``get_rope_index`` with its host syncs on the device); frames travel as uint8 and are patched and
+  rope index with its host syncs on the device); frames travel as uint8 and are patched and
   normalised on the device (4x less to move than float patches).
 - The vision tower attends every temporal slice of every clip in ONE batched SDPA call (all slices have
   the same size) instead of one call per slice after a ``lengths.tolist()`` host sync in every layer.
@@ -44,6 +45,9 @@ Speed (the tiny model is launch-bound on a GPU, not compute-bound):
   the padding after it, and padding carries no label. Logits are computed at label positions only, by an
   index computed in the worker (no boolean-mask host sync).
 - Metrics accumulate on the device; they are read (one sync) every ``log_every`` steps.
+
+The loop (``pretrain``) reads as fine-tuning's and alignment's do (``surgvqa.loop``): setup, one flat loop over
+steps, and named helpers for a step, a log line and an evaluation.
 
 Evaluation (``surgvqa.pretrain_report``): per-type accuracy by candidate scoring in the text mode on held-out
 random clips (another seed), on the phantom renderings of the published eval split, and the single
@@ -58,85 +62,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import dataclasses
 import json
 import math
-import shlex
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .config import Config, get_config, parse_overrides
+from .config import Config, PretrainSettings, parse_overrides, pretrain_config
 from .data import QUESTION_TYPES
-from .fastpath import CLIP_ATTENTION, register_clip_attention, set_vision_attention
-from .model import (AudioGraftedQwen2VL, build_model, count_parameters, load_pretrained_projector, save_checkpoint,
+from .loop import Interval, RunLog, autocast_for, due, optimizer_groups
+from .model import (CLIP_ATTENTION, AudioGraftedVLM, register_clip_attention, set_vision_attention, build_model, count_parameters, load_pretrained_projector, save_checkpoint,
                     save_projector_source)
-from .pretrain_data import (ROW_MODES, HeardBank, PhantomRows, check_frame_size, row_builder,
+from .pretrain_data import (ROW_MODES, HeardBank, PhantomRows, RowBuilder, check_frame_size, row_builder,
                             shared_vision_token_losses)
-from .pretrain_report import (SCORED_SETS, autocast_for, eval_split_clips, evaluate_all, folder_megabytes,
-                              heldout_clips, per_type_table, write_curves, write_model_card)
+from .pretrain_report import (SCORED_SETS, eval_log_rows, eval_split_clips, evaluate_all, folder_megabytes,
+                              heldout_clips, per_type_table, pretrain_command, write_curves, write_model_card)
 
 CHECKPOINT_LIMIT_MB = 25
 # The prefix of each row mode's per-type training metrics.
 MODE_PREFIX = {"text": "", "audio": "heard_", "both": "both_"}
 
 
-@dataclass
-class PretrainSettings:
-    """What pretraining needs beside its Config (the ``phantom-pretrain`` preset: frame_size, a multiple of 28
-    so that clips are rendered at the size patched; batch_size in clips, each giving ~14 single-turn rows;
-    max_steps, lr, projector_lr, warmup_steps, eval_every, num_workers)."""
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.01
-    data_seed: int = 1  # training clips: random_clip_samples(seed=data_seed)
-    heldout_seed: int = 2  # held-out clips: another seed, so other states and other renderings
-    heldout_clips: int = 200
-    eval_rows: int = 0  # rows of the published eval split to score (0: all)
-    eval_batch_size: int = 64
-    log_every: int = 25
-    lesion_share: float = 0.5  # share of lesion clips per batch (curriculum; 0: the prior's mix)
-    max_minutes: float = 0.0  # 0: no limit; else training stops in time for the final evaluation
-    question_types: str = ""  # comma-separated question types to train on (empty: all)
-    # Heard questions: a HeardBank file (``python -m surgvqa heard-bank``) and the probability that a question
-    # of a clip gets, beside its written row, a row where it is heard (audio-only prompt, a train voice).
-    heard_bank: str = ""
-    heard_share: float = 0.0
-    # the probability that a question also gets a row where it is heard AND written (the "both" prompt)
-    both_share: float = 0.0
-    # a checkpoint folder whose projector starts training (its projector_source.json must name the bank's
-    # encoder fingerprint and pooling); empty: a random projector
-    projector_from: str = ""
-    # bf16 autocast on CUDA. Off by default: the tiny model is launch-bound, so fp32 (TF32 matmuls) costs
-    # little, and in bf16 some batches gave non-finite gradients (435 of 3,678 steps were skipped once).
-    bf16: bool = False
-    compile: bool = False  # torch.compile the language model (static shapes: rows padded to 64 multiples)
-    # Model dimensions over model.tiny_vlm_config (None: keep its value).
-    vision_depth: int | None = None
-    vision_embed: int | None = None
-    text_layers: int | None = None
-    text_ffn: int | None = None
-
-    @property
-    def question_type_list(self) -> tuple[str, ...] | None:
-        names = tuple(t.strip() for t in self.question_types.split(",") if t.strip())
-        unknown = [t for t in names if t not in QUESTION_TYPES]
-        if unknown:
-            raise ValueError(f"unknown question types {unknown}; known: {QUESTION_TYPES}")
-        return names or None
-
-
 # --- the model -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def stock_attention(model: AudioGraftedQwen2VL):
+def stock_attention(model: AudioGraftedVLM):
     """The stock attention name while saving, so a saved config never names a function only we register."""
     vision = model.base_vlm.model.visual.config
     name = vision._attn_implementation
@@ -147,17 +104,15 @@ def stock_attention(model: AudioGraftedQwen2VL):
         vision._attn_implementation = name
 
 
-def build_pretrain_model(cfg: Config, settings: PretrainSettings) -> AudioGraftedQwen2VL:
-    """The tiny preset's graft, with model.tiny_vlm_config's dimensions changed where settings say so."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    from .model import tiny_vlm_config
+def build_pretrain_model(cfg: Config, settings: PretrainSettings) -> AudioGraftedVLM:
+    """The tiny preset's graft, with the tiny backbone's dimensions changed where settings say so."""
+    from .backbones import TINY
 
     model = build_model(cfg)
     overrides = {k: getattr(settings, k) for k in ("vision_depth", "vision_embed", "text_layers", "text_ffn")}
     if all(v is None for v in overrides.values()):
         return model
-    config = tiny_vlm_config(model.tokenizer)
+    config = TINY.tiny_config(model.tokenizer)
     vision, text = config.vision_config, config.text_config
     vision.depth = overrides["vision_depth"] or vision.depth
     vision.embed_dim = overrides["vision_embed"] or vision.embed_dim
@@ -169,8 +124,8 @@ def build_pretrain_model(cfg: Config, settings: PretrainSettings) -> AudioGrafte
         raise ValueError(f"vision_embed {vision.embed_dim} is not a multiple of {vision.num_heads} heads")
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        vlm = Qwen2VLForConditionalGeneration(config).requires_grad_(True)
-    return AudioGraftedQwen2VL(vlm, model.whisper, model.tokenizer, model.feature_extractor, cfg,
+        vlm = TINY.model_class(config).requires_grad_(True)
+    return AudioGraftedVLM(vlm, model.whisper, model.tokenizer, model.feature_extractor, cfg,
                                whisper_from_cfg=True)
 
 
@@ -243,44 +198,49 @@ class PhaseTimer:
         return out
 
 
-def optimizer_for(model: AudioGraftedQwen2VL, settings: PretrainSettings, device: torch.device):
-    params = [p for p in model.vlm.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases and norms
-    groups = [{"params": decay, "weight_decay": settings.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if settings.heard_share or settings.both_share:  # the projector gets gradients from heard rows only
-        groups.append({"params": list(model.projector.parameters()), "weight_decay": 0.0,
-                       "lr": model.cfg.projector_lr})  # (it trains only on heard rows)
-    return torch.optim.AdamW(groups, lr=model.cfg.lr, fused=device.type == "cuda")
+# --- the run -------------------------------------------------------------------------------------
+
+@dataclass
+class PretrainRun:
+    """What the loop, its log lines and its evaluations share: the run's fixed parts and its counters."""
+    cfg: Config
+    settings: PretrainSettings
+    out: Path
+    device: torch.device
+    model: AudioGraftedVLM
+    bank: HeardBank | None
+    builder: RowBuilder
+    heldout: list
+    eval_split: list
+    command: str
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.time)
+    # what the loop counts, which log lines, evaluations and metrics.json read
+    step: int = 0
+    skipped_steps: int = 0  # steps whose update a non-finite gradient dropped
+    clips_seen: int = 0
+    answers_seen: int = 0
+    stopped_by: str = "steps"  # or "max_minutes"
+    eval_seconds: float = 0.0  # the last evaluation's: the deadline leaves as long for the final one
+    step_time: dict[str, float] = field(default_factory=dict)  # the last interval's ms per step, by phase
+
+    def __post_init__(self) -> None:
+        self.train_log, self.eval_log = RunLog(self.out / "train_log.csv"), RunLog(self.out / "eval_log.csv")
+        self.deadline = self.started + self.settings.max_minutes * 60 if self.settings.max_minutes else math.inf
+
+    @property
+    def heard(self) -> bool:
+        """Whether rows hear their questions (the projector then trains)."""
+        return bool(self.settings.heard_share or self.settings.both_share)
+
+    def out_of_time(self) -> bool:
+        """Whether to stop now, in time for the final evaluation (as long as the last one took, and a margin)."""
+        return time.time() + 1.2 * self.eval_seconds + 10 > self.deadline
 
 
-# --- the loop ------------------------------------------------------------------------------------
-
-class CsvLog:
-    """A CSV file that rows are appended to; its header is the first row's keys (a later row's extra keys are
-    dropped, missing ones left empty)."""
-
-    def __init__(self, path: Path):
-        self.path, self.columns = path, None
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if self.columns is None:
-                self.columns = list(rows[0])
-                writer.writerow(self.columns)
-            writer.writerows([[row.get(k, "") for k in self.columns] for row in rows])
-
-
-def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: str = "cpu",
-             command: str = "", log=print) -> tuple[AudioGraftedQwen2VL, dict[str, Any]]:
-    """Pretrain, evaluating every ``eval_every`` steps and at the end (each time rewriting the output
-    folder); the trained model and the final metrics. One function, like ``surgvqa.train.train``: the setup,
-    the loop and ``evaluate_and_save`` share the model, the loader and the run's counters; the rows, the
-    measurements and the reports are in ``pretrain_data`` and ``pretrain_report``."""
+def setup(cfg: Config, settings: PretrainSettings, out: str | Path, device: str, command: str,
+          log: Callable[[str], None]) -> PretrainRun:
+    """The model on its device (seeded), the heard bank, the row builder and the evaluation clips."""
     started = time.time()
     check_frame_size(cfg.frame_size)
     out = Path(out)
@@ -299,191 +259,205 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
     set_vision_attention(model.base_vlm, CLIP_ATTENTION)  # every clip the same size: one SDPA call a layer
     if settings.compile:
         model.base_vlm.model.language_model.compile()
-
     bank = HeardBank.load(settings.heard_bank) if settings.heard_bank else None
     builder = row_builder(model, cfg.frame_size, settings.question_type_list, bank, settings.heard_share,
                           settings.both_share)
     if settings.projector_from:
-        if bank is None:
-            raise ValueError("projector_from: a pretrained projector continues only on a heard bank's audio")
         # its inputs are the bank's (the encoder on this machine is never run), so the bank's fingerprint counts
         load_pretrained_projector(model, Path(settings.projector_from), bank.fingerprint)
-    loader = DataLoader(PhantomRows(builder, settings, cfg), batch_size=None,
-                        num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
-                        prefetch_factor=4 if cfg.num_workers else None,
+    return PretrainRun(cfg, settings, out, dev, model, bank, builder, heldout_clips(settings, cfg),
+                       eval_split_clips(settings, cfg), command, log, started)
+
+
+def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: str = "cpu",
+             command: str = "", log=print) -> tuple[AudioGraftedVLM, dict[str, Any]]:
+    """Pretrain, evaluating every ``eval_every`` steps and at the end (each time rewriting the output
+    folder); the trained model and the final metrics. The rows, the measurements and the reports are in
+    ``pretrain_data`` and ``pretrain_report``."""
+    from tqdm.auto import tqdm
+
+    run = setup(cfg, settings, out, device, command, log)
+    cfg, model, dev = run.cfg, run.model, run.device
+    loader = DataLoader(PhantomRows(run.builder, settings, cfg), batch_size=None, num_workers=cfg.num_workers,
+                        pin_memory=dev.type == "cuda", prefetch_factor=4 if cfg.num_workers else None,
                         persistent_workers=False)
-    heldout, eval_split = heldout_clips(settings, cfg), eval_split_clips(settings, cfg)
-    optimizer = optimizer_for(model, settings, dev)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, settings.weight_decay, projector=run.heard), lr=cfg.lr,
+                                  fused=dev.type == "cuda")
     schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps,
                                                            min_lr_rate=settings.min_lr_ratio)
     log(f"pretraining {count_parameters(model.vlm):,} parameters on {dev}: {cfg.max_steps} steps of "
-        f"{cfg.batch_size} clips at {cfg.frame_size} px, {cfg.num_workers} workers -> {out}")
-
-    train_log, eval_log = CsvLog(out / "train_log.csv"), CsvLog(out / "eval_log.csv")
-    stats, timer = TypeStats(dev), PhaseTimer(dev)
-    data_wait = clips_seen = answers_seen = interval_rows = 0
-    logged_step = 0
-    step, stopped_by, eval_seconds = 0, "steps", 0.0
-    interval_started = time.perf_counter()
-    history: list[dict[str, Any]] = []
-    step_time: dict[str, float] = {}
-    deadline = started + settings.max_minutes * 60 if settings.max_minutes else math.inf
-
-    def evaluate_and_save() -> dict[str, Any]:
-        nonlocal eval_seconds
-        t0 = time.time()
-        model.eval()
-        tables = evaluate_all(model, heldout, eval_split, settings, builder)
-        model.train()
-        with stock_attention(model):
-            save_checkpoint(model, out, cfg)
-        if bank is not None and (settings.heard_share or settings.both_share):
-            # The projector was trained on this encoder's outputs: fine-tuning may start from it only with the
-            # same encoder (model.build_model checks the fingerprint).
-            save_projector_source(out, bank.whisper, bank.fingerprint, bank.audio_pool, cfg.audio_projector)
-        eval_seconds = time.time() - t0
-        eval_log.write([{"step": step, "set": name, "question_type": qtype, "n": int(row["n"]),
-                         "accuracy": f"{row['accuracy']:.4f}", "chance": f"{row['chance']:.4f}" if "chance" in row else ""}
-                        for name, table in tables.items() for qtype, row in table.iterrows()])
-        table = per_type_table(tables)
-        minimum = {name: float(tables[name]["accuracy"].min()) for name in SCORED_SETS if name in tables}
-        config = model.base_vlm.config
-        metrics = {
-            "command": command, "device": str(dev), "steps": step, "stopped_by": stopped_by,
-            "wall_minutes": (time.time() - started) / 60, "clips_seen": clips_seen, "answers_seen": answers_seen,
-            "parameters": count_parameters(model.vlm),
-            "model_dims": {"hidden": config.text_config.hidden_size, "text_layers": config.text_config.num_hidden_layers,
-                           "text_ffn": config.text_config.intermediate_size,
-                           "vision_depth": config.vision_config.depth, "vision_embed": config.vision_config.embed_dim},
-            "settings": dataclasses.asdict(settings), "config": cfg.to_dict(), "step_time_ms": step_time,
-            "min_accuracy": minimum, "eval_seconds": eval_seconds,
-            "heard_bank": bank.describe() if bank is not None else None,
-            "per_type": json.loads(table.to_json(orient="index")),
-        }
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if train_log.path.exists():
-            metrics["curves"] = str(write_curves(out))
-        write_model_card(out, metrics, table)
-        size = folder_megabytes(out)
-        if size > CHECKPOINT_LIMIT_MB:
-            log(f"warning: the checkpoint folder holds {size:.1f} MB, over {CHECKPOINT_LIMIT_MB} MB")
-        log(f"step {step}: min accuracy {minimum}, single frame on motion "
-            f"{tables['heldout_single_frame']['accuracy'].round(3).to_dict()} ({eval_seconds:.0f} s)")
-        history.append({"step": step, **minimum})
-        return metrics
-
-    from tqdm.auto import tqdm
-
-    # A step reads top to bottom: batch, forward, backward, a non-finite gradient's skipped update, the
-    # optimizer, the logging interval and the evaluation.
-    skipped_steps = 0
-    batches = iter(loader)
+        f"{cfg.batch_size} clips at {cfg.frame_size} px, {cfg.num_workers} workers -> {run.out}")
+    stats, timer, interval = TypeStats(dev), PhaseTimer(dev), Interval()
+    batches = interval.batches(loader)
     progress = tqdm(total=cfg.max_steps, desc="pretrain", disable=None)
-    while step < cfg.max_steps:
-        # Stop in time for the final evaluation (as long as the last one took, plus a margin).
-        if time.time() + 1.2 * eval_seconds + 10 > deadline:
-            stopped_by = "max_minutes"
+    while run.step < cfg.max_steps:
+        if run.out_of_time():
+            run.stopped_by = "max_minutes"
             break
-        waited = time.perf_counter()
-        batch = next(batches)
-        data_wait += time.perf_counter() - waited
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        marks = [timer.mark()]
-        with autocast_for(dev, settings.bf16):
-            token_loss, logits = shared_vision_token_losses(model, batch)
-        loss = token_loss.mean()
-        marks.append(timer.mark())
-        loss.backward()
-        marks.append(timer.mark())
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0,
-                                                   foreach=True)
-        if not torch.isfinite(grad_norm):
-            # one non-finite batch must not poison the weights: drop its update, count it, go on
-            skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            step += 1
-            progress.update(1)
-            continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        marks.append(timer.mark())
-        timer.add_step(marks)
-        stats.add(batch, token_loss, logits)
-        clips_seen += batch["frames"].shape[0]
-        answers_seen += batch["answer_type"].shape[0]
-        interval_rows += batch["answer_type"].shape[0]
-        step += 1
+        batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+        losses = train_step(model, batch, optimizer, schedule, settings.bf16, timer)
+        run.step += 1
+        interval.steps += 1
         progress.update(1)
-        if step % settings.log_every == 0 or step == cfg.max_steps:
-            train_values = stats.read()
+        if losses is None:  # a non-finite gradient: its update was dropped
+            run.skipped_steps += 1
+            continue
+        stats.add(batch, *losses)
+        run.clips_seen += batch["frames"].shape[0]
+        run.answers_seen += batch["answer_type"].shape[0]
+        interval.items += batch["answer_type"].shape[0]
+        if due(run.step, settings.log_every, cfg.max_steps):
+            # the language model's rate (the projector's group, when any, comes first)
+            log_interval(run, stats.read(), interval, timer, schedule.get_last_lr()[-1], progress)
             stats = TypeStats(dev)
-            elapsed = time.perf_counter() - interval_started
-            n_steps = step - logged_step
-            logged_step = step
-            step_time = {"step_wall": elapsed / n_steps * 1000, "data_wait": data_wait / n_steps * 1000,
-                         **timer.read()}
-            row = {"step": step, "elapsed_s": round(time.time() - started, 1), "lr": schedule.get_last_lr()[0],
-                   "skipped_steps": skipped_steps, "rows": round(interval_rows / n_steps),
-                   **{f"{k}_ms": round(v, 2) for k, v in step_time.items() if not k.endswith("_ms")},
-                   **{k: round(v, 2) for k, v in step_time.items() if k.endswith("_ms")}, **train_values}
-            train_log.write([row])
-            progress.set_postfix(loss=f"{train_values['train_loss']:.3f}", ms=f"{step_time['step_wall']:.0f}")
-            if progress.disable:
-                accuracies = {k.split("/", 1)[1]: v for k, v in train_values.items() if k.startswith("answer_exact/")}
-                worst = min(accuracies, key=accuracies.get)
-                print(f"step {step}: loss {train_values['train_loss']:.4f}, min train accuracy "
-                      f"{accuracies[worst]:.3f} ({worst}), {step_time['step_wall']:.0f} ms/step "
-                      f"(data wait {step_time['data_wait']:.0f}), {row['rows']} rows, skipped {skipped_steps}",
-                      flush=True)
-            data_wait, interval_rows, interval_started = 0.0, 0, time.perf_counter()
-        if step % cfg.eval_every == 0 and step < cfg.max_steps:
-            evaluate_and_save()
+        if run.step < cfg.max_steps and due(run.step, cfg.eval_every):
+            evaluate_and_save(run)
     progress.close()
-    return model, evaluate_and_save()
+    return model, evaluate_and_save(run)
 
 
-# Flags for the Config keys that pretraining sets most (as the model card's commands give them); ``-p`` sets any.
-CONFIG_FLAGS = {"frame_size": int, "batch_size": int, "steps": int, "lr": float, "warmup_steps": int,
-                "num_workers": int, "eval_every": int, "projector_lr": float}
+def train_step(model: AudioGraftedVLM, batch: dict[str, torch.Tensor], optimizer, schedule, bf16: bool,
+               timer: PhaseTimer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Forward, backward and the clipped update of one batch, timed by phase: the token losses and logits, or
+    None when the gradient was not finite (one such batch must not poison the weights: its update is dropped,
+    the schedule still steps)."""
+    marks = [timer.mark()]
+    with autocast_for(batch["input_ids"].device, bf16):
+        token_loss, logits = shared_vision_token_losses(model, batch)
+    loss = token_loss.mean()
+    marks.append(timer.mark())
+    loss.backward()
+    marks.append(timer.mark())
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0,
+                                               foreach=True)
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.step()
+    if not finite:
+        return None
+    marks.append(timer.mark())
+    timer.add_step(marks)
+    return token_loss, logits
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config, PretrainSettings]:
-    """The run's Config (the ``phantom-pretrain`` preset, then the flags above, ``--steps`` being max_steps,
-    then ``-p key=value``) and its PretrainSettings."""
+def log_interval(run: PretrainRun, train_values: dict[str, float], interval: Interval, timer: PhaseTimer,
+                 lr: float, progress) -> None:
+    """One row of ``train_log.csv`` for the steps since the last (losses and teacher-forced exact answers per
+    type and row mode, step time by phase, the wait for data), and a line where no progress bar is drawn."""
+    n_steps = interval.steps
+    run.step_time = {"step_wall": interval.seconds / n_steps * 1000, "data_wait": interval.waited / n_steps * 1000,
+                     **timer.read()}
+    row = {"step": run.step, "elapsed_s": round(time.time() - run.started, 1), "lr": lr,
+           "skipped_steps": run.skipped_steps, "rows": round(interval.items / n_steps),
+           **{f"{k}_ms": round(v, 2) for k, v in run.step_time.items() if not k.endswith("_ms")},
+           **{k: round(v, 2) for k, v in run.step_time.items() if k.endswith("_ms")}, **train_values}
+    run.train_log.write([row])
+    progress.set_postfix(loss=f"{train_values['train_loss']:.3f}", ms=f"{run.step_time['step_wall']:.0f}")
+    if progress.disable:
+        accuracies = {k.split("/", 1)[1]: v for k, v in train_values.items() if k.startswith("answer_exact/")}
+        worst = min(accuracies, key=accuracies.get)
+        print(f"step {run.step}: loss {train_values['train_loss']:.4f}, min train accuracy "
+              f"{accuracies[worst]:.3f} ({worst}), {run.step_time['step_wall']:.0f} ms/step "
+              f"(data wait {run.step_time['data_wait']:.0f}), {row['rows']} rows, skipped {run.skipped_steps}",
+              flush=True)
+    interval.restart()
+
+
+def evaluate_and_save(run: PretrainRun) -> dict[str, Any]:
+    """Evaluate, then rewrite the output folder: the checkpoint (with the projector's source when it heard),
+    ``eval_log.csv``, ``metrics.json``, the curves and the model card; the metrics."""
+    t0 = time.time()
+    run.model.eval()
+    tables = evaluate_all(run.model, run.heldout, run.eval_split, run.settings, run.builder)
+    run.model.train()
+    with stock_attention(run.model):
+        save_checkpoint(run.model, run.out, run.cfg)
+    if run.bank is not None and run.heard:
+        # The projector was trained on this encoder's outputs: fine-tuning may start from it only with the
+        # same encoder (model.build_model checks the fingerprint).
+        save_projector_source(run.out, run.bank.whisper, run.bank.fingerprint, run.bank.audio_pool,
+                              run.cfg.audio_projector)
+    run.eval_seconds = time.time() - t0
+    run.eval_log.write(eval_log_rows(run.step, tables))
+    table = per_type_table(tables)
+    metrics = run_metrics(run, tables, table)
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if run.train_log.path.exists():
+        metrics["curves"] = str(write_curves(run.out))
+    write_model_card(run.out, metrics, table)
+    size = folder_megabytes(run.out)
+    if size > CHECKPOINT_LIMIT_MB:
+        run.log(f"warning: the checkpoint folder holds {size:.1f} MB, over {CHECKPOINT_LIMIT_MB} MB")
+    run.log(f"step {run.step}: min accuracy {metrics['min_accuracy']}, single frame on motion "
+            f"{tables['heldout_single_frame']['accuracy'].round(3).to_dict()} ({run.eval_seconds:.0f} s)")
+    return metrics
+
+
+def run_metrics(run: PretrainRun, tables: dict, table) -> dict[str, Any]:
+    """``metrics.json``: how the run was made and how far it got, and what the evaluation measured."""
+    config = run.model.base_vlm.config
+    return {
+        "command": run.command, "device": str(run.device), "steps": run.step, "stopped_by": run.stopped_by,
+        "wall_minutes": (time.time() - run.started) / 60, "clips_seen": run.clips_seen,
+        "answers_seen": run.answers_seen, "parameters": count_parameters(run.model.vlm),
+        "model_dims": {"hidden": config.text_config.hidden_size, "text_layers": config.text_config.num_hidden_layers,
+                       "text_ffn": config.text_config.intermediate_size,
+                       "vision_depth": config.vision_config.depth, "vision_embed": config.vision_config.embed_dim},
+        "settings": run.settings.to_dict(), "config": run.cfg.to_dict(), "step_time_ms": run.step_time,
+        "min_accuracy": {name: float(tables[name]["accuracy"].min()) for name in SCORED_SETS if name in tables},
+        "eval_seconds": run.eval_seconds,
+        "heard_bank": run.bank.describe() if run.bank is not None else None,
+        "per_type": json.loads(table.to_json(orient="index")),
+    }
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+# The flags the model card's commands use (checkpoints/tiny-phantom/MODEL_CARD.md), each an alias of one -p key.
+CONFIG_ALIASES = {"steps": "max_steps", "frame_size": "frame_size", "batch_size": "batch_size", "lr": "lr",
+                  "warmup_steps": "warmup_steps", "num_workers": "num_workers", "eval_every": "eval_every",
+                  "projector_lr": "projector_lr"}
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config, PretrainSettings, dict[str, Any]]:
+    """The run's Config (the ``phantom-pretrain`` preset and the Config keys given), its PretrainSettings (the
+    other keys given), and what was given (aliases first, then ``-p``, which wins)."""
     parser = argparse.ArgumentParser(prog="python -m surgvqa pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (the checkpoint, logs and model card)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override of the phantom-pretrain preset (e.g. seed=0, phantom_seed=0)")
-    for name, kind in CONFIG_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                            help=f"config key {'max_steps' if name == 'steps' else name}")
-    defaults = PretrainSettings()
-    for f in dataclasses.fields(PretrainSettings):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
-        else:
-            kind = {"int": int, "float": float, "int | None": int, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=getattr(defaults, f.name))
-    args = parser.parse_args(argv)
-    flagged = {("max_steps" if name == "steps" else name): getattr(args, name) for name in CONFIG_FLAGS
-               if getattr(args, name) is not None}
     # Pretraining starts from random init unless asked to continue (-p vlm_from_scratch=false or -p vlm=DIR).
-    # The projector starts random too (the encoder loaded here may stand in for the bank's); --projector-from
+    # The projector starts random too (the encoder loaded here may stand in for the bank's); -p projector_from=DIR
     # continues a pretrained one, checked against the bank's encoder.
-    cfg = get_config("phantom-pretrain", **{**flagged, **parse_overrides(args.param)})
-    settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainSettings)})
-    return args, cfg, settings
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config key over the phantom-pretrain preset (e.g. max_steps=2000, seed=0) or a "
+                             "pretraining setting of surgvqa.config.PretrainSettings (e.g. heard_share=1.0)")
+    aliases = parser.add_argument_group(
+        "aliases", "kept for the commands quoted by the model card (checkpoints/tiny-phantom/MODEL_CARD.md): each "
+                   "sets the -p key of its name (--steps: max_steps); a -p of the same key wins")
+    fields = {**{flag: (key, Config.__dataclass_fields__[key].type) for flag, key in CONFIG_ALIASES.items()},
+              **{name: (name, f.type) for name, f in PretrainSettings.__dataclass_fields__.items()}}
+    for flag, (key, kind) in fields.items():
+        names, dest = ["--" + flag.replace("_", "-")], "alias:" + key
+        if str(kind) == "bool":
+            aliases.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                 help=f"-p {key}=true/false")
+        else:
+            aliases.add_argument(*names, dest=dest, type={"int": int, "float": float, "str": str}[
+                str(kind).removesuffix(" | None")], default=argparse.SUPPRESS, metavar="V", help=f"-p {key}=V")
+    args = parser.parse_args(argv)
+    given = {dest.removeprefix("alias:"): v for dest, v in vars(args).items() if dest.startswith("alias:")}
+    given.update(parse_overrides(args.param, pretraining=True))
+    cfg, settings = pretrain_config(given)
+    return args, cfg, settings, given
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args, cfg, settings = parse_args(argv)
-    command = "python -m surgvqa pretrain " + shlex.join(argv)
-    _, metrics = pretrain(cfg, settings, args.out, device=args.device, command=command)
+    args, cfg, settings, given = parse_args(argv)
+    _, metrics = pretrain(cfg, settings, args.out, device=args.device,
+                          command=pretrain_command(args.out, args.device, given))
     print(json.dumps({"steps": metrics["steps"], "min_accuracy": metrics["min_accuracy"],
                       "wall_minutes": round(metrics["wall_minutes"], 2)}, indent=2))
     return 0

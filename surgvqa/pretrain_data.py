@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,15 +26,13 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import data, phantom
-from .collate import AUDIO_TOKEN, CLIP_MEAN, CLIP_STD, IM_END, VIDEO_TOKEN, Collator, patch_rows
-from .config import Config, get_config, parse_overrides
+from .backbones import AUDIO_TOKEN, IM_END, TINY, VIDEO_TOKEN, patch_rows
+from .collate import Collator
+from .config import Config, PretrainSettings, get_config, parse_overrides
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
-from .model import AudioGraftedQwen2VL, build_model, collator
+from .model import AudioGraftedVLM, build_model, collator
 from .phantom import ClipState
 from .progress import progress_bar
-
-if TYPE_CHECKING:
-    from .pretrain import PretrainSettings
 
 TEMPLATES = ("in", "out")
 # The question modes of pretraining rows.
@@ -137,8 +135,9 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_
     ``eval_voices`` voices of the eval pool, clean (the heard measurements of pretraining); encode each
     utterance with the config's frozen Whisper exactly as fine-tuning does (``Collator.log_mel``,
     ``whisper_states``), pool it as the projector does, and save the bank to ``out``."""
-    from .audio import assign_voices, audio_relpath, load_question_audio, render_into_cache, voice_pools
+    from .audio import audio_relpath, load_question_audio, render_into_cache
     from .noise import noise_sources, training_noise
+    from .tts import assign_voices, voice_pools
     from .whisper import encoder_fingerprint
 
     model = build_model(cfg)
@@ -345,18 +344,18 @@ def check_frame_size(frame_size: int, patch_size: int = 14, merge_size: int = 2)
 
 def video_patches(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2,
                   merge_size: int = 2) -> torch.Tensor:
-    """``collate.frames_to_patches`` (video layout, no resize) of a batch of uint8 clips (B, T, S, S, 3), on
+    """``backbones.frames_to_patches`` (video layout, no resize) of a batch of uint8 clips (B, T, S, S, 3), on
     whatever device the clips are: (B * t * h * w, 3 * temporal * patch * patch), CLIP-normalised."""
-    mean = torch.tensor(CLIP_MEAN, device=clips.device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=clips.device).view(1, 1, 3, 1, 1)
+    mean = torch.tensor(TINY.image_mean, device=clips.device).view(1, 1, 3, 1, 1)
+    std = torch.tensor(TINY.image_std, device=clips.device).view(1, 1, 3, 1, 1)
     x = (clips.permute(0, 1, 4, 2, 3).float() / 255.0 - mean) / std
     return patch_rows(x, patch_size, temporal_patch_size, merge_size)
 
 
-def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Sequence[str] | None = None,
+def row_builder(model: AudioGraftedVLM, frame_size: int, question_types: Sequence[str] | None = None,
                 bank: HeardBank | None = None, heard_share: float = 0.0, both_share: float = 0.0) -> RowBuilder:
     """The builder for a model's tokenizer and clips of ``frame_size``, with the M-RoPE positions of the
-    shared prefix computed once by Qwen2-VL's own ``get_rope_index``."""
+    shared prefix computed once by the model's own rope index."""
     check_frame_size(frame_size)
     text_collator = dataclasses.replace(collator(model), question_mode="text", frame_size=frame_size)
     vision = model.base_vlm.config.vision_config
@@ -368,9 +367,10 @@ def row_builder(model: AudioGraftedQwen2VL, frame_size: int, question_types: Seq
     end = int(is_video[0].nonzero().max()) + 1
     grid = frame_size // vision.patch_size
     # Up to the first text token after the video: its position is where the text ramp starts.
-    positions, _ = model.base_vlm.model.get_rope_index(
-        ids[:, : end + 1], is_video[:, : end + 1].int() * 2,
-        video_grid_thw=torch.tensor([[FRAMES_PER_CLIP // vision.temporal_patch_size, grid, grid]]))
+    prefix = {"input_ids": ids[:, : end + 1], "mm_token_type_ids": is_video[:, : end + 1].int() * 2,
+              "attention_mask": torch.ones_like(ids[:, : end + 1]),
+              "video_grid_thw": torch.tensor([[FRAMES_PER_CLIP // vision.temporal_patch_size, grid, grid]])}
+    positions, _ = model.backbone.rope_index(model.base_vlm, prefix)
     return RowBuilder(text_collator, vision_tokens, positions[:, 0, :end], int(positions[0, 0, end]), model.cfg,
                       question_types, bank, heard_share, both_share)
 
@@ -432,7 +432,7 @@ def heard_bank_main(argv: list[str] | None = None) -> int:
 
 # --- the forward of a batch of rows ----------------------------------------------------------------
 
-def shared_vision_token_losses(model: AudioGraftedQwen2VL, batch: dict[str, torch.Tensor]
+def shared_vision_token_losses(model: AudioGraftedVLM, batch: dict[str, torch.Tensor]
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every label token of a training batch (on the model's device) and its logits.
 

@@ -5,29 +5,28 @@ the heard bank's eval voices; the curves and the model card written beside the c
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import shlex
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from . import data, phantom
-from .config import Config
+from .config import Config, PretrainSettings, format_override
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
-from .inference import candidate_token_rows, score_candidates
-from .model import AudioGraftedQwen2VL, collator
+from .inference import score_candidates
+from .loop import autocast_for
+from .model import AudioGraftedVLM, collator
 from .phantom import ClipState
 from .pretrain_data import Row, RowBuilder, shared_vision_token_losses
+from .scoring import candidate_scores, candidate_token_rows
 from .workbook import markdown_table
-
-if TYPE_CHECKING:
-    from .pretrain import PretrainSettings
 
 # Motion questions: one frame cannot answer them, so on a repeated frame a model that reads motion from time
 # answers as for a still clip (still_answer_accuracy), or at chance where only moving clips are asked.
@@ -51,13 +50,7 @@ def clip_frames(state: ClipState, frame_size: int, phantom_seed: int, single_fra
     return np.repeat(clip[:1], FRAMES_PER_CLIP, axis=0) if single_frame else clip
 
 
-def autocast_for(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def phantom_accuracy(model: AudioGraftedQwen2VL, samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
+def phantom_accuracy(model: AudioGraftedVLM, samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]],
                      frame_size: int, single_frame: bool = False, question_types: Sequence[str] | None = None,
                      batch_size: int = 64, bf16: bool = False) -> pd.DataFrame:
     """Per question type: n, correct, accuracy and chance of candidate scoring in the text question mode
@@ -87,7 +80,7 @@ def type_accuracy_of_answers(correct: dict[str, list[bool]], cfg: Config) -> pd.
     return pd.DataFrame(rows, columns=["question_type", "n", "correct", "accuracy", "chance"]).set_index("question_type")
 
 
-def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
+def row_candidate_accuracy(model: AudioGraftedVLM, builder: RowBuilder,
                            samples_with_states: Sequence[tuple[ClipState, Sequence[Sample]]], frame_size: int,
                            heard_split: str | None = None, question_types: Sequence[str] | None = None,
                            clips_per_batch: int = 16, bf16: bool = False, seed: int = 0,
@@ -134,13 +127,10 @@ def row_candidate_accuracy(model: AudioGraftedQwen2VL, builder: RowBuilder,
                 0, batch["label_answer"], token_loss.double()).cpu().tolist()
             row = 0
             for samples, owners, labels in asked:
-                best: dict[int, tuple[float, str]] = {}
-                for owner, label in zip(owners, labels):
-                    if owner not in best or nll[row] < best[owner][0]:
-                        best[owner] = (nll[row], label)
-                    row += 1
-                for i, s in enumerate(samples):
-                    correct[s.question_type].append(best[i][1] == s.short_answer)
+                totals = [-x for x in nll[row: row + len(owners)]]  # log-likelihoods, as scoring reduces them
+                row += len(owners)
+                for s, scored in zip(samples, candidate_scores(samples, owners, labels, totals)):
+                    correct[s.question_type].append(scored.label == s.short_answer)
     return type_accuracy_of_answers(correct, model.cfg)
 
 
@@ -175,7 +165,7 @@ def eval_split_clips(settings: PretrainSettings, cfg: Config) -> list[tuple[Clip
     return [(phantom.clip_state_of(samples[0], cfg), samples) for samples in by_clip.values()]
 
 
-def evaluate_all(model: AudioGraftedQwen2VL, heldout, eval_split, settings: PretrainSettings,
+def evaluate_all(model: AudioGraftedVLM, heldout, eval_split, settings: PretrainSettings,
                  builder: RowBuilder | None = None) -> dict[str, pd.DataFrame]:
     """The trained question types only (all by default); with heard (and heard-and-written) rows in training,
     also their accuracy, said by the bank's eval voices (never heard in training)."""
@@ -252,6 +242,22 @@ def write_curves(directory: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def eval_log_rows(step: int, tables: dict[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """The rows of ``eval_log.csv`` for one evaluation: one per (set, question type)."""
+    return [{"step": step, "set": name, "question_type": qtype, "n": int(row["n"]),
+             "accuracy": f"{row['accuracy']:.4f}", "chance": f"{row['chance']:.4f}" if "chance" in row else ""}
+            for name, table in tables.items() for qtype, row in table.iterrows()]
+
+
+def pretrain_command(out: str | Path, device: str, overrides: dict[str, Any]) -> str:
+    """The command that repeats a run, as the model card quotes it: the config keys and pretraining settings
+    it was given over the ``phantom-pretrain`` preset, each as ``-p key=value``."""
+    args = ["--device", device, "--out", str(out)]
+    for key, value in overrides.items():
+        args += ["-p", format_override(key, value)]
+    return "python -m surgvqa pretrain " + shlex.join(args)
 
 
 def write_model_card(directory: Path, metrics: dict[str, Any], table: pd.DataFrame) -> Path:

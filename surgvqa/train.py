@@ -9,12 +9,11 @@ Biases only when ``wandb=True`` and it is installed.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,15 +21,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import audio, data, whisper
-from .collate import EVAL_DRAWS, TRAIN_DRAWS, EncodedAudio, QADataset
+from . import audio, data, features, whisper
+from .collate import EVAL_DRAWS, TRAIN_DRAWS, Collator
 from .config import Config, get_config, parse_overrides
 from .data import Sample, limited
+from .features import EncodedAudio, QADataset
 from .inference import adapter_inputs_uncast, score_candidates
 from .align import align_projector
-from .model import build_model, collator, parameter_groups, save_checkpoint
+from .loop import STATE_FILE, Interval, RunLog, TrainerState, due, optimizer_groups, swap_in
+from .model import build_model, collator, save_checkpoint
 
-STATE_FILE = "trainer_state.json"
 ALIGN_SUMMARY = "align_summary.json"  # what projector alignment measured (surgvqa.align), beside the run
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
 
@@ -41,10 +41,10 @@ def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[st
     run hears no audio or ``cache_audio_features`` is off); training then reads the cached outputs."""
     if cfg.question_mode == "text" or not cfg.cache_audio_features:
         return None
-    folder = whisper.encoded_audio_dir(whisper.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    folder = features.encoded_audio_dir(whisper.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
     collate, by_uid = collator(model), {s.uid: s for s in samples}
     device = next(model.whisper.parameters()).device
-    paths = whisper.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
+    paths = features.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
                                       lambda uid, wave: collate.log_mel(by_uid[uid], wave),
                                       lambda mel: model.whisper_states(mel.to(device)), folder, cfg)
     return EncodedAudio(paths, model.whisper.config.d_model)
@@ -56,25 +56,6 @@ def question_audio_paths(samples: Sequence[Sample], split: str, cfg: Config) -> 
         return {}
     manifest = audio.synthesize_split(samples, split, cfg, progress=True)
     return dict(zip(manifest["uid"], manifest["path"]))
-
-
-@dataclass
-class TrainerState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_in_epoch: int = 0  # batches of the current epoch already consumed
-    best_metric: float | None = None
-    best_step: int = 0
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def save(self, directory: Path) -> None:
-        (directory / STATE_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: Path) -> "TrainerState":
-        return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -128,12 +109,7 @@ def save_training_state(directory: Path, model, optimizer, scheduler, state: "Tr
         cfg.save(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(staging, directory)
     accelerator.wait_for_everyone()
 
 
@@ -159,25 +135,6 @@ def load_last(directory: Path, model, optimizer, scheduler, rank: int) -> "Train
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainerState.load(directory)
-
-
-def timed(iterable, waited: list[float]):
-    """The items of ``iterable``, adding the seconds spent waiting for each to ``waited[0]``."""
-    iterator = iter(iterable)
-    while True:
-        start = time.perf_counter()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        waited[0] += time.perf_counter() - start
-        yield item
-
-
-def improved(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return value < best if metric.endswith("loss") else value > best
 
 
 def trainable_checksum(model) -> torch.Tensor:
@@ -206,84 +163,55 @@ def evaluate_split(model, loader: DataLoader, gen_loader: DataLoader) -> dict[st
     return {"eval_loss": sum(losses) / max(1, sum(weights)), "eval_accuracy": correct / max(1, n)}
 
 
-class Logger:
-    """CSV + TensorBoard (+ W&B when asked) logging, main process only."""
+# --- the run -------------------------------------------------------------------------------------
 
-    def __init__(self, directory: Path, cfg: Config, active: bool, resume: bool):
-        self.active, self.path = active, directory / "log.csv"
-        self.writer = self.wandb = None
-        if not active:
-            return
-        if not resume and self.path.exists():
-            self.path.unlink()
-        if not resume:  # one run per TensorBoard folder: a fresh run's curves never mix with an older one's
-            shutil.rmtree(directory / "tb", ignore_errors=True)
-        from torch.utils.tensorboard import SummaryWriter
+@dataclass
+class TrainRun:
+    """What the loop, its evaluations and its saves share: the accelerator and what it prepared."""
+    cfg: Config
+    accelerator: Any
+    model: Any  # as prepared (wrapped by DDP under several processes)
+    optimizer: Any
+    scheduler: Any
+    collate: Collator
+    eval_collate: Collator
+    train_set: QADataset
+    eval_loader: DataLoader
+    eval_gen_loader: DataLoader
+    out: Path
+    train_rows: int
+    eval_rows: int
 
-        self.writer = SummaryWriter(str(directory / "tb"))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError("wandb=True but the wandb package is not installed (pip install wandb)")
-            self.wandb = wandb.init(project="surgvqa", config=cfg.to_dict(), dir=str(directory))
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.active:
-            return
-        row = {"step": step, "time": round(time.time(), 3), **values}
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    @property
+    def unwrapped(self):
+        """The graft itself: scoring and saving reach into its parts, which DDP's wrapper hides."""
+        return self.accelerator.unwrap_model(self.model)
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=print) -> dict[str, Any]:
-    """Train the graft for ``cfg``; returns the final summary (also written to output_dir/summary.json).
-
-    ``stop_after`` ends the run after that many optimizer steps as if interrupted (the last state is
-    saved), which is how resuming is tested. It stays one function, as accelerate's own training loops are: the
-    setup, the loop, evaluation and saving share the accelerator and what it prepared; what stands alone (the
-    saved state, the resume checks, the logger, the evaluation pass) is a function above.
-    """
+def make_accelerator(cfg: Config):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    if cfg.align_steps and cfg.question_mode == "text":  # a setting of training only: inference may read a run's cfg
-        raise ValueError(f"config align_steps={cfg.align_steps}: aligning the projector needs heard questions, and "
-                         f"question_mode='text' hears none (set align_steps=0 for a text-only run)")
     # NCCL's default 10 min would end a run whose first rank still fills the audio caches or loads weights
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no",
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2)),
-                                               # a batch in which nobody hears the question leaves the
-                                               # projector without a gradient
-                                               DistributedDataParallelKwargs(
-                                                   find_unused_parameters=cfg.question_mode != "audio")])
-    main = accelerator.is_main_process
-    out = cfg.path(cfg.output_dir)
-    last_dir, best_dir = out / "last", out / "best"
-    if resume:
-        check_resumable(last_dir, cfg)  # before anything is written
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out)
-    set_seed(cfg.seed)
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available(),
+                       mixed_precision="bf16" if cfg.dtype == "bfloat16" and torch.cuda.is_available() else "no",
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2)),
+                                        # a batch in which nobody hears the question leaves the projector
+                                        # without a gradient
+                                        DistributedDataParallelKwargs(
+                                            find_unused_parameters=cfg.question_mode != "audio")])
+
+
+def setup(cfg: Config, accelerator, resume: bool, out: Path, log) -> TrainRun:
+    """The rows and their spoken questions (synthesized and encoded once, by the first process), the model
+    (its projector aligned first when asked), the optimizer and schedule, all prepared by the accelerator."""
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     splits = data.load_split(cfg)
     train_rows = limited(splits["train"], cfg.limit_train, cfg.seed)
@@ -301,7 +229,7 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     if cfg.align_steps and not resume:
         # the projector learns to hear before LoRA (surgvqa.align), on the main process: preparing DDP below
         # broadcasts its weights to every other process
-        if main:
+        if accelerator.is_main_process:
             alignment = align_projector(model, train_rows, train_audio, cfg, out, log)
             (out / ALIGN_SUMMARY).write_text(json.dumps(alignment, indent=2) + "\n")
         accelerator.wait_for_everyone()
@@ -310,125 +238,167 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"{len(train_set)} training rows (the {cfg.split} split of {data.data_dir(cfg)}, "
                          f"limit_train {cfg.limit_train}) is fewer than one batch of {cfg.batch_size}")
-
-    optimizer = torch.optim.AdamW(parameter_groups(model), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(optimizer_groups(model), weight_decay=0.0)
     make_schedule = get_cosine_schedule_with_warmup if cfg.schedule == "cosine" else get_linear_schedule_with_warmup
     # Not through accelerator.prepare: a prepared scheduler steps once per process for every optimizer step
     # (it assumes each process sees a share of the epoch), so under N processes the schedule ran N times too
-    # fast. It is stepped below once per optimizer step, the same in any number of processes.
+    # fast. It is stepped once per optimizer step (train_step), the same in any number of processes.
     scheduler = make_schedule(optimizer, cfg.warmup_steps, cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    state = TrainerState()
-    if resume:
-        state = load_last(last_dir, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
-        log(f"[train] resumed at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
-    logger = Logger(out, cfg, main, resume)
-
-    def epoch_loader(epoch: int) -> DataLoader:
-        # The order of an epoch depends only on (seed, epoch): a resumed run sees the same batches.
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        collate.reseed(TRAIN_DRAWS, epoch)
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                            collate_fn=collate, num_workers=cfg.num_workers, drop_last=True,
-                            persistent_workers=False)
-        return accelerator.prepare_data_loader(loader, device_placement=True)
-
     eval_loader = accelerator.prepare_data_loader(
         DataLoader(eval_set, batch_size=cfg.batch_size, collate_fn=eval_collate, num_workers=cfg.num_workers),
         device_placement=True)
     eval_gen_loader = accelerator.prepare_data_loader(
         DataLoader(eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                    collate_fn=lambda items: eval_collate(items, for_generation=True)), device_placement=True)
+    return TrainRun(cfg, accelerator, model, optimizer, scheduler, collate, eval_collate, train_set, eval_loader,
+                    eval_gen_loader, out, len(train_rows), len(eval_rows))
 
-    def run_eval() -> dict[str, float]:
-        eval_collate.reseed(EVAL_DRAWS)
-        # the unwrapped module: scoring reaches into the graft's parts, which DDP's wrapper hides
-        metrics = evaluate_split(accelerator.unwrap_model(model), eval_loader, eval_gen_loader)
-        # every process sees its shard; average the shard results weighted equally by shard size
-        gathered = accelerator.gather_for_metrics(torch.tensor([[metrics["eval_loss"], metrics["eval_accuracy"]]],
-                                                               device=accelerator.device))
-        return {"eval_loss": float(gathered[:, 0].mean()), "eval_accuracy": float(gathered[:, 1].mean())}
 
-    def save_last() -> None:
-        save_training_state(last_dir, accelerator.unwrap_model(model), optimizer, scheduler, state, cfg, accelerator)
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=print) -> dict[str, Any]:
+    """Train the graft for ``cfg``; returns the final summary (also written to output_dir/summary.json).
 
+    ``stop_after`` ends the run after that many optimizer steps as if interrupted (the last state is
+    saved), which is how resuming is tested. Setup, then one flat loop over the epochs' batches: a step
+    (``train_step``), a log line every few optimizer steps (``log_interval``), an evaluation every
+    ``eval_every`` (``evaluate_and_keep``: the best checkpoint, early stopping, the last state).
+    """
+    from accelerate.utils import set_seed
+
+    if cfg.align_steps and cfg.question_mode == "text":  # a setting of training only: inference may read a run's cfg
+        raise ValueError(f"config align_steps={cfg.align_steps}: aligning the projector needs heard questions, and "
+                         f"question_mode='text' hears none (set align_steps=0 for a text-only run)")
+    accelerator = make_accelerator(cfg)
+    out = cfg.path(cfg.output_dir)
+    if resume:
+        check_resumable(out / "last", cfg)  # before anything is written
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out)
+    set_seed(cfg.seed)
+    run = setup(cfg, accelerator, resume, out, log)
+    state = TrainerState()
+    if resume:
+        state = load_last(out / "last", run.unwrapped, run.optimizer, run.scheduler, accelerator.process_index)
+        log(f"[train] resumed at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+    logger = RunLog(out / "log.csv", LOG_COLUMNS, fresh=not resume, active=run.main, tensorboard=True,
+                    wandb_config=cfg.to_dict() if cfg.wandb else None)
     uncast = cfg.lora and accelerator.mixed_precision == "bf16"
-    model.train()
-    started, samples_seen, window_loss, window_n = time.time(), 0, 0.0, 0
-    # the logging window's training time (evaluation and saving excluded): its samples/s and the ETA
-    window_started, window_samples, window_steps = time.time(), 0, 0
-    waited = [0.0]  # seconds the loop waited for its next batch (frames decoded, audio read, collated)
+    run.model.train()
+    # the logging interval's training time (evaluation and saving excluded): its samples/s and the ETA
+    started, samples_seen, interval = time.time(), 0, Interval()
     while state.step < cfg.max_steps and not state.stopped_early:
-        loader = epoch_loader(state.epoch)
-        skip = state.batches_in_epoch
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in timed(batches, waited):
-            with accelerator.accumulate(model):
-                with adapter_inputs_uncast(model, uncast):
-                    loss = model(**batch).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
+        for batch in interval.batches(epoch_batches(run, state)):
+            loss = train_step(run, batch, uncast)
             state.batches_in_epoch += 1
             samples_seen += len(batch["samples"]) * accelerator.num_processes
-            window_samples += len(batch["samples"]) * accelerator.num_processes
-            window_loss, window_n = window_loss + loss.item(), window_n + 1
+            interval.items += len(batch["samples"]) * accelerator.num_processes
+            interval.add_loss(loss.item())
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            window_steps += 1
-            if state.step % max(1, min(10, cfg.eval_every)) == 0 or state.step == cfg.max_steps:
-                seconds = max(1e-9, time.time() - window_started)
-                rate, lr = window_samples / seconds, scheduler.get_last_lr()[-1]
-                logger.log(state.step, {"train_loss": window_loss / window_n, "lr": lr, "samples_per_s": rate})
-                if main:
-                    eta = (cfg.max_steps - state.step) * seconds / window_steps
-                    log(f"[train] step {state.step}/{cfg.max_steps}  loss {window_loss / window_n:.4f}  lr {lr:.2e}  "
-                        f"{rate:.1f} samples/s  eta {int(eta // 60)}m{int(eta % 60):02d}s (training only)")
-                window_loss, window_n = 0.0, 0
-                window_started, window_samples, window_steps = time.time(), 0, 0
-            if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
-                metrics = run_eval()
-                logger.log(state.step, metrics)
-                state.history.append({"step": state.step, **metrics})
-                value = metrics[cfg.early_stop_metric]
-                if improved(cfg.early_stop_metric, value, state.best_metric):
-                    state.best_metric, state.best_step, state.evals_without_improvement = value, state.step, 0
-                    accelerator.wait_for_everyone()
-                    if main:
-                        save_checkpoint(accelerator.unwrap_model(model), best_dir, cfg)
-                else:
-                    state.evals_without_improvement += 1
-                    state.stopped_early = state.evals_without_improvement >= cfg.patience
-                log(f"[train] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                    + (" (best)" if state.best_step == state.step else ""))
-                save_last()
-                window_started = time.time()
+            interval.steps += 1
+            if due(state.step, max(1, min(10, cfg.eval_every)), cfg.max_steps):
+                log_interval(run, state, interval, logger, log)
+            if due(state.step, cfg.eval_every, cfg.max_steps):
+                evaluate_and_keep(run, state, logger, log)
+                interval.restart_clock()
             if state.step >= cfg.max_steps or state.stopped_early:
                 break
             if stop_after is not None and state.step >= stop_after:
-                save_last()
+                save_last(run, state)
                 logger.close()
                 return {"interrupted_at": state.step}
         else:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     logger.close()
+    return summarize(run, state, samples_seen, time.time() - started, interval.waited_total)
+
+
+def epoch_batches(run: TrainRun, state: TrainerState):
+    """The batches of the run's current epoch still to come. The order of an epoch depends only on
+    (seed, epoch), and the batches a resumed run already consumed are skipped: it sees the same batches."""
+    cfg = run.cfg
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + state.epoch)
+    run.collate.reseed(TRAIN_DRAWS, state.epoch)
+    loader = run.accelerator.prepare_data_loader(
+        DataLoader(run.train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                   collate_fn=run.collate, num_workers=cfg.num_workers, drop_last=True, persistent_workers=False),
+        device_placement=True)
+    skip = state.batches_in_epoch
+    return run.accelerator.skip_first_batches(loader, skip) if skip else loader
+
+
+def train_step(run: TrainRun, batch: dict[str, Any], uncast: bool) -> torch.Tensor:
+    """Forward and backward of one batch; the optimizer and the schedule step when the accumulated gradient
+    is whole (``accelerator.sync_gradients``). The batch's loss."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.model):
+        with adapter_inputs_uncast(run.model, uncast):
+            loss = run.model(**batch).loss
+        accelerator.backward(loss)
+        run.optimizer.step()
+        if accelerator.sync_gradients:
+            run.scheduler.step()
+        run.optimizer.zero_grad()
+    return loss
+
+
+def log_interval(run: TrainRun, state: TrainerState, interval: Interval, logger: RunLog, log) -> None:
+    """A row of ``log.csv`` (the interval's mean loss, the learning rate, samples/s) and a line with the ETA."""
+    cfg, seconds = run.cfg, interval.seconds
+    rate, lr = interval.items / seconds, run.scheduler.get_last_lr()[-1]
+    logger.log(state.step, {"train_loss": interval.mean_loss, "lr": lr, "samples_per_s": rate}, time=time.time())
+    if run.main:
+        eta = (cfg.max_steps - state.step) * seconds / interval.steps
+        log(f"[train] step {state.step}/{cfg.max_steps}  loss {interval.mean_loss:.4f}  lr {lr:.2e}  "
+            f"{rate:.1f} samples/s  eta {int(eta // 60)}m{int(eta % 60):02d}s (training only)")
+    interval.restart()
+
+
+def evaluate_and_keep(run: TrainRun, state: TrainerState, logger: RunLog, log) -> None:
+    """Evaluate; keep the checkpoint in ``best/`` when it is the best so far (early stopping counts the others),
+    then save the resumable last state."""
+    cfg, accelerator = run.cfg, run.accelerator
+    run.eval_collate.reseed(EVAL_DRAWS)
+    metrics = evaluate_split(run.unwrapped, run.eval_loader, run.eval_gen_loader)
+    # every process sees its shard; average the shard results weighted equally by shard size
+    gathered = accelerator.gather_for_metrics(torch.tensor([[metrics["eval_loss"], metrics["eval_accuracy"]]],
+                                                           device=accelerator.device))
+    metrics = {"eval_loss": float(gathered[:, 0].mean()), "eval_accuracy": float(gathered[:, 1].mean())}
+    logger.log(state.step, metrics, time=time.time())
+    if state.record_evaluation(metrics, cfg.early_stop_metric, cfg.patience):
+        accelerator.wait_for_everyone()
+        if run.main:
+            save_checkpoint(run.unwrapped, run.out / "best", cfg)
+    log(f"[train] step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        + (" (best)" if state.best_step == state.step else ""))
+    save_last(run, state)
+
+
+def save_last(run: TrainRun, state: TrainerState) -> None:
+    save_training_state(run.out / "last", run.unwrapped, run.optimizer, run.scheduler, state, run.cfg,
+                        run.accelerator)
+
+
+def summarize(run: TrainRun, state: TrainerState, samples_seen: int, seconds: float, waited: float
+              ) -> dict[str, Any]:
+    """The run's summary (written to ``summary.json`` by the main process), with a check that every process
+    ends with the same weights."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
     # DDP keeps replicas identical by construction; check it rather than assume it.
-    checksums = accelerator.gather(trainable_checksum(model).to(accelerator.device).unsqueeze(0)).cpu()
+    checksums = accelerator.gather(trainable_checksum(run.model).to(accelerator.device).unsqueeze(0)).cpu()
     summary = {"steps": state.step, "best_step": state.best_step, "best_" + cfg.early_stop_metric: state.best_metric,
                "stopped_early": state.stopped_early, "history": state.history,
-               "best_checkpoint": str(best_dir), "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+               "best_checkpoint": str(out / "best"), "train_rows": run.train_rows, "eval_rows": run.eval_rows,
                "processes": accelerator.num_processes,
                "rank_checksums": checksums.tolist(),
                "ranks_in_sync": bool(torch.allclose(checksums, checksums[:1].expand_as(checksums), rtol=0, atol=0)),
-               "samples_per_s": samples_seen / max(1e-9, time.time() - started),
+               "samples_per_s": samples_seen / max(1e-9, seconds),
                # > a few %: the data workers bound the step (raise num_workers)
-               "data_wait_fraction": waited[0] / max(1e-9, time.time() - started),
+               "data_wait_fraction": waited / max(1e-9, seconds),
                "alignment": json.loads((out / ALIGN_SUMMARY).read_text()) if (out / ALIGN_SUMMARY).is_file() else None}
-    if main:
+    if run.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return summary

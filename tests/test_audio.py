@@ -16,9 +16,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from surgvqa import audio, data
+from surgvqa import audio, data, files, tts
 from surgvqa import whisper as W
-from surgvqa.audio import AudioError, TTSError, VoiceError, VoiceSpec
+from surgvqa.audio import AudioError
+from surgvqa.tts import TTSError, VoiceError, VoiceSpec
 from surgvqa.config import get_config
 from surgvqa.data import published_split, question_wordings
 
@@ -76,23 +77,23 @@ def cut_in_half(path):
 # --- engines and voices --------------------------------------------------------------------------
 
 def test_espeak_renders_16k_mono_speech():
-    wave = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 160, 50), sample_rate=16000)
+    wave = tts.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 160, 50), sample_rate=16000)
     assert wave.dtype == np.float32 and wave.ndim == 1
     assert 1.5 < wave.size / 16000 < 6.0
     assert np.sqrt(np.mean(wave ** 2)) > 0.01
-    slower = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 100, 50), sample_rate=16000)
+    slower = tts.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 100, 50), sample_rate=16000)
     assert slower.size > 1.3 * wave.size  # the rate really reaches the engine
 
 
 def test_piper_renders_16k_mono_speech_at_the_rate_and_pitch_asked():
-    wave = audio.render(QUESTION, VoiceSpec("piper", "joe-us"), sample_rate=16000)
+    wave = tts.render(QUESTION, VoiceSpec("piper", "joe-us"), sample_rate=16000)
     assert wave.dtype == np.float32 and wave.ndim == 1
     assert 1.0 < wave.size / 16000 < 6.0
     assert np.sqrt(np.mean(wave ** 2)) > 0.01
     assert audio.speech_problem(wave, 16000) is None
-    slower = audio.render(QUESTION, VoiceSpec("piper", "joe-us", 120), sample_rate=16000)
+    slower = tts.render(QUESTION, VoiceSpec("piper", "joe-us", 120), sample_rate=16000)
     assert slower.size > 1.3 * wave.size
-    higher = audio.render(QUESTION, VoiceSpec("piper", "joe-us", pitch=60), sample_rate=16000)
+    higher = tts.render(QUESTION, VoiceSpec("piper", "joe-us", pitch=60), sample_rate=16000)
     assert higher.size == wave.size and not np.allclose(higher, wave)
 
     def mean_pitch(w):
@@ -106,13 +107,13 @@ def test_piper_renders_16k_mono_speech_at_the_rate_and_pitch_asked():
 
 
 def test_flite_is_an_unseen_engine_for_checks_only(eval_samples, cfg):
-    wave = audio.render(QUESTION, VoiceSpec("flite", "slt"), sample_rate=16000)
+    wave = tts.render(QUESTION, VoiceSpec("flite", "slt"), sample_rate=16000)
     assert 1.0 < wave.size / 16000 < 6.0 and audio.speech_problem(wave, 16000) is None
-    slower = audio.render(QUESTION, VoiceSpec("flite", "slt", 120), sample_rate=16000)
+    slower = tts.render(QUESTION, VoiceSpec("flite", "slt", 120), sample_rate=16000)
     assert slower.size > 1.3 * wave.size
     with pytest.raises(VoiceError, match="flite voices"):
         VoiceSpec("flite", "kal")  # its 8 kHz voice
-    voices = audio.unseen_engine_voices(eval_samples, cfg)
+    voices = tts.unseen_engine_voices(eval_samples, cfg)
     assert set(voices) == {s.uid for s in eval_samples} and {v.engine for v in voices.values()} == {"flite"}
     for key in ("tts_engine", "extra_train_engines"):
         with pytest.raises(ValueError, match="flite is held out"):
@@ -122,18 +123,18 @@ def test_flite_is_an_unseen_engine_for_checks_only(eval_samples, cfg):
 def test_train_voices_mix_engines_and_perturb_prosody_while_eval_and_test_voices_stay(cfg):
     rows = published_split("out")["train"][:400]
     plain = cfg.replace(extra_train_engines=(), voice_perturbation=False)
-    mixed, fixed = audio.assign_voices(rows, "train", cfg), audio.assign_voices(rows, "train", plain)
+    mixed, fixed = tts.assign_voices(rows, "train", cfg), tts.assign_voices(rows, "train", plain)
     engines = pd.Series([v.engine for v in mixed.values()]).value_counts(normalize=True)
-    assert engines["piper"] == pytest.approx(audio.EXTRA_ENGINE_SHARE, abs=0.06)
-    speakers = {(v.engine, v.voice): v for v in audio.voice_pools("espeak-ng")["train"]}
+    assert engines["piper"] == pytest.approx(tts.EXTRA_ENGINE_SHARE, abs=0.06)
+    speakers = {(v.engine, v.voice): v for v in tts.voice_pools("espeak-ng")["train"]}
     for uid, v in mixed.items():
         base = speakers.get((v.engine, v.voice)) or VoiceSpec("piper", "joe-us")
         assert base.rate * 0.85 - 1 <= v.rate <= base.rate * 1.2 + 1
-        assert abs(v.pitch - base.pitch) <= audio.PITCH_PERTURBATION
+        assert abs(v.pitch - base.pitch) <= tts.PITCH_PERTURBATION
     assert len({(v.rate, v.pitch) for v in mixed.values()}) > 5 * len({v.voice for v in mixed.values()}) / 4
     assert all(speakers[(v.engine, v.voice)] == v for v in fixed.values())  # unperturbed: the speakers' own
     test_rows = published_split("out")["test"][:50]
-    assert audio.assign_voices(test_rows, "test", cfg) == audio.assign_voices(test_rows, "test", plain)
+    assert tts.assign_voices(test_rows, "test", cfg) == tts.assign_voices(test_rows, "test", plain)
 
 
 @pytest.mark.parametrize("engine, voice, rate, pitch, message", [
@@ -156,8 +157,8 @@ def test_voice_spec_refuses_what_the_engine_cannot_speak(engine, voice, rate, pi
 def test_edge_tts_fails_fast_with_a_clear_error():
     start = time.time()
     with pytest.raises(TTSError, match="Microsoft's online speech service"):
-        audio.render(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
-    assert time.time() - start <= audio.EDGE_TTS_TIMEOUT_S <= 15
+        tts.render(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
+    assert time.time() - start <= tts.EDGE_TTS_TIMEOUT_S <= 15
 
 
 def test_edge_tts_that_hangs_is_cut_off_by_the_timeout(monkeypatch):
@@ -175,7 +176,7 @@ def test_edge_tts_that_hangs_is_cut_off_by_the_timeout(monkeypatch):
     monkeypatch.setitem(sys.modules, "edge_tts", fake)
     start = time.time()
     with pytest.raises(TTSError, match="no answer within 0.5 s .* after 1 tries: edge-tts needs Microsoft"):
-        audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"), timeout_s=0.5, retries=0)
+        tts._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"), timeout_s=0.5, retries=0)
     assert time.time() - start < 5
 
 
@@ -200,8 +201,8 @@ def test_edge_tts_retries_a_passing_failure_and_names_the_offline_fix_when_unrea
     fake.__spec__ = importlib.machinery.ModuleSpec("edge_tts", None)
     fake.Communicate = Flaky
     monkeypatch.setitem(sys.modules, "edge_tts", fake)
-    monkeypatch.setattr(audio.time, "sleep", lambda s: None)
-    waveform, rate = audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
+    monkeypatch.setattr(tts.time, "sleep", lambda s: None)
+    waveform, rate = tts._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
     assert len(calls) == 2 and rate == 16000 and len(waveform) == 16000
 
     class Unreachable(Flaky):
@@ -213,7 +214,7 @@ def test_edge_tts_retries_a_passing_failure_and_names_the_offline_fix_when_unrea
     fake.Communicate = Unreachable
     calls.clear()
     with pytest.raises(TTSError, match="offline, use -p tts_engine=espeak-ng"):
-        audio._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
+        tts._edge_tts(QUESTION, VoiceSpec("edge-tts", "en-US-AriaNeural"))
     assert len(calls) == 1  # not retried
 
 
@@ -222,36 +223,36 @@ def test_edge_tts_retries_a_passing_failure_and_names_the_offline_fix_when_unrea
     ("edge-tts", "en-GB-SoniaNeural", ("en-GB", "SoniaNeural")), ("piper", "joe-us", ("en-us", "joe-us")),
 ])
 def test_accent_and_timbre_of_every_engine(engine, voice, expected):
-    assert audio.accent_and_timbre(engine, voice) == expected
+    assert tts.accent_and_timbre(engine, voice) == expected
 
 
 def test_edge_voice_pools_are_disjoint_by_speaker():
-    pools = audio.voice_pools("edge-tts")
-    timbres = {split: {audio.accent_and_timbre("edge-tts", v.voice)[1] for v in pool} for split, pool in pools.items()}
+    pools = tts.voice_pools("edge-tts")
+    timbres = {split: {tts.accent_and_timbre("edge-tts", v.voice)[1] for v in pool} for split, pool in pools.items()}
     assert all(timbres[a].isdisjoint(timbres[b]) for a in timbres for b in timbres if a < b)
-    assert sum(map(len, timbres.values())) == len(audio.EDGE_VOICES)
+    assert sum(map(len, timbres.values())) == len(tts.EDGE_VOICES)
 
 
 def test_pools_are_disjoint_and_assignment_is_seeded(eval_samples, cfg):
-    pools = audio.voice_pools("espeak-ng")
+    pools = tts.voice_pools("espeak-ng")
     voices = {split: {v.voice for v in pool} for split, pool in pools.items()}
     timbres = {split: {v.split("+")[1] for v in names} for split, names in voices.items()}
     assert all(len(v) >= 8 for v in voices.values())
     for a, b in [("train", "eval"), ("train", "test"), ("eval", "test")]:
         assert not voices[a] & voices[b] and not timbres[a] & timbres[b]
-    shared = audio.voice_pools("espeak-ng", disjoint=False)
+    shared = tts.voice_pools("espeak-ng", disjoint=False)
     assert shared["train"] == shared["test"] == shared["eval"]
     for split in ("eval", "test"):
-        voices_of = audio.assign_voices(eval_samples, split, cfg)
+        voices_of = tts.assign_voices(eval_samples, split, cfg)
         assert set(voices_of) == {s.uid for s in eval_samples}
         assert {v.voice for v in voices_of.values()} <= voices[split]
-    forward = audio.assign_voices(eval_samples, "eval", cfg)
-    assert audio.assign_voices(eval_samples[::-1], "eval", cfg) == forward  # order does not matter
-    assert audio.assign_voices(eval_samples[:2], "eval", cfg) == {k: forward[k] for k in list(forward)[:2]}
-    reseeded = audio.assign_voices(published_split("out")["eval"][:40], "eval", cfg.replace(seed=1))
-    assert reseeded != audio.assign_voices(published_split("out")["eval"][:40], "eval", cfg)
+    forward = tts.assign_voices(eval_samples, "eval", cfg)
+    assert tts.assign_voices(eval_samples[::-1], "eval", cfg) == forward  # order does not matter
+    assert tts.assign_voices(eval_samples[:2], "eval", cfg) == {k: forward[k] for k in list(forward)[:2]}
+    reseeded = tts.assign_voices(published_split("out")["eval"][:40], "eval", cfg.replace(seed=1))
+    assert reseeded != tts.assign_voices(published_split("out")["eval"][:40], "eval", cfg)
     with pytest.raises(VoiceError, match="disjoint_voices=False"):
-        audio.voice_pools("piper")
+        tts.voice_pools("piper")
 
 
 # --- synthesis, cache, atomic writes ---------------------------------------------------------------
@@ -311,7 +312,7 @@ def test_an_interrupted_write_leaves_no_file_that_is_later_used(eval_samples, cf
     assert [p for p in root.rglob("*") if p.is_file()] == []  # neither the target nor the temporary file
 
     # a temporary file left by a killed process (no cleanup ran) is never taken for a finished file
-    rel = audio.audio_relpath(eval_samples[0].question, audio.assign_voices(eval_samples[:1], "eval", cfg)[eval_samples[0].uid])
+    rel = audio.audio_relpath(eval_samples[0].question, tts.assign_voices(eval_samples[:1], "eval", cfg)[eval_samples[0].uid])
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).with_name(f".{(root / rel).stem}.abc123.tmp").write_bytes(b"RIFF partial")
     monkeypatch.setattr(audio.sf, "write", real_write)
@@ -360,8 +361,8 @@ def test_a_wav_cut_short_is_refused_before_decoding_and_rendered_again(tmp_path,
     monkeypatch.setattr(audio.sf, "read", lambda *a, **k: pytest.fail("decoded a file cut short"))
     with pytest.raises(AudioError, match=r"002-001/cut .*cut\.wav.*header declares 24000 frames but only 12000"):
         audio.load_question_audio("002-001/cut", path, cfg)
-    assert not audio._readable_wav(path)  # a cached file cut short is rendered again
-    assert audio._readable_wav(write(tmp_path / "whole.wav", speech()))
+    assert not files.readable_wav(path)  # a cached file cut short is rendered again
+    assert files.readable_wav(write(tmp_path / "whole.wav", speech()))
 
 
 @pytest.mark.parametrize("voice, rate, pitch", [
@@ -369,7 +370,7 @@ def test_a_wav_cut_short_is_refused_before_decoding_and_rendered_again(tmp_path,
 ])
 @pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
 def test_a_spoken_question_passes_every_check(tmp_path, cfg, voice, rate, pitch, subtype):
-    wave = audio.render(QUESTION, VoiceSpec("espeak-ng", voice, rate, pitch))
+    wave = tts.render(QUESTION, VoiceSpec("espeak-ng", voice, rate, pitch))
     loaded = audio.load_question_audio("u", write(tmp_path / "q.wav", wave, subtype=subtype), cfg)
     assert loaded.size == wave.size
     features = audio.speech_activity(loaded, 16000)  # well inside every threshold, not just past one
@@ -402,7 +403,7 @@ def test_converted_encoder_matches_ctranslate2(whisper):
     import ctranslate2
 
     model, processor = whisper
-    wave = audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us", 160, 50))
+    wave = tts.render(QUESTION, VoiceSpec("espeak-ng", "en-us", 160, 50))
     features = processor.feature_extractor([wave], sampling_rate=16000, return_tensors="np").input_features
     source_dir, _ = W.ctranslate2_source("tiny.en")
     reference = ctranslate2.models.Whisper(str(source_dir), device="cpu", compute_type="float32")
@@ -439,7 +440,7 @@ def test_greedy_transcription_of_all_questions_in_three_voices(whisper):
               VoiceSpec("espeak-ng", "en-us+m3", 150, 50)]
     references, hypotheses = [], []
     for voice in voices:
-        waves = [audio.render(q, voice) for q in questions]
+        waves = [tts.render(q, voice) for q in questions]
         hypotheses += W.transcribe(waves, model, processor, batch_size=8)
         references += questions
     wer = W.word_error_rate(references, hypotheses)
@@ -469,7 +470,7 @@ def test_whisper_base_from_two_packages_matches_ctranslate2_and_transcribes(tmp_
         (joined / name).write_bytes((source_dir / name).read_bytes())
     voice = VoiceSpec("espeak-ng", "en-us", 150, 50)
     questions = list(question_wordings("in").values())[:8]
-    waves = [audio.render(q, voice) for q in questions]
+    waves = [tts.render(q, voice) for q in questions]
     features = processor.feature_extractor(waves[:1], sampling_rate=16000, return_tensors="np").input_features
     expected = np.array(ctranslate2.models.Whisper(str(joined), device="cpu", compute_type="float32")
                         .encode(ctranslate2.StorageView.from_array(features.astype(np.float32))))

@@ -290,11 +290,11 @@ def demo_notebook() -> dict:
 def spoken_question_wav(path: Path) -> Path:
     import soundfile as sf
 
-    from surgvqa import audio, get_config
+    from surgvqa import get_config, tts
 
     cfg = get_config()
-    voice = audio.voice_pools(cfg.tts_engine, cfg.disjoint_voices)["test"][0]
-    wave = audio.render(demo_rows()[0].question, voice, cfg.sample_rate)
+    voice = tts.voice_pools(cfg.tts_engine, cfg.disjoint_voices)["test"][0]
+    wave = tts.render(demo_rows()[0].question, voice, cfg.sample_rate)
     sf.write(path, wave, cfg.sample_rate, subtype="PCM_16")
     return path
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
 
-from surgvqa.collate import (AUDIO_TOKEN, IGNORE_INDEX, IM_END, CollateError, Collator,
-                             audio_token_count, frames_to_patches)
+from surgvqa.backbones import AUDIO_TOKEN, IM_END, frames_to_patches
+from surgvqa.collate import IGNORE_INDEX, CollateError, Collator, audio_token_count
 from surgvqa.data import load_template
 from surgvqa.model import build_tiny_tokenizer
 

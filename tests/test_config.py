@@ -93,3 +93,33 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_cuda_without_one_is_refused():
         get_config(device="cuda").torch_device()
     with pytest.raises(ValueError, match="device='tpu'"):
         get_config(device="tpu")
+
+
+def test_pretraining_settings_are_checked_as_the_config_is_and_share_its_command_line():
+    from surgvqa.config import PretrainSettings, pretrain_config
+
+    cfg, settings = pretrain_config(parse_overrides(["max_steps=5", "lesion_share=0.6"], pretraining=True))
+    assert cfg.preset == "phantom-pretrain" and cfg.max_steps == 5 and settings.lesion_share == 0.6
+    with pytest.raises(KeyError, match="neither a config key nor a pretraining setting.*bogus"):
+        pretrain_config({"bogus": 1})
+    with pytest.raises(KeyError, match="heard_share"):  # not a Config key where only Config keys are read
+        parse_overrides(["heard_share=1"])
+    with pytest.raises(KeyError, match="bogus"):
+        PretrainSettings().replace(bogus=1)
+    with pytest.raises(ValueError, match=r"lesion_share=2: must be in \[0.0, 1.0\]"):
+        PretrainSettings(lesion_share=2)
+    with pytest.raises(ValueError, match="vision_depth='x': must be an integer"):
+        pretrain_config({"vision_depth": "x"})
+    with pytest.raises(ValueError, match="heard_share=0.5: needs a heard bank"):
+        PretrainSettings(heard_share=0.5)
+    with pytest.raises(ValueError, match="unknown question types"):
+        PretrainSettings(question_types="colour")
+    assert PretrainSettings(vision_depth=None, text_layers=2).text_layers == 2
+
+
+def test_an_override_is_written_as_parse_overrides_reads_it_back():
+    from surgvqa.config import format_override
+
+    values = {"heard_bank": "data/x.npz", "lr": 3e-4, "vlm_from_scratch": False, "question_types": "1",
+              "trainval_videos": ["002-001"]}
+    assert parse_overrides([format_override(k, v) for k, v in values.items()], pretraining=True) == values

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from surgvqa import dryrun
+from surgvqa.backbones import backbone_of_like
 from surgvqa import inference as I
 from surgvqa import model as M
 from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX, Collator
@@ -21,7 +22,7 @@ from test_collate import first_of_types, make_items
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen2-tokenizer")
-    dryrun.qwen2_vl_tokenizer().save_pretrained(str(out))
+    dryrun.qwen_tokenizer(backbone_of_like("qwen2vl-2b")).save_pretrained(str(out))
     return out
 
 

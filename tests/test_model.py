@@ -10,6 +10,7 @@ import torch
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from surgvqa import features
 from surgvqa import inference as I
 from surgvqa import model as M
 from surgvqa import whisper as W
@@ -342,14 +343,14 @@ def test_mixed_batches_take_audio_only_where_the_prompt_hears_it(model, items):
 
 def cached_items(model, items, tmp_path, cfg):
     """The items with their waveforms written as WAVs, encoded into a cache, and read back from it."""
-    from surgvqa import audio
+    from surgvqa import files
     from surgvqa.collate import EncodedQuestion
 
     col = M.collator(model)
     paths = {}
     for s, _, wave in items:
         paths[s.uid] = str(tmp_path / f"{s.id}.wav")
-        audio.write_wav_atomic(tmp_path / f"{s.id}.wav", wave, 16000)
+        files.write_wav_atomic(tmp_path / f"{s.id}.wav", wave, 16000)
     by_uid = {s.uid: s for s, _, _ in items}
     calls = []
 
@@ -357,11 +358,11 @@ def cached_items(model, items, tmp_path, cfg):
         calls.append(len(mel))
         return model.whisper_states(mel)
 
-    folder = W.encoded_audio_dir(W.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
-    cached = W.cache_encoded_audio(paths, lambda uid, wave: col.log_mel(by_uid[uid], wave), encode, folder,
+    folder = features.encoded_audio_dir(W.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    cached = features.cache_encoded_audio(paths, lambda uid, wave: col.log_mel(by_uid[uid], wave), encode, folder,
                                        cfg, progress=False)
     width = model.whisper.config.d_model
-    return ([(s, f, EncodedQuestion(W.load_encoded_audio(s.uid, cached[s.uid], width))) for s, f, _ in items],
+    return ([(s, f, EncodedQuestion(features.load_encoded_audio(s.uid, cached[s.uid], width))) for s, f, _ in items],
             cached, calls)
 
 
@@ -391,9 +392,9 @@ def test_a_corrupt_cached_encoder_output_names_the_sample_and_file(model, items,
     uid = items[0][0].uid
     cached[uid].write_bytes(b"not an array")
     with pytest.raises(audio.AudioError, match=f"sample {uid} .*{cached[uid].name}.*cannot be read"):
-        W.load_encoded_audio(uid, cached[uid], 64)
+        features.load_encoded_audio(uid, cached[uid], 64)
     with pytest.raises(audio.AudioError, match=r"expected finite float32 \(frames, 32\)"):
-        W.load_encoded_audio(uid, cached[items[1][0].uid], 32)
+        features.load_encoded_audio(uid, cached[items[1][0].uid], 32)
 
 
 def test_a_cached_encoder_output_replaced_or_cut_short_is_refused(model, items, tmp_path):
@@ -402,16 +403,16 @@ def test_a_cached_encoder_output_replaced_or_cut_short_is_refused(model, items, 
     cfg = tiny_config(audio_features_dir=str(tmp_path / "features"), audio_dir=str(tmp_path))
     _, cached, _ = cached_items(model, items, tmp_path, cfg)
     uid = items[0][0].uid
-    array = W.load_encoded_audio(uid, cached[uid], 64)
+    array = features.load_encoded_audio(uid, cached[uid], 64)
     np.save(cached[uid], np.zeros_like(array))  # well-formed, wrong
     with pytest.raises(audio.AudioError, match=f"sample {uid} .*not what was written.*sha256"):
-        W.load_encoded_audio(uid, cached[uid], 64)
+        features.load_encoded_audio(uid, cached[uid], 64)
     np.save(cached[uid], array[: len(array) // 2])
     with pytest.raises(audio.AudioError, match="not what was written.*'frames': \\(" + str(len(array))):
-        W.load_encoded_audio(uid, cached[uid], 64)
+        features.load_encoded_audio(uid, cached[uid], 64)
     cached[uid].with_suffix(".json").unlink()  # facts missing: encoded again on the next pass
     again, calls = cached_items(model, items, tmp_path, cfg)[1:]
-    assert calls == [1] and W.load_encoded_audio(uid, again[uid], 64).shape == array.shape
+    assert calls == [1] and features.load_encoded_audio(uid, again[uid], 64).shape == array.shape
 
 
 def test_a_missing_question_wav_is_named_before_anything_is_encoded(model, items, tmp_path):
@@ -419,7 +420,7 @@ def test_a_missing_question_wav_is_named_before_anything_is_encoded(model, items
 
     cfg = tiny_config(audio_dir=str(tmp_path))
     with pytest.raises(audio.AudioError, match=f"sample {items[0][0].uid} .*nowhere.wav.*does not exist"):
-        W.cache_encoded_audio({items[0][0].uid: str(tmp_path / "nowhere.wav")}, None, None, tmp_path, cfg)
+        features.cache_encoded_audio({items[0][0].uid: str(tmp_path / "nowhere.wav")}, None, None, tmp_path, cfg)
 
 
 def test_the_encoder_fingerprint_follows_the_weights(whisper):
@@ -537,3 +538,8 @@ def test_a_4bit_model_keeps_its_frozen_parts_in_their_dtype(whisper, tmp_path):
         assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
     trainable = {n for n, p in quantized.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("projector.") for n in trainable)
+
+
+def test_the_baselines_refuse_an_unknown_one_before_running_anything():
+    with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['asr-typo'\]"):
+        I.run_baselines(None, [], None, get_config("smoke"), modes=["audio", "asr-typo"])

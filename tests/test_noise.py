@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from surgvqa import audio, noise
-from surgvqa.audio import VoiceSpec
+from surgvqa import audio, files, noise, tts
+from surgvqa.tts import VoiceSpec
 from surgvqa.config import get_config
 from surgvqa.data import published_split
 from surgvqa.noise import RoomNoise
@@ -15,7 +15,7 @@ QUESTION = "Is the endoscope body visible in this sequence?"
 
 @pytest.fixture(scope="module")
 def speech():
-    return audio.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3"), 16000) * np.float32(0.3)  # headroom: no rescaling
+    return tts.render(QUESTION, VoiceSpec("espeak-ng", "en-us+m3"), 16000) * np.float32(0.3)  # headroom: no rescaling
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_noisy_synthesis_is_cached_per_condition_and_loads_as_noisy_speech(tmp_p
         wave = audio.load_question_audio(r.uid, r.path, cfg)  # noisy on purpose, so not refused as noise
         # the same samples under another name are what a corrupt file looks like: refused
         plain = tmp_path / f"{r.uid.replace('/', '_')}.wav"
-        audio.write_wav_atomic(plain, wave, 16000)
+        files.write_wav_atomic(plain, wave, 16000)
         with pytest.raises(audio.AudioError, match="not speech but noise"):
             audio.load_question_audio(r.uid, plain, cfg)
     train = published_split("out")["train"][:60]

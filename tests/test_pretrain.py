@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from surgvqa import get_config, phantom
-from surgvqa.collate import IGNORE_INDEX, IM_END, VIDEO_TOKEN, frames_to_patches
-from surgvqa.audio import VoiceSpec, render, voice_pools
+from surgvqa.backbones import IM_END, VIDEO_TOKEN, frames_to_patches
+from surgvqa.collate import IGNORE_INDEX
+from surgvqa.tts import VoiceSpec, render, voice_pools
 from surgvqa.data import question_wordings, training_wordings, wording_variants, wordings_of
 from surgvqa.model import build_model, collator, load_checkpoint, load_pretrained_projector
-from surgvqa.fastpath import CLIP_ATTENTION, register_clip_attention
-from surgvqa.pretrain import PretrainSettings, main, pretrain
+from surgvqa.model import CLIP_ATTENTION, register_clip_attention
+from surgvqa.config import PretrainSettings
+from surgvqa.pretrain import main, pretrain
 from surgvqa.pretrain_data import (HeardBank, PhantomRows, build_heard_bank, row_builder, shared_vision_token_losses,
                                    video_patches)
 from surgvqa.pretrain_report import MOTION_TYPES, clip_frames, phantom_accuracy, row_candidate_accuracy
@@ -102,7 +104,7 @@ def test_batch_positions_patches_and_label_index_match_the_stock_model(model, bu
 
 
 def test_shared_vision_loss_equals_each_row_through_the_model_forward(model, builder):
-    """fp32, CPU: the shared-vision batch gives, row by row, the loss of AudioGraftedQwen2VL.forward on the
+    """fp32, CPU: the shared-vision batch gives, row by row, the loss of AudioGraftedVLM.forward on the
     Collator's single-row batch (own vision pass, stock positions, attention mask)."""
     settings = dataclasses.replace(TOY, lesion_share=1.0)
     dataset = PhantomRows(builder, settings, model.cfg.replace(batch_size=2))
@@ -396,3 +398,38 @@ def test_heard_pretraining_trains_the_projector_and_ships_it_for_fine_tuning(tmp
 def test_heard_share_needs_a_bank(heard_model):
     with pytest.raises(ValueError, match="heard bank"):
         row_builder(heard_model, SIZE, heard_share=0.5)
+
+
+def test_command_line_takes_config_keys_and_settings_through_p_and_the_card_quotes_that_form(tmp_path):
+    import shlex
+
+    from surgvqa.pretrain import parse_args
+    from surgvqa.pretrain_report import pretrain_command
+
+    argv = ["--out", "o", "--device", "cpu", "--steps", "7", "--heard-share", "0", "--no-bf16",
+            "-p", "max_steps=9", "-p", "lesion_share=0.6", "-p", "vlm_from_scratch=false"]
+    args, cfg, settings, given = parse_args(argv)
+    assert cfg.max_steps == 9 and settings.lesion_share == 0.6 and not cfg.vlm_from_scratch  # -p wins
+    command = pretrain_command(args.out, args.device, given)
+    assert command == ("python -m surgvqa pretrain --device cpu --out o -p max_steps=9 -p heard_share=0.0 "
+                       "-p bf16=false -p lesion_share=0.6 -p vlm_from_scratch=false")
+    assert parse_args(shlex.split(command)[4:])[1:3] == (cfg, settings)
+    with pytest.raises(KeyError, match="bogus"):
+        parse_args(["--out", "o", "-p", "bogus=1"])
+    with pytest.raises(ValueError, match="multiple of 28"):
+        main(["--out", str(tmp_path), "--device", "cpu", "-p", "frame_size=100", "-p", "max_steps=1"])
+
+
+def test_the_model_cards_commands_still_parse():
+    import re
+    import shlex
+
+    from surgvqa.config import REPO_ROOT
+    from surgvqa.pretrain import parse_args
+
+    card = (REPO_ROOT / "checkpoints" / "tiny-phantom" / "MODEL_CARD.md").read_text()
+    commands = [" ".join(c.split()) for c in re.findall(r"`(python -m surgvqa pretrain [^`]*)`", card)]
+    assert len(commands) == 6
+    for command in commands:
+        _, cfg, settings, _ = parse_args(shlex.split(command)[4:])
+        assert cfg.frame_size == 112 and cfg.batch_size == 64 and settings.lesion_share >= 0.5

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from surgvqa import pretrain, pretrain_data, pretrain_report
-from surgvqa.config import REPO_ROOT
+from surgvqa import pretrain_data, pretrain_report
+from surgvqa.config import REPO_ROOT, PretrainSettings
 from surgvqa.model import TINY_PRETRAINED_DIR, load_checkpoint
 
 SHIPPED = REPO_ROOT / "checkpoints" / "tiny-phantom"
@@ -23,7 +23,7 @@ def test_the_checkpoint_is_small_safetensors_with_config_and_tokenizer():
 def test_eval_split_accuracy_matches_the_model_card():
     model = load_checkpoint(SHIPPED)
     card = json.loads((SHIPPED / "metrics.json").read_text())["per_type"]
-    settings = pretrain.PretrainSettings()
+    settings = PretrainSettings()
     table = pretrain_report.phantom_accuracy(model, pretrain_report.eval_split_clips(settings, model.cfg), 112, batch_size=32)
     assert len(table) == 20
     for qtype, row in table.iterrows():
@@ -42,7 +42,7 @@ def test_heard_eval_split_accuracy_matches_the_model_card(tmp_path):
                                           log=lambda *_: None)
     assert bank.fingerprint == json.loads((SHIPPED / "projector_source.json").read_text())["whisper_fingerprint"]
     builder = pretrain_data.row_builder(model, 112, bank=bank, heard_share=1.0, both_share=1.0)
-    clips = pretrain_report.eval_split_clips(pretrain.PretrainSettings(), model.cfg)
+    clips = pretrain_report.eval_split_clips(PretrainSettings(), model.cfg)
     for mode, column in (("audio", "eval_split_heard_accuracy"), ("both", "eval_split_both_accuracy")):
         table = pretrain_report.row_candidate_accuracy(model, builder, clips, 112, heard_split="eval", mode=mode)
         assert len(table) == 20
@@ -65,9 +65,10 @@ def test_the_preset_starts_from_the_pretrained_projector():
 
 def test_the_tiny_architecture_is_defined_once_and_is_the_shipped_one():
     """``vlm_from_scratch`` builds the architecture that ships, with random weights."""
-    from surgvqa.model import build_tiny_tokenizer, tiny_vlm_config
+    from surgvqa.backbones import TINY
+    from surgvqa.model import build_tiny_tokenizer
 
-    built = tiny_vlm_config(build_tiny_tokenizer()).to_dict()
+    built = TINY.tiny_config(build_tiny_tokenizer()).to_dict()
     shipped = json.loads((TINY_PRETRAINED_DIR / "config.json").read_text())
     for part, keys in (("text_config", ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                         "num_key_value_heads", "vocab_size", "rope_parameters")),

