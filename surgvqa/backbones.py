@@ -12,6 +12,7 @@ Qwen2-VL is the first entry, and the tiny model of the offline default is a Qwen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,10 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL-Instruct's chat template (chat_template.json of Qwen/Qwen3-VL-8B-Instruct, the same for 2B and 4B): no
+# default system turn, tools and tool responses.
+QWEN3_VL_CHAT_TEMPLATE = (Path(__file__).parent / "qwen3_vl_chat_template.jinja").read_text()
+
 # The published configs of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct (config.json on the hub).
 _QWEN2_VL_TEXT = dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, attention_dropout=0.0,
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
@@ -80,6 +85,11 @@ class Backbone:
     resize_unit: int
     # The published configs of this generation's checkpoints, by the name make-checkpoint's --like takes.
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Whether the language model is Qwen2's decoder (no query/key norms), which surgvqa.fastpath's static-cache
+    # decoder re-runs; other generations take the plain path of surgvqa.scoring on every device.
+    static_kv_decoding: bool = True
+    # Whether the prompt or the positions depend on when the clip's frames were taken
+    needs_frame_times: bool = False
 
     # --- classes ---
 
@@ -104,6 +114,17 @@ class Backbone:
     def vision_placeholder(self, frames_as: str) -> str:
         return VIDEO_TOKEN if frames_as == "video" else IMAGE_TOKEN
 
+    def expand_vision(self, text: str, frames_as: str, tokens_each: int, frame_seconds: Any = None,
+                      temporal_patch_size: int = 2) -> str:
+        """The prompt with each vision placeholder expanded to the rows that replace it (``tokens_each`` a visual),
+        as the checkpoint's processor expands it; ``frame_seconds``: when each frame of the clip was taken."""
+        placeholder = self.vision_placeholder(frames_as)
+        return text.replace(placeholder, placeholder * tokens_each)
+
+    def clip_batch_inputs(self, frames_as: str, frame_seconds: Any, temporal_patch_size: int) -> dict[str, Any]:
+        """What the model takes per clip beside its patches (none for Qwen2-VL)."""
+        return {}
+
     def clip_inputs(self, frames: np.ndarray, frames_as: str, frame_size: int, patch_size: int,
                     temporal_patch_size: int, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A clip (T, H, W, 3) uint8 as (patch rows, grid_thw of each visual), as the model's vision tower
@@ -120,6 +141,14 @@ class Backbone:
         """Position ids of text tokens after the prompt, (batch, T), as the model takes them."""
         raise NotImplementedError
 
+    def prompt_inputs(self, base: Any, batch: dict[str, Any], embeds: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> dict[str, Any]:
+        """The token arguments of the stock model's forward for a prompt whose embeddings carry the audio rows:
+        the ids beside the embeddings where the model accepts both (they drive its vision masks and positions; with
+        embeddings alone its positions would silently fall back to 1-D), else the embeddings and the positions
+        from its rope index."""
+        return {"input_ids": batch["input_ids"], "inputs_embeds": embeds, "position_ids": positions}
+
     # --- configs ---
 
     def config(self, text: dict[str, Any], vision: dict[str, Any], **extra: Any) -> Any:
@@ -128,9 +157,14 @@ class Backbone:
         raise NotImplementedError
 
     def published_config(self, like: str, layers: int | None = None, vision_layers: int | None = None) -> Any:
+        """A published config, with fewer text layers or vision blocks when asked (a vision block that feeds the
+        language model's DeepStack layers is then the last one kept)."""
         spec = self.published[like]
         text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {})}
         vision = {**spec["vision"], **({"depth": vision_layers} if vision_layers else {})}
+        if "deepstack_visual_indexes" in vision:
+            vision["deepstack_visual_indexes"] = sorted({min(i, vision["depth"] - 1)
+                                                         for i in vision["deepstack_visual_indexes"]})
         return self.config(text, vision, tie_word_embeddings=spec["tie_word_embeddings"],
                            bos_token_id=self.token_id(ENDOFTEXT), eos_token_id=self.token_id(IM_END))
 
@@ -152,7 +186,7 @@ class _Qwen2VL(Backbone):
         ids = ids or {t: self.token_id(t) for t in self.special_tokens}
         names = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
                      vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
-        if "<|vision_pad|>" in ids:
+        if "<|vision_pad|>" in ids and self.name == "qwen2-vl":  # only Qwen2-VL's config names it
             names["vision_token_id"] = "<|vision_pad|>"
         return self.config_class(text_config=text, vision_config=vision,
                                  **{k: ids[t] for k, t in names.items()}, **extra)
@@ -199,7 +233,154 @@ QWEN2_VL = _Qwen2VL(
                            vision=dict(hidden_size=3584, **_QWEN2_VL_VISION), tie_word_embeddings=False),
     },
 )
-BACKBONES = {b.model_type: b for b in (QWEN2_VL,)}
+class _Qwen2_5VL(_Qwen2VL):
+    """Qwen2.5-VL: Qwen2-VL's placeholders and patches (window attention inside its vision tower), video temporal
+    positions scaled by the seconds each temporal patch spans (``second_per_grid_ts``)."""
+
+    def clip_batch_inputs(self, frames_as, frame_seconds, temporal_patch_size):
+        if frames_as != "video":
+            return {}
+        return {"second_per_grid_ts": temporal_patch_size * _frame_interval(frame_seconds)}
+
+    def tiny_config(self, tokenizer):
+        """The architecture at small dimensions, for tests (random weights)."""
+        text = _tiny_text(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [4, 6, 6]})
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, out_hidden_size=128, fullatt_block_indexes=[1])
+        return self.config(text, vision, ids=tokenizer.get_vocab(), tie_word_embeddings=False)
+
+    def rope_index(self, base, batch):
+        return base.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
+                                         batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
+                                         batch["attention_mask"])
+
+
+class _Qwen3VL(_Qwen2VL):
+    """Qwen3-VL: 16-pixel patches normalised to [-1, 1], each temporal patch of a video after its own timestamp
+    (``<t seconds>``, the mean time of its frames, as Qwen3VLProcessor writes it), interleaved M-RoPE and DeepStack
+    inside the stock model, query/key norms in its decoder."""
+
+    def expand_vision(self, text, frames_as, tokens_each, frame_seconds=None, temporal_patch_size=2):
+        if frames_as != "video":
+            return super().expand_vision(text, frames_as, tokens_each)
+        if frame_seconds is None:
+            raise ValueError(f"{self.name} writes each temporal patch's time into the prompt: the clip's frame times "
+                             f"are needed")
+        from transformers import Qwen3VLProcessor
+
+        # the processor's own timestamps of each temporal patch (the mean time of its frames; the method reads no
+        # processor state), from the clip's start
+        start = frame_seconds[0]
+        stamps = Qwen3VLProcessor._calculate_timestamps(None, [t - start for t in frame_seconds], 1.0,
+                                                        temporal_patch_size)
+        per_patch = tokens_each // len(stamps)
+        frames = "".join(f"<{t:.1f} seconds><|vision_start|>{VIDEO_TOKEN * per_patch}<|vision_end|>" for t in stamps)
+        return text.replace(VIDEO_TOKEN, frames)
+
+    def rope_index(self, base, batch):
+        return base.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
+                                         batch.get("video_grid_thw"), batch["attention_mask"])
+
+    def prompt_inputs(self, base, batch, embeds, positions=None):
+        # Qwen3-VL's forward takes ids or embeddings, not both: it finds the vision placeholders among the
+        # embeddings (the placeholder token's own row), and the positions come from its rope index over the ids
+        if positions is None:
+            positions = self.rope_index(base, batch)[0]
+        return {"inputs_embeds": embeds, "position_ids": positions}
+
+    def tiny_config(self, tokenizer):
+        """The architecture at small dimensions, for tests (random weights): DeepStack from one vision layer."""
+        text = _tiny_text(tokenizer, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "mrope_section": [8, 4, 4], "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        return self.config(text, vision, ids=tokenizer.get_vocab(), tie_word_embeddings=False)
+
+
+def _tiny_text(tokenizer: Any, **extra: Any) -> dict[str, Any]:
+    ids = tokenizer.get_vocab()
+    return dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT], **extra)
+
+
+def _frame_interval(frame_seconds: Any) -> float:
+    """Seconds between consecutive frames of a clip (its frames are evenly spaced)."""
+    seconds = [float(t) for t in frame_seconds]
+    if len(seconds) < 2 or seconds[-1] <= seconds[0]:
+        raise ValueError(f"frame times {seconds}: a clip needs at least two increasing frame times")
+    return (seconds[-1] - seconds[0]) / (len(seconds) - 1)
+
+
+# The published configs of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct (config.json; transformers 5 names the
+# rope settings rope_parameters and the vision input channels in_channels).
+_QWEN2_5_VL_TEXT = dict(hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6, attention_dropout=0.0,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                        sliding_window=32768, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
+_QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                          fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
+# The published configs of Qwen/Qwen3-VL-2B-, 4B- and 8B-Instruct (config.json).
+_QWEN3_VL_TEXT = dict(head_dim=128, hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+                      attention_bias=False, attention_dropout=0.0, vocab_size=151936,
+                      rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                       "mrope_interleaved": True},
+                      bos_token_id=151643, eos_token_id=151645)
+_QWEN3_VL_VISION = dict(num_heads=16, in_channels=3, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                        num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")
+
+# Qwen2.5-VL's and Qwen3-VL's special tokens after Qwen2-VL's: tool calls and fill-in-the-middle (both), tool
+# responses and thinking (Qwen3)
+_QWEN2_5_SPECIAL = QWEN2_VL.special_tokens + ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+                                              "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+_QWEN3_SPECIAL = _QWEN2_5_SPECIAL + ("<tool_response>", "</tool_response>", "<think>", "</think>")
+
+QWEN2_5_VL = _Qwen2_5VL(
+    name="qwen2.5-vl", model_type="qwen2_5_vl", model_class_name="Qwen2_5_VLForConditionalGeneration",
+    config_class_name="Qwen2_5_VLConfig", special_tokens=_QWEN2_5_SPECIAL, chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    image_mean=QWEN2_VL.image_mean, image_std=QWEN2_VL.image_std, lora_target=QWEN2_VL.lora_target,
+    not_quantized=("model.visual", "lm_head"), min_pixels=56 * 56, max_pixels=28 * 28 * 1280, resize_unit=28,
+    needs_frame_times=True,
+    published={
+        "qwen2.5vl-3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                       **_QWEN2_5_VL_TEXT),
+                             vision=dict(out_hidden_size=2048, **_QWEN2_5_VL_VISION), tie_word_embeddings=True),
+        "qwen2.5vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                       **_QWEN2_5_VL_TEXT),
+                             vision=dict(out_hidden_size=3584, **_QWEN2_5_VL_VISION), tie_word_embeddings=False),
+    },
+)
+QWEN3_VL = _Qwen3VL(
+    name="qwen3-vl", model_type="qwen3_vl", model_class_name="Qwen3VLForConditionalGeneration",
+    config_class_name="Qwen3VLConfig", special_tokens=_QWEN3_SPECIAL, chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), lora_target=QWEN2_VL.lora_target,
+    not_quantized=("model.visual", "lm_head"), min_pixels=64 * 64, max_pixels=32 * 32 * 1280, resize_unit=32,
+    needs_frame_times=True, static_kv_decoding=False,
+    published={
+        "qwen3vl-2b": dict(text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                     num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,
+                                     **_QWEN3_VL_TEXT),
+                           vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2048,
+                                       deepstack_visual_indexes=[5, 11, 17], **_QWEN3_VL_VISION),
+                           tie_word_embeddings=True),
+        "qwen3vl-4b": dict(text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
+                                     **_QWEN3_VL_TEXT),
+                           vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560,
+                                       deepstack_visual_indexes=[5, 11, 17], **_QWEN3_VL_VISION),
+                           tie_word_embeddings=True),
+        "qwen3vl-8b": dict(text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, **_QWEN3_VL_TEXT),
+                           vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
+                                       deepstack_visual_indexes=[8, 16, 24], **_QWEN3_VL_VISION),
+                           tie_word_embeddings=False),
+    },
+)
+BACKBONES = {b.model_type: b for b in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
 # The offline default's tiny model is of this generation, with the special tokens its prompts use, in this order
 # (the shipped tiny tokenizer's ids), then the audio placeholder.
 TINY = QWEN2_VL

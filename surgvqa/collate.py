@@ -30,7 +30,7 @@ import torch
 from . import backbones
 from .backbones import AUDIO_TOKEN, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, Backbone
 from .config import Config
-from .data import FRAMES_PER_CLIP, Sample
+from .data import FRAMES_PER_CLIP, Sample, video_frame_rates
 
 IGNORE_INDEX = -100  # label value that carries no loss (torch cross_entropy's default ignore_index)
 
@@ -86,13 +86,15 @@ class Collator:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
+    # each recording's frame rate, for the backbones that need a clip's frame times (data.video_frame_rates)
+    video_fps: dict[str, float] | None = None
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, feature_extractor: Any, **vision: int) -> "Collator":
         return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, mode_seed=cfg.seed,
                    frames_as=cfg.frames_as,
                    frame_size=cfg.frame_size, audio_pool=cfg.audio_pool, min_audio_s=cfg.min_audio_s,
-                   max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), **vision)
+                   max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), video_fps=video_frame_rates(cfg), **vision)
 
     def __post_init__(self) -> None:
         if self.question_mode not in (*ITEM_MODES, "mixed"):
@@ -137,14 +139,28 @@ class Collator:
         }[mode or self.question_mode]
         return [{"role": "user", "content": visual + [{"type": "text", "text": question + "\n" + INSTRUCTION}]}]
 
+    def frame_seconds(self, sample: Sample) -> list[float] | None:
+        """When each frame of the sample's clip was taken, in seconds into its recording (None where the backbone
+        does not use it)."""
+        if not self.backbone.needs_frame_times:
+            return None
+        if self.video_fps is None:
+            raise CollateError(f"sample {sample.uid}: {self.backbone.name} needs the clip's frame times: give the "
+                               f"collator the recordings' frame rates (video_fps)")
+        if sample.video_id not in self.video_fps:
+            raise CollateError(f"sample {sample.uid} ({sample.source}): no frame rate for video {sample.video_id} "
+                               f"in the data's video_info.csv")
+        return [n / self.video_fps[sample.video_id] for n in sample.frame_numbers]
+
     def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int, mode: str | None = None,
                with_frames: bool = True) -> str:
         """The chat prompt up to the assistant header, with every placeholder expanded to its row count."""
         mode = mode or self.question_mode
         text = self.tokenizer.apply_chat_template(self.messages(sample, mode, with_frames), tokenize=False,
                                                   add_generation_prompt=True)
-        vision_token = self.backbone.vision_placeholder(self.frames_as)
-        text = text.replace(vision_token, vision_token * vision_tokens_each)
+        if with_frames:
+            text = self.backbone.expand_vision(text, self.frames_as, vision_tokens_each, self.frame_seconds(sample),
+                                               self.temporal_patch_size)
         n_audio = text.count(AUDIO_TOKEN)
         if n_audio != (1 if mode in ("audio", "both") else 0):
             raise CollateError(f"sample {sample.uid}: the prompt holds {n_audio} audio placeholders")
@@ -203,6 +219,7 @@ class Collator:
         if not items:
             raise CollateError("cannot collate an empty list of items")
         rows, label_rows, pixel_list, grid_list, mels, encoded, audio_rows = [], [], [], [], [], [], []
+        clip_inputs: dict[str, list] = {}
         im_end = self.token_ids[IM_END]
         for index, item in enumerate(items):
             if len(item) != 3:
@@ -213,6 +230,9 @@ class Collator:
                                                       self.merge_size)
             pixel_list.append(patches)
             grid_list.append(grid)
+            for key, value in self.backbone.clip_batch_inputs(self.frames_as, self.frame_seconds(sample),
+                                                              self.temporal_patch_size).items():
+                clip_inputs.setdefault(key, []).append(value)
             vision_tokens_each = int(grid[0].prod()) // self.merge_size ** 2
             audio_tokens, mode = 0, self.item_mode(sample)
             if mode in ("audio", "both"):
@@ -244,6 +264,7 @@ class Collator:
         prefix = "pixel_values_videos" if self.frames_as == "video" else "pixel_values"
         grid_key = "video_grid_thw" if self.frames_as == "video" else "image_grid_thw"
         batch[prefix], batch[grid_key] = torch.cat(pixel_list), torch.cat(grid_list)
+        batch.update({key: torch.tensor(values) for key, values in clip_inputs.items()})
         if mels and encoded:
             raise CollateError("a batch mixes waveforms and cached encoder outputs; give it one kind")
         if mels:

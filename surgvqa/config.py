@@ -302,6 +302,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bf16-lora-1gpu": dict(**_REAL, output_dir="data/processed/bf16-lora-1gpu",
                            vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2,
                            accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    # The later generations (surgvqa.backbones): Qwen2.5-VL-7B on one large card; Qwen3-VL-2B on one 24 GB card,
+    # Qwen3-VL-8B in bf16 on one 80 GB card or in 4-bit on two 24 GB cards (the original study's hardware).
+    "qwen25vl-7b": dict(**_REAL, output_dir="data/processed/qwen25vl-7b",
+                        vlm="Qwen/Qwen2.5-VL-7B-Instruct", batch_size=2, grad_accum=8,
+                        accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    "qwen3vl-2b": dict(**_REAL, output_dir="data/processed/qwen3vl-2b",
+                       vlm="Qwen/Qwen3-VL-2B-Instruct", batch_size=4, grad_accum=4,
+                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    "qwen3vl-8b": dict(**_REAL, output_dir="data/processed/qwen3vl-8b",
+                       vlm="Qwen/Qwen3-VL-8B-Instruct", batch_size=8, grad_accum=2,
+                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    "qwen3vl-8b-qlora-2x24gb": dict(**_REAL, output_dir="data/processed/qwen3vl-8b-qlora-2x24gb",
+                                    vlm="Qwen/Qwen3-VL-8B-Instruct", load_in_4bit=True, batch_size=1, grad_accum=8,
+                                    accelerate_config="configs/accelerate/2gpu-ddp.yaml"),
 }
 # Stage 0 (``python -m surgvqa pretrain``): the tiny graft from random weights on random phantom clips, questions
 # written (and, with a heard bank, heard); clips per step, steps, learning rates and workers of pretraining.

@@ -75,6 +75,32 @@ def data_dir(cfg: Config | None = None) -> Path:
     return cfg.path(cfg.data_dir)
 
 
+VIDEO_INFO_FILE = "video_info.csv"
+
+
+def video_frame_rates(cfg: Config | None = None) -> dict[str, float]:
+    """Each REAL-Colon recording's frame rate (frames per second), from the data's ``video_info.csv``: a clip's
+    frames are ``frame_numbers / fps`` seconds into its recording."""
+    return dict(_frame_rates(str(data_dir(cfg) / VIDEO_INFO_FILE)))
+
+
+@lru_cache(maxsize=4)
+def _frame_rates(path: str) -> tuple[tuple[str, float], ...]:
+    import csv
+
+    rates = []
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                fps = float(row["fps"])
+            except (KeyError, TypeError, ValueError):
+                raise AnnotationError(f"{path}:{line}: no frame rate (fps) for video {row.get('unique_video_name')!r}")
+            if not fps > 0:
+                raise AnnotationError(f"{path}:{line}: frame rate {fps} of video {row['unique_video_name']} is not positive")
+            rates.append((row["unique_video_name"], fps))
+    return tuple(rates)
+
+
 def _parse_row(line: str, labels: dict[str, frozenset[str]] | None) -> tuple[dict | None, str | None]:
     try:
         row = json.loads(line)

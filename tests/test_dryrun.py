@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, WhisperFeatureExtractor
 
 from surgvqa import dryrun
-from surgvqa.backbones import backbone_of_like
+from surgvqa.backbones import QWEN2_5_VL, QWEN3_VL, backbone_of_like
 from surgvqa import inference as I
 from surgvqa import model as M
 from surgvqa.collate import AUDIO_TOKEN, IGNORE_INDEX, Collator
@@ -92,3 +92,44 @@ def test_few_layer_checkpoints_of_the_real_widths_load_and_run_like_real_ones(tm
     assert [sorted(s.probabilities) for s in scored] == [["catheter", "forceps", "snare"],
                                                           ["down", "left", "right", "stable", "up"], ["no", "yes"]]
     assert all(np.isclose(sum(s.probabilities.values()), 1.0) for s in scored)
+
+
+@pytest.mark.parametrize("backbone, length", [(QWEN2_5_VL, 151665), (QWEN3_VL, 151669)], ids=["qwen2.5-vl", "qwen3-vl"])
+def test_each_generations_tokenizer_has_its_published_ids_and_the_audio_token_after_them(backbone, length, tmp_path):
+    backbone_dir = tmp_path / backbone.name
+    dryrun.qwen_tokenizer(backbone).save_pretrained(str(backbone_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(backbone_dir))
+    assert len(tokenizer) == length
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|vision_start|>", "<|video_pad|>", "<tool_call>"]) == [
+        151644, 151652, 151656, 151657]
+    if backbone is QWEN3_VL:
+        assert tokenizer.convert_tokens_to_ids(["<think>", "</think>"]) == [151667, 151668]
+    tokenizer = M._load_tokenizer(backbone_dir, get_config("qwen3vl-2b"))
+    assert tokenizer.convert_tokens_to_ids(AUDIO_TOKEN) == length  # a new id after the generation's own
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q"}]}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    user_turn = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Q<|im_end|>\n<|im_start|>assistant\n"
+    # Qwen2.5-VL's template writes a default system turn first; Qwen3-VL's none
+    assert prompt == (user_turn if backbone is QWEN3_VL else
+                      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + user_turn)
+
+
+@pytest.mark.slow
+def test_a_few_layer_qwen3_vl_checkpoint_of_the_real_widths_trains_and_scores(tmp_path, samples):
+    vlm = dryrun.make_checkpoint("qwen3vl-2b", tmp_path / "vlm", layers=1, vision_layers=1)
+    config = json.loads((vlm / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl" and config["text_config"]["hidden_size"] == 2048
+    assert config["vision_config"]["patch_size"] == 16 and config["vision_config"]["deepstack_visual_indexes"] == [0]
+    whisper = dryrun.make_checkpoint("whisper-large-v3-turbo", tmp_path / "whisper", layers=1)
+    cfg = get_config("qwen3vl-2b", vlm=str(vlm), whisper=str(whisper), frames_source="phantom", frame_size=64,
+                     lora_r=4, device="cpu")
+    model = M.build_model(cfg)
+    assert model.backbone is QWEN3_VL and type(model.base_vlm).__name__ == "Qwen3VLForConditionalGeneration"
+    batch = M.collator(model)(make_items(samples, size=64))
+    loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss.item() > 5  # random weights over a 152k vocabulary
+    loss.backward()
+    assert model.projector.linear.weight.grad is not None
+    scored = I.score_candidates(model, M.collator(model)(make_items(samples, size=64), for_generation=True))
+    assert [sorted(s.probabilities) for s in scored] == [["catheter", "forceps", "snare"],
+                                                          ["down", "left", "right", "stable", "up"], ["no", "yes"]]

@@ -1,0 +1,142 @@
+"""Every backbone generation at tiny shapes (the real architectures, random weights) through the same graft:
+prompts with the right placeholders, labels that decode to the answer, the model's own positions, a training
+step, both inference paths, and a checkpoint that reloads to the same scores."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from surgvqa import backbones as B
+from surgvqa import fastpath, scoring
+from surgvqa import inference as I
+from surgvqa import model as M
+from surgvqa.collate import IGNORE_INDEX
+
+from test_collate import first_of_types, make_items
+from test_model import tiny_config, tiny_whisper
+
+GENERATIONS = [B.QWEN2_VL, B.QWEN2_5_VL, B.QWEN3_VL]
+SIZE = 64  # Qwen2-VL / Qwen2.5-VL: 56 px, a 4x4 patch grid; Qwen3-VL: 64 px, 4x4 patches of 16 px
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return tiny_whisper()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return first_of_types("mucosa_visibility", "lesion_motion_direction", "tool_identification")
+
+
+def graft(backbone: B.Backbone, whisper, **overrides) -> M.AudioGraftedVLM:
+    cfg = tiny_config(frame_size=SIZE, **overrides)
+    tokenizer = M.build_tiny_tokenizer(cfg)
+    torch.manual_seed(0)
+    vlm = backbone.model_class(backbone.tiny_config(tokenizer))
+    return M.AudioGraftedVLM(M._apply_training_setup(vlm, cfg), whisper[0], tokenizer, whisper[1], cfg,
+                             whisper_from_cfg=False)
+
+
+@pytest.fixture(scope="module", params=GENERATIONS, ids=lambda b: b.name)
+def model(request, whisper):
+    return graft(request.param, whisper)
+
+
+def test_the_graft_asks_its_own_backbone(model):
+    assert model.backbone is B.backbone_of(model.base_vlm)
+    assert type(model.base_vlm).__name__ == model.backbone.model_class_name
+
+
+def test_placeholders_labels_and_frame_times(model, samples):
+    collate = M.collator(model)
+    batch = collate(make_items(samples, size=SIZE))
+    vision = model.backbone.vision_placeholder("video")
+    vision_id = model.tokenizer.convert_tokens_to_ids(vision)
+    grid = batch["video_grid_thw"][0].tolist()
+    merge = model.base_vlm.config.vision_config.spatial_merge_size
+    assert grid[0] == 4  # 8 frames, 2 a temporal patch
+    assert (batch["input_ids"] == vision_id).sum(dim=1).tolist() == [grid[0] * grid[1] * grid[2] // merge ** 2] * 3
+    # 1.0, 1.7 and 2.3 s of audio at pool 2: 26, 44 and 58 rows (100, 170, 230 mel frames padded to a multiple of 4)
+    assert (batch["input_ids"] == model.audio_token_id).sum(dim=1).tolist() == [25, 43, 58]
+    for labels, sample in zip(batch["labels"], samples):
+        assert model.tokenizer.decode(labels[labels != IGNORE_INDEX]) == sample.answer + "<|im_end|>"
+    prompt = model.tokenizer.decode(batch["input_ids"][0])
+    if model.backbone is B.QWEN3_VL:
+        # each temporal patch after its time from the clip's start: frames 4 apart in a 25 fps recording
+        assert prompt.count("<|vision_start|>") == 1 + grid[0]
+        # (0 + 0.16) / 2 s, then 0.4, 0.72 and 1.04 s
+        stamps = [f"<{t} seconds><|vision_start|>" for t in ("0.1", "0.4", "0.7", "1.0")]
+        assert all(stamp in prompt for stamp in stamps), prompt[:400]
+    else:
+        assert "seconds>" not in prompt
+    if model.backbone is B.QWEN2_5_VL:
+        torch.testing.assert_close(batch["second_per_grid_ts"], torch.full((3,), 2 * 4 / 25, dtype=torch.float32))
+    else:
+        assert "second_per_grid_ts" not in batch
+
+
+def test_positions_are_the_models_own(model, samples):
+    """The plain path's prompt (the seam's positions, the audio-ready embeddings) is what the stock model computes
+    by itself from the ids of a written question."""
+    collate = dataclasses.replace(M.collator(model), question_mode="text")
+    batch = collate(make_items(samples, size=SIZE), for_generation=True)
+    base = model.base_vlm
+    with torch.no_grad():
+        pre = scoring.prefill(model, batch)
+        own = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **scoring.vision_inputs(batch))
+        first = torch.log_softmax(base.lm_head(own.last_hidden_state[:, -1]).float(), dim=-1)
+    torch.testing.assert_close(pre.first, first, atol=1e-5, rtol=1e-5)
+
+
+def test_a_training_step_moves_the_adapter_and_the_projector(whisper, samples):
+    for backbone in GENERATIONS:
+        model = graft(backbone, whisper)
+        batch = M.collator(model)(make_items(samples, size=SIZE))
+        optimizer = torch.optim.AdamW([g for group in M.parameter_groups(model) for g in group["params"]], lr=1e-2)
+        losses = []
+        for _ in range(4):
+            loss = model(**batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], (backbone.name, losses)
+        assert model.projector.linear.weight.grad is not None and not any(
+            p.grad is not None for p in model.whisper.parameters())
+
+
+def test_both_paths_and_a_reloaded_checkpoint_score_alike(model, samples, tmp_path):
+    batch = M.collator(model)(make_items(samples, size=SIZE), for_generation=True)
+    answers, scored = I.answer_and_score(model, batch, max_new_tokens=6)
+    alone = I.score_candidates(model, batch)
+    assert [s.label for s in scored] == [s.label for s in alone]
+    assert all(abs(sum(s.probabilities.values()) - 1) < 1e-9 for s in scored)
+    if model.backbone.static_kv_decoding:
+        with torch.no_grad():
+            fast_answers, fast_scores = fastpath.answer_and_score(model, batch, 6, use_graph=False)
+        assert fast_answers == answers
+        for a, b in zip(scored, fast_scores):
+            for label in a.log_likelihoods:
+                assert abs(a.log_likelihoods[label] - b.log_likelihoods[label]) < 1e-3
+    else:
+        cuda_like = dataclasses.replace(model.cfg, fast_inference=True)
+        assert cuda_like.fast_inference and not model.backbone.static_kv_decoding  # the plain path on every device
+    M.save_checkpoint(model, tmp_path / "run")
+    reloaded = M.load_checkpoint(tmp_path / "run")
+    assert reloaded.backbone is model.backbone
+    again = I.score_candidates(reloaded, batch)
+    for a, b in zip(alone, again):
+        for label in a.log_likelihoods:
+            assert abs(a.log_likelihoods[label] - b.log_likelihoods[label]) < 1e-4
