@@ -7,6 +7,7 @@ import sys
 # command -> "module:function"; the function takes the remaining argv and returns an exit code.
 COMMANDS = {
     "workbook": "surgvqa.workbook:main",
+    "compare": "surgvqa.compare:main",
     "synthesize": "surgvqa.audio:main",
     "score": "surgvqa.evaluate:main",
     "merge": "surgvqa.inference:merge_main",

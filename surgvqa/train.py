@@ -397,6 +397,8 @@ def summarize(run: TrainRun, state: TrainerState, samples_seen: int, seconds: fl
                "samples_per_s": samples_seen / max(1e-9, seconds),
                # > a few %: the data workers bound the step (raise num_workers)
                "data_wait_fraction": waited / max(1e-9, seconds),
+               # this process's peak of allocated GPU memory (None on a CPU): what the card must hold
+               "peak_gpu_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None),
                "alignment": json.loads((out / ALIGN_SUMMARY).read_text()) if (out / ALIGN_SUMMARY).is_file() else None}
     if run.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

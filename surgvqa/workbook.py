@@ -72,6 +72,13 @@ def read_metrics(notebook: str, reports_dir: str | Path = "reports") -> dict[str
     return json.loads(path.read_text())
 
 
+def peak_gpu_gib() -> float | None:
+    """This process's peak of allocated GPU memory so far, in GiB (None without a GPU); notebooks store it."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()

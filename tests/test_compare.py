@@ -1,0 +1,67 @@
+"""The backbone comparison: its command line, and the table it writes from each preset's stored 04 / 05 metrics
+(accuracies withheld for random dry-run weights)."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from surgvqa import compare
+from surgvqa.config import get_config
+from surgvqa.dryrun import DRY_RUN_MARK
+from surgvqa.workbook import store_metrics
+
+
+def test_parameters_for_every_preset_and_for_one():
+    common, own = compare.split_params(["limit_test=64", "qwen3vl-2b:vlm=data/x", "max_steps=4"],
+                                       ["qwen2vl-2b", "qwen3vl-2b"])
+    assert common == {"limit_test": 64, "max_steps": 4}
+    assert own == {"qwen2vl-2b": {}, "qwen3vl-2b": {"vlm": "data/x"}}
+    with pytest.raises(ValueError, match="names preset 'qwen9'"):
+        compare.split_params(["qwen9:vlm=x"], ["qwen2vl-2b"])
+    with pytest.raises(ValueError, match="is not key=value"):
+        compare.split_params(["limit_test"], ["qwen2vl-2b"])
+
+
+def test_an_unknown_preset_or_key_stops_before_any_notebook_runs(tmp_path, capsys):
+    assert compare.main(["--presets", "smoke,nope", "--reports-dir", str(tmp_path)]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert compare.main(["--presets", "smoke", "-p", "max_stepz=3", "--reports-dir", str(tmp_path)]) == 2
+    assert not any(tmp_path.iterdir())
+
+
+def _stored_run(root, preset, vlm_dir, dry_run: bool, samples_per_s=4.0, peak=None):
+    model = root / vlm_dir
+    model.mkdir(parents=True)
+    config = {"model_type": "qwen3_vl"}
+    if dry_run:
+        config[DRY_RUN_MARK] = {"like": "qwen3vl-2b", "weights": "random"}
+    (model / "config.json").write_text(json.dumps(config))
+    best = root / "runs" / preset / "best"
+    best.mkdir(parents=True)
+    get_config(preset, vlm=str(model)).save(best)
+    reports = root / "reports" / preset
+    store_metrics("04-train", {"best_checkpoint": str(best), "samples_per_s": samples_per_s, "peak_gpu_gib": peak},
+                  reports)
+    baseline = {"n": 64, "accuracy": 0.5, "ci_low": 0.38, "ci_high": 0.62, "ms_per_query": 12.34}
+    store_metrics("05-evaluate", {"baselines": {
+        "blind prior": {**baseline, "ms_per_query": 0.0}, "audio-only (headline)": baseline,
+        "text-only": {**baseline, "accuracy": 0.75, "ms_per_query": 10.0},
+        "text-only, zero-shot base model": {**baseline, "ms_per_query": 8.0}}, "peak_gpu_gib": peak}, reports)
+
+
+def test_the_table_withholds_random_weights_accuracies_and_keeps_their_timings(tmp_path):
+    _stored_run(tmp_path, "qwen3vl-2b", "dry", dry_run=True, samples_per_s=4.0, peak=10.04)
+    _stored_run(tmp_path, "qwen2vl-2b", "real", dry_run=False, samples_per_s=8.0)
+    table = compare.write_table(["qwen3vl-2b", "qwen2vl-2b"], tmp_path / "reports")
+    dry, real = table.loc["qwen3vl-2b"], table.loc["qwen2vl-2b"]
+    assert dry["weights"] == "random (dry run)" and pd.isna(dry["heard"]) and pd.isna(dry["read"])
+    assert (dry["heard ms/row"], dry["read ms/row"], dry["zero-shot ms/row"]) == (12.3, 10.0, 8.0)
+    assert dry["train ms/sample"] == 250.0 and dry["train peak GiB"] == 10.0 and dry["backbone"] == "qwen3_vl"
+    assert real["weights"] == "checkpoint" and real["read"] == "75.0 % [38.0, 62.0]" and real["n"] == 64
+    assert real["train ms/sample"] == 125.0 and pd.isna(real["train peak GiB"])
+    written = json.loads((tmp_path / "reports" / "comparison.json").read_text())
+    assert [r["preset"] for r in written] == ["qwen3vl-2b", "qwen2vl-2b"]
+    markdown = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "withheld" in markdown and "| qwen3vl-2b |" in markdown
