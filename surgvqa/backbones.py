@@ -85,9 +85,6 @@ class Backbone:
     resize_unit: int
     # The published configs of this generation's checkpoints, by the name make-checkpoint's --like takes.
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Whether the language model is Qwen2's decoder (no query/key norms), which surgvqa.fastpath's static-cache
-    # decoder re-runs; other generations take the plain path of surgvqa.scoring on every device.
-    static_kv_decoding: bool = True
     # Whether the prompt or the positions depend on when the clip's frames were taken
     needs_frame_times: bool = False
 
@@ -259,7 +256,7 @@ class _Qwen2_5VL(_Qwen2VL):
 class _Qwen3VL(_Qwen2VL):
     """Qwen3-VL: 16-pixel patches normalised to [-1, 1], each temporal patch of a video after its own timestamp
     (``<t seconds>``, the mean time of its frames, as Qwen3VLProcessor writes it), interleaved M-RoPE and DeepStack
-    inside the stock model, query/key norms in its decoder."""
+    inside the stock model, query/key norms in its decoder (which the fast path's decoder applies too)."""
 
     def expand_vision(self, text, frames_as, tokens_each, frame_seconds=None, temporal_patch_size=2):
         if frames_as != "video":
@@ -359,7 +356,7 @@ QWEN3_VL = _Qwen3VL(
     config_class_name="Qwen3VLConfig", special_tokens=_QWEN3_SPECIAL, chat_template=QWEN3_VL_CHAT_TEMPLATE,
     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), lora_target=QWEN2_VL.lora_target,
     not_quantized=("model.visual", "lm_head"), min_pixels=64 * 64, max_pixels=32 * 32 * 1280, resize_unit=32,
-    needs_frame_times=True, static_kv_decoding=False,
+    needs_frame_times=True,
     published={
         "qwen3vl-2b": dict(text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                                      num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,

@@ -33,7 +33,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class StaticKVDecoder:
-    """The language model continuing a prompt over a preallocated KV cache, with fixed shapes.
+    """The language model (Qwen2's or Qwen3's decoder layers) continuing a prompt over a preallocated KV cache, with fixed shapes.
 
     The prompt (vision, audio, M-RoPE) runs through stock transformers once; its cache is copied into
     buffers of a fixed length, and the tokens after it run through the same decoder layers here. After the
@@ -48,7 +48,7 @@ class StaticKVDecoder:
         cfg = lm.config
         self.layers, self.norm, self.lm_head, self.embed = lm.layers, lm.norm, base.lm_head, lm.embed_tokens
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.inv_freq = lm.rotary_emb.inv_freq
         self.rope_scale = getattr(lm.rotary_emb, "attention_scaling", 1.0)
         weight = base.lm_head.weight
@@ -90,8 +90,11 @@ class StaticKVDecoder:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(h).view(batch, steps, self.heads, self.head_dim)
+            k = attn.k_proj(h).view(batch, steps, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3's decoder normalises each head's query and key before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = attn.v_proj(h).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k, v = (t.to(self.keys.dtype) for t in (q, k, v))
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -146,10 +146,8 @@ def answer_any_question(model: AudioGraftedVLM, batch: dict[str, Any], max_new_t
 
 
 def fast_inference(model: AudioGraftedVLM) -> bool:
-    """Whether inference runs on surgvqa.fastpath: on CUDA, for a backbone whose decoder its static cache re-runs,
-    unless the config's fast_inference is off."""
-    return (model.cfg.fast_inference and model.base_vlm.device.type == "cuda"
-            and model.backbone.static_kv_decoding)
+    """Whether inference runs on surgvqa.fastpath: on CUDA unless the config's fast_inference is off."""
+    return model.cfg.fast_inference and model.base_vlm.device.type == "cuda"
 
 
 def score_candidates(model: AudioGraftedVLM, batch: dict[str, Any]) -> list[CandidateScores]:
