@@ -15,23 +15,10 @@ from surgvqa import model as M
 from surgvqa.collate import IGNORE_INDEX
 
 from test_collate import first_of_types, make_items
-from test_model import tiny_config, tiny_whisper
+from test_model import one_torch_thread, tiny_config, whisper  # noqa: F401 (fixtures)
 
 GENERATIONS = [B.QWEN2_VL, B.QWEN2_5_VL, B.QWEN3_VL]
 SIZE = 64  # Qwen2-VL / Qwen2.5-VL: 56 px, a 4x4 patch grid; Qwen3-VL: 64 px, 4x4 patches of 16 px
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def whisper():
-    return tiny_whisper()
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +33,19 @@ def graft(backbone: B.Backbone, whisper, **overrides) -> M.AudioGraftedVLM:
     vlm = backbone.model_class(backbone.tiny_config(tokenizer))
     return M.AudioGraftedVLM(M._apply_training_setup(vlm, cfg), whisper[0], tokenizer, whisper[1], cfg,
                              whisper_from_cfg=False)
+
+
+def train_steps(model: M.AudioGraftedVLM, batch: dict, steps: int) -> list[float]:
+    """The losses of ``steps`` AdamW steps on one batch (the adapter, projector and trained output layer)."""
+    optimizer = torch.optim.AdamW([g for group in M.parameter_groups(model) for g in group["params"]], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.fixture(scope="module", params=GENERATIONS, ids=lambda b: b.name)
@@ -103,15 +103,7 @@ def test_positions_are_the_models_own(model, samples):
 def test_a_training_step_moves_the_adapter_and_the_projector(whisper, samples):
     for backbone in GENERATIONS:
         model = graft(backbone, whisper)
-        batch = M.collator(model)(make_items(samples, size=SIZE))
-        optimizer = torch.optim.AdamW([g for group in M.parameter_groups(model) for g in group["params"]], lr=1e-2)
-        losses = []
-        for _ in range(4):
-            loss = model(**batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        losses = train_steps(model, M.collator(model)(make_items(samples, size=SIZE)), 4)
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], (backbone.name, losses)
         assert model.projector.linear.weight.grad is not None and not any(
             p.grad is not None for p in model.whisper.parameters())
