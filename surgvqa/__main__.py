@@ -14,6 +14,7 @@ COMMANDS = {
     "pretrain": "surgvqa.pretrain:main",
     "heard-bank": "surgvqa.pretrain_data:heard_bank_main",
     "make-checkpoint": "surgvqa.dryrun:main",
+    "dry-run": "surgvqa.dryrun:dry_run_main",
     "phantom-frames": "surgvqa.frames:phantom_frames_main",
 }
 

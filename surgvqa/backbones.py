@@ -220,11 +220,11 @@ QWEN2_VL = _Qwen2VL(
     not_quantized=("model.visual", "lm_head"),
     min_pixels=56 * 56, max_pixels=28 * 28 * 1280, resize_unit=28,
     published={
-        "qwen2vl-2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        "qwen2vl-2b": dict(hub_id="Qwen/Qwen2-VL-2B-Instruct", text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                                      **_QWEN2_VL_TEXT),
                            vision=dict(hidden_size=1536, **_QWEN2_VL_VISION), tie_word_embeddings=True),
-        "qwen2vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        "qwen2vl-7b": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct", text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                      **_QWEN2_VL_TEXT),
                            vision=dict(hidden_size=3584, **_QWEN2_VL_VISION), tie_word_embeddings=False),
@@ -341,11 +341,11 @@ QWEN2_5_VL = _Qwen2_5VL(
     not_quantized=("model.visual", "lm_head"), min_pixels=56 * 56, max_pixels=28 * 28 * 1280, resize_unit=28,
     needs_frame_times=True,
     published={
-        "qwen2.5vl-3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        "qwen2.5vl-3b": dict(hub_id="Qwen/Qwen2.5-VL-3B-Instruct", text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
                                        **_QWEN2_5_VL_TEXT),
                              vision=dict(out_hidden_size=2048, **_QWEN2_5_VL_VISION), tie_word_embeddings=True),
-        "qwen2.5vl-7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        "qwen2.5vl-7b": dict(hub_id="Qwen/Qwen2.5-VL-7B-Instruct", text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                        **_QWEN2_5_VL_TEXT),
                              vision=dict(out_hidden_size=3584, **_QWEN2_5_VL_VISION), tie_word_embeddings=False),
@@ -358,19 +358,19 @@ QWEN3_VL = _Qwen3VL(
     not_quantized=("model.visual", "lm_head"), min_pixels=64 * 64, max_pixels=32 * 32 * 1280, resize_unit=32,
     needs_frame_times=True,
     published={
-        "qwen3vl-2b": dict(text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+        "qwen3vl-2b": dict(hub_id="Qwen/Qwen3-VL-2B-Instruct", text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                                      num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,
                                      **_QWEN3_VL_TEXT),
                            vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2048,
                                        deepstack_visual_indexes=[5, 11, 17], **_QWEN3_VL_VISION),
                            tie_word_embeddings=True),
-        "qwen3vl-4b": dict(text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        "qwen3vl-4b": dict(hub_id="Qwen/Qwen3-VL-4B-Instruct", text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
                                      **_QWEN3_VL_TEXT),
                            vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560,
                                        deepstack_visual_indexes=[5, 11, 17], **_QWEN3_VL_VISION),
                            tie_word_embeddings=True),
-        "qwen3vl-8b": dict(text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        "qwen3vl-8b": dict(hub_id="Qwen/Qwen3-VL-8B-Instruct", text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                                      num_attention_heads=32, num_key_value_heads=8, **_QWEN3_VL_TEXT),
                            vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
                                        deepstack_visual_indexes=[8, 16, 24], **_QWEN3_VL_VISION),
@@ -407,6 +407,15 @@ def backbone_of_like(like: str) -> Backbone:
         if like in backbone.published:
             return backbone
     raise KeyError(f"unknown --like {like!r}; one of {published_likes()}")
+
+
+def like_of_hub_id(hub_id: str) -> str | None:
+    """The dry-run name (make-checkpoint's --like) of a published checkpoint's hub id, or None."""
+    for backbone in BACKBONES.values():
+        for like, spec in backbone.published.items():
+            if spec["hub_id"] == hub_id:
+                return like
+    return None
 
 
 def published_likes() -> tuple[str, ...]:

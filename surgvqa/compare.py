@@ -23,7 +23,7 @@ import pandas as pd
 
 from .config import Config, get_config
 from .dryrun import is_dry_run
-from .workbook import NotebookFailed, markdown_table, read_metrics, run_workbook
+from .workbook import NotebookFailed, markdown_table, parse_params, read_metrics, run_workbook
 
 NOTEBOOKS = ("04", "05")
 # 05's baseline names for the three columns; "zero-shot" is the base model reading the question (a LoRA run's
@@ -37,18 +37,11 @@ def split_params(pairs: Sequence[str], presets: Sequence[str]) -> tuple[dict[str
     parse as JSON, else strings."""
     common: dict[str, Any] = {}
     own: dict[str, dict[str, Any]] = {p: {} for p in presets}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"-p {pair!r} is not key=value")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+    for key, value in parse_params(list(pairs)).items():
         if ":" in key:
             preset, key = key.split(":", 1)
             if preset not in own:
-                raise ValueError(f"-p {pair!r} names preset {preset!r}, which is not compared ({list(presets)})")
+                raise ValueError(f"-p {key!r} names preset {preset!r}, which is not compared ({list(presets)})")
             own[preset][key] = value
         else:
             common[key] = value

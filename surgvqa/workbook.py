@@ -72,6 +72,21 @@ def read_metrics(notebook: str, reports_dir: str | Path = "reports") -> dict[str
     return json.loads(path.read_text())
 
 
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs as a dict, each value JSON where it parses as JSON, else the string (notebook parameters
+    and config overrides alike; whoever takes them checks the keys)."""
+    params = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"-p {pair!r} is not key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
 def peak_gpu_gib() -> float | None:
     """This process's peak of allocated GPU memory so far, in GiB (None without a GPU); notebooks store it."""
     import torch
@@ -305,15 +320,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-html", action="store_true")
     parser.add_argument("--cell-timeout", type=int, default=None, help="fail a cell that runs longer (seconds)")
     args = parser.parse_args(argv)
-    params = {}
-    for pair in args.param:
-        if "=" not in pair:
-            parser.error(f"-p {pair!r} is not key=value")
-        key, raw = pair.split("=", 1)
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+    try:
+        params = parse_params(args.param)
+    except ValueError as e:
+        parser.error(str(e))
     reports_dir = args.reports_dir or default_reports_dir(args.preset)
     try:
         run_workbook(args.names, args.preset, params, reports_dir, html=not args.no_html,

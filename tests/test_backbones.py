@@ -126,3 +126,12 @@ def test_building_the_model_needs_no_speech_synthesis():
             "print(sorted(m for m in ('surgvqa.tts', 'surgvqa.audio', 'surgvqa.noise') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_readme_layout_lists_every_module_after_what_it_imports():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    listed = re.findall(r"^\| `surgvqa/(\w+)\.py`", readme[readme.index("## Layout"):], re.M)
+    graph = _package_imports()
+    assert sorted(listed) == sorted(m for m in graph if not m.startswith("__"))
+    for i, module in enumerate(listed):
+        assert graph[module] <= set(listed[:i]), f"{module} imports {graph[module] - set(listed[:i])} listed later"

@@ -133,3 +133,36 @@ def test_a_few_layer_qwen3_vl_checkpoint_of_the_real_widths_trains_and_scores(tm
     scored = I.score_candidates(model, M.collator(model)(make_items(samples, size=64), for_generation=True))
     assert [sorted(s.probabilities) for s in scored] == [["catheter", "forceps", "snare"],
                                                           ["down", "left", "right", "stable", "up"], ["no", "yes"]]
+
+
+def test_the_one_command_dry_run_refuses_before_anything_heavy(capsys):
+    assert dryrun.dry_run_main(["--preset", "qwen3vl-2b"]) == 2  # this machine has no GPU
+    assert "no GPU here" in capsys.readouterr().err
+    assert dryrun.dry_run_main(["--preset", "tiny"]) == 2
+    assert "no published checkpoint" in capsys.readouterr().err
+    assert dryrun.check_machine("qwen3vl-2b", get_config("qwen3vl-2b"), 80.0) == "qwen3vl-2b"
+    with pytest.raises(dryrun.DryRunRefused, match=r"29.3 GiB .* presets measured to fit: qwen2vl-2b, qwen3vl-2b"):
+        dryrun.check_machine("qwen25vl-7b", get_config("qwen25vl-7b"), 23.6)
+
+
+def test_the_dry_run_reads_steady_rates_and_projects_the_full_study(tmp_path):
+    (tmp_path / "log.csv").write_text("step,samples_per_s\n8,2.0\n16,4.0\n24,4.0\n")
+    (tmp_path / "summary.json").write_text(json.dumps({"alignment": {"steps": 50, "wall_s": 20.0}}))
+    baselines = {"blind prior": {"ms_per_query": 0.0}, "audio-only (headline)": {"ms_per_query": 100.0},
+                 "text-only": {"ms_per_query": 50.0}}
+    rates = dryrun.steady_rates(tmp_path, {}, {"baselines": baselines})
+    assert rates == {"train_ms_per_sample": 250.0, "train_ms_per_sample_warmup": 500.0, "align_s_per_step": 0.4,
+                     "eval_ms_per_row": 100.0, "baselines_ms_per_row": 150.0}
+    cfg = get_config("qwen3vl-2b")  # batch 4 x 4, evaluation every 200 steps, 500 alignment steps
+    projection = dryrun.project_full_study(rates, cfg)
+    terms = {k: v["seconds"] for k, v in projection["terms"].items()}
+    # 3 x 2,302 samples x 0.25 s; 500 x 0.4 s; ceil(6,906 / 16) = 432 steps -> 2 evaluations x 398 rows x 0.1 s;
+    # 1,000 rows x 0.15 s
+    assert terms == {"training": 1726.5, "alignment": 200.0, "in-training evaluations": 79.6, "05 baselines": 150.0}
+    assert projection["total_s"] == pytest.approx(sum(terms.values()))
+    report = {"preset": "qwen3vl-2b", "like": "qwen3vl-2b", "gpu": "GPU", "gpu_gib": 80.0, "torch": "2",
+              "sizes": dryrun.REDUCED, "notebooks": [{"notebook": "04", "wall_s": 10.0, "peak_gib": 9.96}],
+              "rates": rates, "projection": projection}
+    markdown = dryrun.write_report(report, tmp_path / "out").read_text()
+    assert "| 04 | 10.0 | 10.0 |" in markdown and "| training | 1726.5 | 3 x 2302 rows x 250 ms |" in markdown
+    assert json.loads((tmp_path / "out" / "dry-run.json").read_text())["projection"]["total_s"] == 2156.1
