@@ -87,6 +87,8 @@ class Backbone:
     published: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Whether the prompt or the positions depend on when the clip's frames were taken
     needs_frame_times: bool = False
+    # Whether the model hears through an audio encoder of its own (then the graft's Whisper and projector do not apply)
+    hears_natively: bool = False
 
     # --- classes ---
 
@@ -220,11 +222,13 @@ QWEN2_VL = _Qwen2VL(
     not_quantized=("model.visual", "lm_head"),
     min_pixels=56 * 56, max_pixels=28 * 28 * 1280, resize_unit=28,
     published={
-        "qwen2vl-2b": dict(hub_id="Qwen/Qwen2-VL-2B-Instruct", text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        "qwen2vl-2b": dict(hub_id="Qwen/Qwen2-VL-2B-Instruct",
+                           text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                                      **_QWEN2_VL_TEXT),
                            vision=dict(hidden_size=1536, **_QWEN2_VL_VISION), tie_word_embeddings=True),
-        "qwen2vl-7b": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct", text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        "qwen2vl-7b": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct",
+                           text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                      **_QWEN2_VL_TEXT),
                            vision=dict(hidden_size=3584, **_QWEN2_VL_VISION), tie_word_embeddings=False),
@@ -288,12 +292,34 @@ class _Qwen3VL(_Qwen2VL):
 
     def tiny_config(self, tokenizer):
         """The architecture at small dimensions, for tests (random weights): DeepStack from one vision layer."""
-        text = _tiny_text(tokenizer, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                   "mrope_section": [8, 4, 4], "mrope_interleaved": True})
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4], "mrope_interleaved": True}
+        text = _tiny_text(tokenizer, head_dim=32, rope_parameters=rope)
         vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
         return self.config(text, vision, ids=tokenizer.get_vocab(), tie_word_embeddings=False)
+
+
+class _Qwen2_5Omni(_Qwen2_5VL):
+    """Qwen2.5-Omni's thinker: a Qwen2.5 language model that hears through its own Whisper-style audio encoder and
+    sees through a Qwen2.5-VL vision tower; its placeholders have names of their own (``<|VIDEO|>``, ``<|AUDIO|>``)."""
+
+    def vision_placeholder(self, frames_as):
+        return "<|VIDEO|>" if frames_as == "video" else "<|IMAGE|>"
+
+    def config(self, text, vision, ids=None, audio=None, **extra):
+        ids = ids or {t: self.token_id(t) for t in self.special_tokens}
+        tokens = dict(audio_token_index="<|AUDIO|>", image_token_index="<|IMAGE|>", video_token_index="<|VIDEO|>",
+                      audio_start_token_id="<|audio_bos|>", audio_end_token_id="<|audio_eos|>")
+        return self.config_class(text_config=text, vision_config=vision, audio_config=audio or {},
+                                 **{k: ids[t] for k, t in tokens.items()}, **extra)
+
+    def published_config(self, like, layers=None, vision_layers=None):
+        spec = self.published[like]
+        text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {})}
+        vision = {**spec["vision"], **({"depth": vision_layers} if vision_layers else {})}
+        audio = {**spec["audio"], **({"encoder_layers": layers} if layers else {})}
+        return self.config(text, vision, audio=audio, tie_word_embeddings=False, **spec["thinker"])
 
 
 def _tiny_text(tokenizer: Any, **extra: Any) -> dict[str, Any]:
@@ -314,7 +340,8 @@ def _frame_interval(frame_seconds: Any) -> float:
 # The published configs of Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct (config.json; transformers 5 names the
 # rope settings rope_parameters and the vision input channels in_channels).
 _QWEN2_5_VL_TEXT = dict(hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6, attention_dropout=0.0,
-                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                         "mrope_section": [16, 24, 24]},
                         sliding_window=32768, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
 _QWEN2_5_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
@@ -341,11 +368,13 @@ QWEN2_5_VL = _Qwen2_5VL(
     not_quantized=("model.visual", "lm_head"), min_pixels=56 * 56, max_pixels=28 * 28 * 1280, resize_unit=28,
     needs_frame_times=True,
     published={
-        "qwen2.5vl-3b": dict(hub_id="Qwen/Qwen2.5-VL-3B-Instruct", text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+        "qwen2.5vl-3b": dict(hub_id="Qwen/Qwen2.5-VL-3B-Instruct",
+                             text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                        num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
                                        **_QWEN2_5_VL_TEXT),
                              vision=dict(out_hidden_size=2048, **_QWEN2_5_VL_VISION), tie_word_embeddings=True),
-        "qwen2.5vl-7b": dict(hub_id="Qwen/Qwen2.5-VL-7B-Instruct", text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        "qwen2.5vl-7b": dict(hub_id="Qwen/Qwen2.5-VL-7B-Instruct",
+                             text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                        **_QWEN2_5_VL_TEXT),
                              vision=dict(out_hidden_size=3584, **_QWEN2_5_VL_VISION), tie_word_embeddings=False),
@@ -358,26 +387,88 @@ QWEN3_VL = _Qwen3VL(
     not_quantized=("model.visual", "lm_head"), min_pixels=64 * 64, max_pixels=32 * 32 * 1280, resize_unit=32,
     needs_frame_times=True,
     published={
-        "qwen3vl-2b": dict(hub_id="Qwen/Qwen3-VL-2B-Instruct", text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+        "qwen3vl-2b": dict(hub_id="Qwen/Qwen3-VL-2B-Instruct",
+                           text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                                      num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True,
                                      **_QWEN3_VL_TEXT),
                            vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2048,
                                        deepstack_visual_indexes=[5, 11, 17], **_QWEN3_VL_VISION),
                            tie_word_embeddings=True),
-        "qwen3vl-4b": dict(hub_id="Qwen/Qwen3-VL-4B-Instruct", text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+        "qwen3vl-4b": dict(hub_id="Qwen/Qwen3-VL-4B-Instruct",
+                           text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True,
                                      **_QWEN3_VL_TEXT),
                            vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, out_hidden_size=2560,
                                        deepstack_visual_indexes=[5, 11, 17], **_QWEN3_VL_VISION),
                            tie_word_embeddings=True),
-        "qwen3vl-8b": dict(hub_id="Qwen/Qwen3-VL-8B-Instruct", text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        "qwen3vl-8b": dict(hub_id="Qwen/Qwen3-VL-8B-Instruct",
+                           text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                                      num_attention_heads=32, num_key_value_heads=8, **_QWEN3_VL_TEXT),
                            vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, out_hidden_size=4096,
                                        deepstack_visual_indexes=[8, 16, 24], **_QWEN3_VL_VISION),
                            tie_word_embeddings=False),
     },
 )
-BACKBONES = {b.model_type: b for b in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
+# Qwen2.5-Omni's special tokens (tokenizer_config.json of Qwen/Qwen2.5-Omni-3B): its own names for the audio and
+# vision placeholders, then Qwen2.5's tool and fill-in-the-middle tokens.
+_OMNI_SPECIAL = (ENDOFTEXT, IM_START, IM_END, "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",
+                 "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>", "<|IMAGE|>",
+                 "<|VIDEO|>") + _QWEN2_5_SPECIAL[14:]
+# The thinker's published configs (config.json thinker_config of Qwen/Qwen2.5-Omni-3B; the 7B's from its fine-tunes'
+# re-saved configs, no verbatim copy was found offline): what differs from Qwen2.5-VL is the audio encoder.
+_OMNI_AUDIO = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
+                   max_source_positions=1500, n_window=100, activation_function="gelu", scale_embedding=False)
+_OMNI_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                    hidden_act="silu")
+_OMNI_TEXT = dict(hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6, attention_dropout=0.0,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                  use_sliding_window=False, sliding_window=32768, tie_word_embeddings=False)
+_OMNI_THINKER = dict(position_id_per_seconds=25, seconds_per_chunk=2, user_token_id=872, eos_token_id=151645,
+                     pad_token_id=151643)
+# Qwen2.5-Omni-Instruct's chat template (chat_template.json of Qwen/Qwen2.5-Omni-3B): Qwen2-VL's with audio items.
+QWEN2_5_OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}{% if add_audio_id %}Audio {{ audio_count.value }}: "
+    "{% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_5_OMNI = _Qwen2_5Omni(
+    name="qwen2.5-omni", model_type="qwen2_5_omni_thinker",
+    model_class_name="Qwen2_5OmniThinkerForConditionalGeneration", config_class_name="Qwen2_5OmniThinkerConfig",
+    special_tokens=_OMNI_SPECIAL, chat_template=QWEN2_5_OMNI_CHAT_TEMPLATE, image_mean=QWEN2_VL.image_mean,
+    image_std=QWEN2_VL.image_std, lora_target=QWEN2_VL.lora_target,
+    not_quantized=("model.visual", "model.audio_tower", "lm_head"), min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
+    resize_unit=28, needs_frame_times=True, hears_natively=True,
+    published={
+        "qwen2.5-omni-3b": dict(hub_id="Qwen/Qwen2.5-Omni-3B", thinker=dict(bos_token_id=151644, **_OMNI_THINKER),
+                                text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                          num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                          max_window_layers=70, **_OMNI_TEXT),
+                                vision=dict(out_hidden_size=2048, **_OMNI_VISION),
+                                audio=dict(output_dim=2048, **_OMNI_AUDIO),
+                                tie_word_embeddings=False),
+        "qwen2.5-omni-7b": dict(hub_id="Qwen/Qwen2.5-Omni-7B", thinker=_OMNI_THINKER,
+                                text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                          **_OMNI_TEXT),
+                                vision=dict(out_hidden_size=3584, **_OMNI_VISION),
+                                audio=dict(output_dim=3584, **_OMNI_AUDIO),
+                                tie_word_embeddings=False),
+    },
+)
+BACKBONES = {b.model_type: b for b in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN2_5_OMNI)}
 # The offline default's tiny model is of this generation, with the special tokens its prompts use, in this order
 # (the shipped tiny tokenizer's ids), then the audio placeholder.
 TINY = QWEN2_VL

@@ -48,6 +48,14 @@ PROJECTOR_SOURCE_FILE = "projector_source.json"
 TINY_VOCAB_SIZE = 1024
 
 
+def graftable(backbone: Backbone) -> Backbone:
+    """The backbone, when the graft applies to it (checked from a checkpoint's config, before its weights load)."""
+    if backbone.hears_natively:
+        raise ValueError(f"{backbone.name} hears the question through its own audio encoder: the graft's Whisper and "
+                         f"projector do not apply to it, and its native-hearing path is not built yet")
+    return backbone
+
+
 class AudioTokenMismatch(ValueError):
     """The audio placeholders of a sample do not match the rows its question audio projects to."""
 
@@ -100,6 +108,7 @@ class AudioGraftedVLM(nn.Module):
                  feature_extractor: WhisperFeatureExtractor, cfg: Config, whisper_from_cfg: bool):
         super().__init__()
         self.vlm = vlm  # the backbone's model class, or a peft PeftModel around it
+        self.backbone: Backbone = graftable(backbones.backbone_of(self.base_vlm))
         self.whisper = whisper.requires_grad_(False).eval()
         vocabulary = ((lambda: self.base_vlm.get_input_embeddings().weight) if cfg.audio_projector == "vocab"
                       else None)
@@ -110,7 +119,6 @@ class AudioGraftedVLM(nn.Module):
         self.cfg = cfg
         # False when the encoder was handed in rather than loaded from cfg.whisper: checkpoints then carry it.
         self.whisper_from_cfg = whisper_from_cfg
-        self.backbone: Backbone = backbones.backbone_of(self.base_vlm)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
         self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
 
@@ -258,7 +266,8 @@ def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
     """The vision-language model from a local folder (never touching the network) or a hub id, as the class
     its backbone names; 4-bit nf4 when asked."""
     local = _local_dir(name_or_path, cfg)
-    backbone = backbones.backbone_of_checkpoint(str(local or name_or_path), local_files_only=local is not None)
+    backbone = graftable(backbones.backbone_of_checkpoint(str(local or name_or_path),
+                                                          local_files_only=local is not None))
     quantization = None
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig

@@ -166,3 +166,31 @@ def test_the_dry_run_reads_steady_rates_and_projects_the_full_study(tmp_path):
     markdown = dryrun.write_report(report, tmp_path / "out").read_text()
     assert "| 04 | 10.0 | 10.0 |" in markdown and "| training | 1726.5 | 3 x 2302 rows x 250 ms |" in markdown
     assert json.loads((tmp_path / "out" / "dry-run.json").read_text())["projection"]["total_s"] == 2156.1
+
+
+def test_the_omni_thinkers_published_config_tokens_and_template(tmp_path):
+    from surgvqa.backbones import QWEN2_5_OMNI
+
+    three = QWEN2_5_OMNI.published_config("qwen2.5-omni-3b")
+    assert type(three).__name__ == "Qwen2_5OmniThinkerConfig"
+    assert (three.text_config.hidden_size, three.text_config.num_hidden_layers, three.text_config.vocab_size) == (
+        2048, 36, 151936)
+    assert (three.audio_config.d_model, three.audio_config.encoder_layers, three.audio_config.num_mel_bins,
+            three.audio_config.output_dim) == (1280, 32, 128, 2048)
+    assert (three.audio_token_index, three.audio_start_token_id, three.audio_end_token_id, three.video_token_index) == (
+        151646, 151647, 151648, 151656)
+    assert QWEN2_5_OMNI.published_config("qwen2.5-omni-7b").vision_config.out_hidden_size == 3584
+    QWEN2_5_OMNI.published_config("qwen2.5-omni-7b").save_pretrained(str(tmp_path / "omni"))
+    tokenizer_dir = tmp_path / "omni-tokenizer"
+    dryrun.qwen_tokenizer(QWEN2_5_OMNI).save_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert len(tokenizer) == 151665
+    assert tokenizer.convert_tokens_to_ids(["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|IMAGE|>", "<|VIDEO|>"]) == [
+        151646, 151647, 151648, 151655, 151656]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "audio"}, {"type": "text", "text": "Q"}]}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>Q<|im_end|>\n<|im_start|>assistant\n")
+    # the graft does not apply to a model that hears natively: refused from the config, before any weight loads
+    with pytest.raises(ValueError, match="hears the question through its own audio encoder"):
+        M._load_vlm(str(tmp_path / "omni"), get_config("qwen2vl-2b"))
