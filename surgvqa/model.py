@@ -262,12 +262,17 @@ def _local_dir(name_or_path: str, cfg: Config) -> Path | None:
     return None
 
 
+def _checkpoint_backbone(name_or_path: str, cfg: Config) -> Backbone:
+    """A checkpoint's backbone from its config alone, refused when the graft does not apply to it."""
+    local = _local_dir(name_or_path, cfg)
+    return graftable(backbones.backbone_of_checkpoint(str(local or name_or_path), local_files_only=local is not None))
+
+
 def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
     """The vision-language model from a local folder (never touching the network) or a hub id, as the class
     its backbone names; 4-bit nf4 when asked."""
     local = _local_dir(name_or_path, cfg)
-    backbone = graftable(backbones.backbone_of_checkpoint(str(local or name_or_path),
-                                                          local_files_only=local is not None))
+    backbone = _checkpoint_backbone(name_or_path, cfg)
     quantization = None
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -347,6 +352,8 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     ``surgvqa.whisper`` unless ``whisper`` gives ``(model or encoder, feature_extractor)``. Everything is placed
     on ``device`` (default: the config's, see ``Config.torch_device``).
     """
+    if cfg.vlm != "tiny":
+        _checkpoint_backbone(cfg.vlm, cfg)  # before anything loads
     if whisper is None:
         encoder, feature_extractor = _load_whisper_from_cfg(cfg)
     else:
