@@ -4,11 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# espeak-ng and sox voice the questions, flite voices the unseen-engine check (required). chromium (Debian's, at /usr/bin/chromium) only runs the
+# espeak-ng voices the questions, flite voices the unseen-engine check (required). chromium (Debian's, at /usr/bin/chromium) only runs the
 # inspector's browser test (tests/test_browser.py; Playwright's own browser download cannot be relied on):
 # installed when we can, otherwise that one test skips outside CI.
 # Each package name is also the command it installs, which is how the check finds what is missing.
-REQUIRED_PACKAGES=(espeak-ng sox flite)
+REQUIRED_PACKAGES=(espeak-ng flite)
 OPTIONAL_PACKAGES=(chromium)
 missing=()
 for cmd in "${REQUIRED_PACKAGES[@]}" "${OPTIONAL_PACKAGES[@]}"; do
