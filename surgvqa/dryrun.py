@@ -24,6 +24,7 @@ import base64
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -371,6 +372,9 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
         write_real_colon_frames(rows, frames, cfg, render_size=224)
     params = {"tts_engine": "espeak-ng", **sizes, "vlm": str(vlm), "whisper": str(whisper), "frames_dir": str(frames),
               "output_dir": f"data/processed/dry-run-{preset}", **overrides}
+    if "08" in notebooks and "unseen_engine" not in overrides and shutil.which("flite") is None:
+        log("[dry-run] flite is not installed: 08 runs without its unseen-engine check (unseen_engine=false)")
+        params["unseen_engine"] = False
     reports = REPO_ROOT / "reports" / f"dry-run-{preset}"
     sampler, steps = _MemorySampler(), []
     for nb in notebooks:
@@ -382,7 +386,7 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
     sampler.stop.set()
     report = {"preset": preset, "like": like, "gpu": torch.cuda.get_device_name(0), "gpu_gib": round(gpu_gib, 1),
               "torch": torch.__version__, "sizes": "full" if full else {**REDUCED, **REDUCED_NOTEBOOK},
-              "notebooks": steps}
+              "unseen_engine": params.get("unseen_engine", True), "notebooks": steps}
     if {"04", "05"} <= set(notebooks):
         rates = steady_rates(cfg.path(params["output_dir"]), read_metrics("04-train", reports),
                              read_metrics("05-evaluate", reports))
