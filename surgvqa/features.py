@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from . import frames
 from .audio import AudioError, load_question_audio
+from .backbones import TINY, Backbone
 from .collate import EncodedQuestion
 from .config import Config
 from .data import Sample
@@ -134,8 +135,9 @@ class QADataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], cfg: Config, audio_paths: dict[str, str] | None,
-                 encoded_audio: EncodedAudio | None = None):
+                 encoded_audio: EncodedAudio | None = None, backbone: Backbone = TINY):
         self.samples, self.cfg = list(samples), cfg
+        self.backbone = backbone  # real frames are sized for the model that sees them
         self.audio_paths = audio_paths
         self.encoded_audio = encoded_audio
         if cfg.question_mode != "text":
@@ -148,7 +150,7 @@ class QADataset(Dataset):
 
     def __getitem__(self, index: int):
         s = self.samples[index]
-        clip = frames.load_clip(s, self.cfg)
+        clip = frames.load_clip(s, self.cfg, self.backbone)
         wave = None
         if self.encoded_audio is not None:
             wave = EncodedQuestion(load_encoded_audio(s.uid, self.encoded_audio.paths[s.uid],

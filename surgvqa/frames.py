@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .backbones import TINY
+from .backbones import TINY, Backbone
 from .config import Config, get_config
 from .data import FRAMES_PER_CLIP, QUESTION_TYPES, Sample
 from .phantom import RENDERER_VERSION, ClipState, clip_state_of, render_phantom_clip, stable_seed
@@ -70,8 +70,9 @@ def vision_tokens(height: int, width: int, frames: int = 8, frames_as: str = "vi
     return per_frame * (frames // temporal if frames_as == "video" else frames)
 
 
-def load_real_clip(sample: Sample, cfg: Config | None = None) -> np.ndarray:
-    """The 8 real frames of a sample as uint8 (8, H, W, 3), resized as ``resized_frame_shape`` says.
+def load_real_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone = TINY) -> np.ndarray:
+    """The 8 real frames of a sample as uint8 (8, H, W, 3), resized as ``resized_frame_shape`` says for the
+    backbone that will see them (its patch x merge multiple and pixel bounds), so its patching resizes nothing again.
 
     Frames are resized, not cropped, so that nothing near the border (a lesion, a tool) is cut away, and
     keep their aspect ratio. Every frame of a clip must have the size of the first.
@@ -98,7 +99,8 @@ def load_real_clip(sample: Sample, cfg: Config | None = None) -> np.ndarray:
                     problems.append(f"wrong size: {path} is {image.width}x{image.height}, the clip's first frame "
                                     f"{shape[1]}x{shape[0]}")
                     continue
-                h, w = resized_frame_shape(image.height, image.width, cfg.frame_size)
+                h, w = resized_frame_shape(image.height, image.width, cfg.frame_size, backbone.resize_unit,
+                                           backbone.min_pixels, backbone.max_pixels)
                 images[i] = np.asarray(image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             problems.append(f"unreadable: {path} ({type(e).__name__}: {e})")
@@ -172,15 +174,16 @@ def _cache_path(cfg: Config, state: ClipState) -> Path:
     return cfg.path(cfg.phantom_cache_dir) / f"v{RENDERER_VERSION}" / f"{key:016x}.npy"
 
 
-def load_clip(sample: Sample, cfg: Config | None = None) -> np.ndarray:
-    """The 8 frames of a sample, uint8 (8, size, size, 3): real JPEGs or the phantom, per the config.
+def load_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone = TINY) -> np.ndarray:
+    """The 8 frames of a sample, uint8 (8, size, size, 3): real JPEGs (sized for ``backbone``) or the phantom, per
+    the config.
 
     Phantom clips are rendered from the state of the sample's clip; with ``phantom_cache_dir`` set they
     are read from (or written to) an on-disk cache keyed by the state, size, seed and renderer version.
     """
     cfg = cfg or get_config()
     if cfg.frames_source == "real":
-        return load_real_clip(sample, cfg)
+        return load_real_clip(sample, cfg, backbone)
     state = clip_state_of(sample, cfg)
     if not cfg.phantom_cache_dir:
         return render_phantom_clip(state, cfg.frame_size, cfg.phantom_seed)

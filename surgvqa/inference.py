@@ -212,7 +212,8 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
     else:
         order = list(range(len(rows)))
     dataset = QADataset([rows[i] for i in order], mode_cfg,
-                        {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None)
+                        {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None,
+                        backbone=model.backbone)
     batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
     records = []
     with torch.inference_mode():

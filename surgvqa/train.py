@@ -233,8 +233,8 @@ def setup(cfg: Config, accelerator, resume: bool, out: Path, log) -> TrainRun:
             alignment = align_projector(model, train_rows, train_audio, cfg, out, log)
             (out / ALIGN_SUMMARY).write_text(json.dumps(alignment, indent=2) + "\n")
         accelerator.wait_for_everyone()
-    train_set = QADataset(train_rows, cfg, train_audio, encoded_audio=train_encoded)
-    eval_set = QADataset(eval_rows, cfg, eval_audio, encoded_audio=eval_encoded)
+    train_set = QADataset(train_rows, cfg, train_audio, encoded_audio=train_encoded, backbone=model.backbone)
+    eval_set = QADataset(eval_rows, cfg, eval_audio, encoded_audio=eval_encoded, backbone=model.backbone)
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"{len(train_set)} training rows (the {cfg.split} split of {data.data_dir(cfg)}, "
                          f"limit_train {cfg.limit_train}) is fewer than one batch of {cfg.batch_size}")

@@ -82,6 +82,11 @@ def test_real_clip_reads_every_layout_and_keeps_the_aspect_ratio(tmp_path):
     # 124x108 (REAL-Colon's 1240x1080 shrunk): the width to 112, the height 97.5 rounded to 3 x 28
     assert clip.shape == (8, 84, 112, 3) and clip.dtype == np.uint8
     assert [int(round(clip[k].mean())) for k in range(8)] == pytest.approx([20 * k for k in range(8)], abs=2)
+    # sized for the backbone that sees them: Qwen3-VL's 16-pixel patches merged 2 x 2, sides multiples of 32
+    from surgvqa.backbones import QWEN3_VL
+
+    clip = F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=112), QWEN3_VL)
+    assert clip.shape == (8, 96, 128, 3)  # 112 / 32 = 3.5 rounds to 4 units wide, 97.5 / 32 to 3 high
 
 
 @pytest.mark.parametrize("height, width, size, expected", [
