@@ -128,3 +128,15 @@ def test_both_paths_and_a_reloaded_checkpoint_score_alike(model, samples, tmp_pa
     for a, b in zip(alone, again):
         for label in a.log_likelihoods:
             assert abs(a.log_likelihoods[label] - b.log_likelihoods[label]) < 1e-4
+
+
+def test_the_demo_answers_a_heard_question_of_any_type(model, samples):
+    """Notebook 07's demo path: the question heard about the clip, its type unknown to the prompt; the model's
+    answer names a question type, a label of that type and how sure it is of each."""
+    from surgvqa.data import label_sets
+    from surgvqa.widgets import model_answerer
+
+    items = make_items(samples[:1], size=SIZE)
+    answer = model_answerer(model, model.cfg, lambda sample: items[0][1])(samples[0], items[0][2])
+    assert answer.label in label_sets(model.cfg)[answer.question_type]
+    assert 0 < answer.confidence <= 1 and 0 < answer.type_confidence <= 1
