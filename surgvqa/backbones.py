@@ -164,8 +164,12 @@ class Backbone:
         if "deepstack_visual_indexes" in vision:
             vision["deepstack_visual_indexes"] = sorted({min(i, vision["depth"] - 1)
                                                          for i in vision["deepstack_visual_indexes"]})
-        return self.config(text, vision, tie_word_embeddings=spec["tie_word_embeddings"],
-                           bos_token_id=self.token_id(ENDOFTEXT), eos_token_id=self.token_id(IM_END))
+        return self.config(text, vision, **self.published_extra(spec, layers))
+
+    def published_extra(self, spec: dict[str, Any], layers: int | None) -> dict[str, Any]:
+        """What a published config holds beside its text and vision parts."""
+        return dict(tie_word_embeddings=spec["tie_word_embeddings"], bos_token_id=self.token_id(ENDOFTEXT),
+                    eos_token_id=self.token_id(IM_END))
 
 
 class _Qwen2VL(Backbone):
@@ -279,10 +283,6 @@ class _Qwen3VL(_Qwen2VL):
         frames = "".join(f"<{t:.1f} seconds><|vision_start|>{VIDEO_TOKEN * per_patch}<|vision_end|>" for t in stamps)
         return text.replace(VIDEO_TOKEN, frames)
 
-    def rope_index(self, base, batch):
-        return base.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch.get("image_grid_thw"),
-                                         batch.get("video_grid_thw"), batch["attention_mask"])
-
     def prompt_inputs(self, base, batch, embeds, positions=None):
         # Qwen3-VL's forward takes ids or embeddings, not both: it finds the vision placeholders among the
         # embeddings (the placeholder token's own row), and the positions come from its rope index over the ids
@@ -314,12 +314,10 @@ class _Qwen2_5Omni(_Qwen2_5VL):
         return self.config_class(text_config=text, vision_config=vision, audio_config=audio or {},
                                  **{k: ids[t] for k, t in tokens.items()}, **extra)
 
-    def published_config(self, like, layers=None, vision_layers=None):
-        spec = self.published[like]
-        text = {**spec["text"], **({"num_hidden_layers": layers} if layers else {})}
-        vision = {**spec["vision"], **({"depth": vision_layers} if vision_layers else {})}
+    def published_extra(self, spec, layers):
+        # the audio encoder, as many layers as the text when fewer are asked, and the thinker's own token ids
         audio = {**spec["audio"], **({"encoder_layers": layers} if layers else {})}
-        return self.config(text, vision, audio=audio, tie_word_embeddings=False, **spec["thinker"])
+        return dict(audio=audio, tie_word_embeddings=spec["tie_word_embeddings"], **spec["thinker"])
 
 
 def _tiny_text(tokenizer: Any, **extra: Any) -> dict[str, Any]:

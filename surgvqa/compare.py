@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .config import Config, get_config
+from .config import Config, get_config, parse_pairs
 from .dryrun import is_dry_run
-from .workbook import NotebookFailed, markdown_table, parse_params, read_metrics, run_workbook
+from .workbook import NotebookFailed, markdown_table, read_metrics, run_workbook
 
 NOTEBOOKS = ("04", "05")
 # 05's baseline names for the three columns; "zero-shot" is the base model reading the question (a LoRA run's
@@ -37,7 +37,7 @@ def split_params(pairs: Sequence[str], presets: Sequence[str]) -> tuple[dict[str
     parse as JSON, else strings."""
     common: dict[str, Any] = {}
     own: dict[str, dict[str, Any]] = {p: {} for p in presets}
-    for key, value in parse_params(list(pairs)).items():
+    for key, value in parse_pairs(list(pairs)).items():
         if ":" in key:
             preset, key = key.split(":", 1)
             if preset not in own:
@@ -100,24 +100,15 @@ def _accuracy(baseline: dict[str, Any]) -> str:
     return (f"{100 * baseline['accuracy']:.1f} % [{100 * baseline['ci_low']:.1f}, {100 * baseline['ci_high']:.1f}]")
 
 
-def _local_model_dir(cfg: Config) -> Path | None:
-    if cfg.vlm == "tiny":
-        return None
-    for candidate in (Path(cfg.vlm), cfg.path(cfg.vlm)):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def _is_local_dry_run(cfg: Config) -> bool:
-    folder = _local_model_dir(cfg)
+    folder = None if cfg.vlm == "tiny" else cfg.local_dir(cfg.vlm)
     return folder is not None and is_dry_run(folder)
 
 
 def _model_type(cfg: Config) -> str:
-    folder = _local_model_dir(cfg)
     if cfg.vlm == "tiny":
         return "qwen2_vl (tiny)"
+    folder = cfg.local_dir(cfg.vlm)
     if folder is None:
         return "(hub id)"
     return json.loads((folder / "config.json").read_text()).get("model_type", "?")

@@ -175,6 +175,13 @@ class Config:
         p = Path(value)
         return p if p.is_absolute() else REPO_ROOT / p
 
+    def local_dir(self, name_or_path: str) -> Path | None:
+        """The local model folder ``name_or_path`` names (absolute or repository-relative), or None for a hub id."""
+        for candidate in (Path(name_or_path), self.path(name_or_path)):
+            if candidate.is_dir():
+                return candidate
+        return None
+
     def torch_device(self) -> "torch.device":
         """The device the model and its batches live on (``device``; "auto": the GPU when there is one)."""
         import torch
@@ -271,6 +278,13 @@ _REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large
                              audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True,
                              voice_perturbation=True, train_noise=0.5, train_wordings="bank", align_steps=500)
 
+
+def _real(name: str, vlm: str, accelerate: str = "1gpu-bf16", **values: Any) -> dict[str, Any]:
+    """A real preset: its model, its accelerate config (configs/accelerate/), its own output folder."""
+    return dict(_REAL, output_dir=f"data/processed/{name}", vlm=vlm,
+                accelerate_config=f"configs/accelerate/{accelerate}.yaml", **values)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: phantom frames, espeak-ng voices, Whisper tiny.en, tiny Qwen2-VL; 2 CPU cores.
     # The pretrained tiny VLM saw 112 px clips, its questions read, heard, and both (pooled by 16 Whisper frames,
@@ -288,34 +302,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Real study on a user's GPU box: real frames, real checkpoints (local folder or hub id), the original
     # study's neural voices (edge-tts needs Microsoft's service; offline: -p tts_engine=espeak-ng), frames
     # decoded by DataLoader workers.
-    "qwen2vl-2b": dict(**_REAL, output_dir="data/processed/qwen2vl-2b",
-                       vlm="Qwen/Qwen2-VL-2B-Instruct", batch_size=4, grad_accum=4,
-                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
-    "qwen2vl-7b": dict(**_REAL, output_dir="data/processed/qwen2vl-7b",
-                       vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=2, grad_accum=8,
-                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    "qwen2vl-2b": _real("qwen2vl-2b", "Qwen/Qwen2-VL-2B-Instruct", batch_size=4, grad_accum=4),
+    "qwen2vl-7b": _real("qwen2vl-7b", "Qwen/Qwen2-VL-7B-Instruct", batch_size=2, grad_accum=8),
     # 4-bit nf4 QLoRA on two 24 GB cards (launched with accelerate, configs/accelerate/2gpu-ddp.yaml).
-    "qlora-2x24gb": dict(**_REAL, output_dir="data/processed/qlora-2x24gb",
-                         vlm="Qwen/Qwen2-VL-7B-Instruct", load_in_4bit=True, batch_size=1, grad_accum=8,
-                         accelerate_config="configs/accelerate/2gpu-ddp.yaml"),
+    "qlora-2x24gb": _real("qlora-2x24gb", "Qwen/Qwen2-VL-7B-Instruct", "2gpu-ddp", load_in_4bit=True, batch_size=1,
+                          grad_accum=8),
     # bf16 LoRA on one 80-141 GB card.
-    "bf16-lora-1gpu": dict(**_REAL, output_dir="data/processed/bf16-lora-1gpu",
-                           vlm="Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2,
-                           accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
+    "bf16-lora-1gpu": _real("bf16-lora-1gpu", "Qwen/Qwen2-VL-7B-Instruct", batch_size=8, grad_accum=2),
     # The later generations (surgvqa.backbones): Qwen2.5-VL-7B on one large card; Qwen3-VL-2B on one 24 GB card,
     # Qwen3-VL-8B in bf16 on one 80 GB card or in 4-bit on two 24 GB cards (the original study's hardware).
-    "qwen25vl-7b": dict(**_REAL, output_dir="data/processed/qwen25vl-7b",
-                        vlm="Qwen/Qwen2.5-VL-7B-Instruct", batch_size=2, grad_accum=8,
-                        accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
-    "qwen3vl-2b": dict(**_REAL, output_dir="data/processed/qwen3vl-2b",
-                       vlm="Qwen/Qwen3-VL-2B-Instruct", batch_size=4, grad_accum=4,
-                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
-    "qwen3vl-8b": dict(**_REAL, output_dir="data/processed/qwen3vl-8b",
-                       vlm="Qwen/Qwen3-VL-8B-Instruct", batch_size=8, grad_accum=2,
-                       accelerate_config="configs/accelerate/1gpu-bf16.yaml"),
-    "qwen3vl-8b-qlora-2x24gb": dict(**_REAL, output_dir="data/processed/qwen3vl-8b-qlora-2x24gb",
-                                    vlm="Qwen/Qwen3-VL-8B-Instruct", load_in_4bit=True, batch_size=1, grad_accum=8,
-                                    accelerate_config="configs/accelerate/2gpu-ddp.yaml"),
+    "qwen25vl-7b": _real("qwen25vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", batch_size=2, grad_accum=8),
+    "qwen3vl-2b": _real("qwen3vl-2b", "Qwen/Qwen3-VL-2B-Instruct", batch_size=4, grad_accum=4),
+    "qwen3vl-8b": _real("qwen3vl-8b", "Qwen/Qwen3-VL-8B-Instruct", batch_size=8, grad_accum=2),
+    "qwen3vl-8b-qlora-2x24gb": _real("qwen3vl-8b-qlora-2x24gb", "Qwen/Qwen3-VL-8B-Instruct", "2gpu-ddp",
+                                     load_in_4bit=True, batch_size=1, grad_accum=8),
 }
 # Stage 0 (``python -m surgvqa pretrain``): the tiny graft from random weights on random phantom clips, questions
 # written (and, with a heard bank, heard); clips per step, steps, learning rates and workers of pretraining.
@@ -333,9 +333,9 @@ def get_config(preset: str | None = None, **overrides: Any) -> Config:
     return Config(**_checked({**values, "preset": name}, source=f"preset {name!r}"))
 
 
-def parse_overrides(pairs: list[str], pretraining: bool = False) -> dict[str, Any]:
-    """Parse ``key=value`` strings from the command line; values are read as JSON when they parse. Every key
-    is a Config key, or with ``pretraining`` also a pretraining setting (``pretrain_config`` splits them)."""
+def parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings from the command line as a dict, each value JSON where it parses as JSON, else the
+    string; the keys are unchecked (config keys and notebook parameters alike: whoever takes them checks)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -345,6 +345,13 @@ def parse_overrides(pairs: list[str], pretraining: bool = False) -> dict[str, An
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
+    return out
+
+
+def parse_overrides(pairs: list[str], pretraining: bool = False) -> dict[str, Any]:
+    """``parse_pairs`` where every key is a Config key, or with ``pretraining`` also a pretraining setting
+    (``pretrain_config`` splits them)."""
+    out = parse_pairs(pairs)
     if pretraining:
         _checked(out, "command line", _PRETRAIN_KEYS, _PRETRAIN_KEYS_ARE)
     else:

@@ -421,7 +421,7 @@ def write_report(report: dict[str, Any], folder: Path) -> Path:
 
 def dry_run_main(argv: list[str] | None = None) -> int:
     """``python -m surgvqa dry-run --preset P [--notebooks 01,...,08] [--full] [-p key=value ...]``"""
-    from .workbook import parse_params
+    from .config import parse_pairs
 
     parser = argparse.ArgumentParser(prog="python -m surgvqa dry-run",
                                      description="The workbook on this GPU with random weights at the preset's real "
@@ -432,7 +432,7 @@ def dry_run_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        report = dry_run(args.preset, parse_params(args.param), [n.strip() for n in args.notebooks.split(",")],
+        report = dry_run(args.preset, parse_pairs(args.param), [n.strip() for n in args.notebooks.split(",")],
                          args.full)
     except (DryRunRefused, KeyError, ValueError) as e:
         print(f"[dry-run] {e.args[0] if e.args else e}", file=sys.stderr)

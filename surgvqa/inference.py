@@ -113,10 +113,7 @@ def answer_any_question(model: AudioGraftedVLM, batch: dict[str, Any], max_new_t
     batch = on_device(batch, model)
     sentences = {" ".join(text.lower().split()): key for key, text in data.answer_sentences(model.cfg).items()}
     with _evaluating(model):
-        pre = scoring.prefill(model, batch)
-        texts, added = scoring.greedy_answers(model, pre, max_new_tokens)
-        if added:
-            pre.cache.crop(-added)
+        texts, pre = scoring.answered_prefill(model, batch, max_new_tokens)
         owners, keys, rows = [], [], []
         for i, s in enumerate(batch["samples"]):
             for qtype in data.QUESTION_TYPES:

@@ -254,24 +254,16 @@ def _torch_dtype(cfg: Config) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
-def _local_dir(name_or_path: str, cfg: Config) -> Path | None:
-    """A local model folder named by ``name_or_path`` (absolute or repo-relative), or None for a hub id."""
-    for candidate in (Path(name_or_path), cfg.path(name_or_path)):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def _checkpoint_backbone(name_or_path: str, cfg: Config) -> Backbone:
     """A checkpoint's backbone from its config alone, refused when the graft does not apply to it."""
-    local = _local_dir(name_or_path, cfg)
+    local = cfg.local_dir(name_or_path)
     return graftable(backbones.backbone_of_checkpoint(str(local or name_or_path), local_files_only=local is not None))
 
 
 def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
     """The vision-language model from a local folder (never touching the network) or a hub id, as the class
     its backbone names; 4-bit nf4 when asked."""
-    local = _local_dir(name_or_path, cfg)
+    local = cfg.local_dir(name_or_path)
     backbone = _checkpoint_backbone(name_or_path, cfg)
     quantization = None
     if cfg.load_in_4bit:
@@ -286,7 +278,7 @@ def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
 
 
 def _load_tokenizer(name_or_path: str | Path, cfg: Config) -> Any:
-    local = _local_dir(str(name_or_path), cfg)
+    local = cfg.local_dir(str(name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), local_files_only=local is not None)
     if AUDIO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]},

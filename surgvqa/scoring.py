@@ -149,12 +149,19 @@ def scores(model: AudioGraftedVLM, pre: Prefill, samples: Sequence[data.Sample])
     return candidate_scores(samples, owners, labels, candidate_totals(model, pre, owners, rows))
 
 
-def answers_and_scores(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int
-                       ) -> tuple[list[str], list[CandidateScores]]:
-    """Greedy answers and candidate scores from ONE run of the prompt: the answer is decoded on the prompt's
-    cache, which is then cut back to the prompt and scores the candidates."""
+def answered_prefill(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int
+                     ) -> tuple[list[str], Prefill]:
+    """The greedy answers, and the prefill they were decoded on with its cache cut back to the prompt, ready to
+    score candidates after the same run of the prompt."""
     pre = prefill(model, batch)
     answers, added = greedy_answers(model, pre, max_new_tokens)
     if added:
         pre.cache.crop(-added)
+    return answers, pre
+
+
+def answers_and_scores(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int
+                       ) -> tuple[list[str], list[CandidateScores]]:
+    """Greedy answers and candidate scores from ONE run of the prompt."""
+    answers, pre = answered_prefill(model, batch, max_new_tokens)
     return answers, scores(model, pre, batch["samples"])

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_PRESET, REPO_ROOT, Config, parse_overrides
+from .config import DEFAULT_PRESET, REPO_ROOT, Config, parse_overrides, parse_pairs
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "surgvqa"
@@ -70,21 +70,6 @@ def read_metrics(notebook: str, reports_dir: str | Path = "reports") -> dict[str
     if not path.exists():
         raise FileNotFoundError(f"no metrics stored by notebook {notebook} ({path}); run it first")
     return json.loads(path.read_text())
-
-
-def parse_params(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs as a dict, each value JSON where it parses as JSON, else the string (notebook parameters
-    and config overrides alike; whoever takes them checks the keys)."""
-    params = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"-p {pair!r} is not key=value")
-        key, raw = pair.split("=", 1)
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
-    return params
 
 
 def peak_gpu_gib() -> float | None:
@@ -321,7 +306,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cell-timeout", type=int, default=None, help="fail a cell that runs longer (seconds)")
     args = parser.parse_args(argv)
     try:
-        params = parse_params(args.param)
+        params = parse_pairs(args.param)
     except ValueError as e:
         parser.error(str(e))
     reports_dir = args.reports_dir or default_reports_dir(args.preset)
