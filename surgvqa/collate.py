@@ -79,6 +79,7 @@ class Collator:
     question_mode: str = "audio"
     mode_seed: int = 0  # seeds the per-item draw of the mixed mode
     frames_as: str = "video"
+    clip_frames: int = FRAMES_PER_CLIP
     frame_size: int = 224
     audio_pool: int = 2
     min_audio_s: float = 0.3
@@ -92,7 +93,7 @@ class Collator:
     @classmethod
     def from_config(cls, cfg: Config, tokenizer: Any, feature_extractor: Any, **vision: int) -> "Collator":
         return cls(tokenizer, feature_extractor, question_mode=cfg.question_mode, mode_seed=cfg.seed,
-                   frames_as=cfg.frames_as,
+                   frames_as=cfg.frames_as, clip_frames=cfg.clip_frames,
                    frame_size=cfg.frame_size, audio_pool=cfg.audio_pool, min_audio_s=cfg.min_audio_s,
                    max_audio_s=min(cfg.max_audio_s, WHISPER_WINDOW_S), video_fps=video_frame_rates(cfg), **vision)
 
@@ -130,7 +131,7 @@ class Collator:
     def messages(self, sample: Sample, mode: str | None = None, with_frames: bool = True) -> list[dict]:
         """The user turn: the clip first, then the question (heard, written or both), then the instruction;
         without frames (projector alignment), the question and the instruction alone."""
-        visual = [{"type": "video"}] if self.frames_as == "video" else [{"type": "image"}] * FRAMES_PER_CLIP
+        visual = [{"type": "video"}] if self.frames_as == "video" else [{"type": "image"}] * self.clip_frames
         visual = visual if with_frames else []
         question = {
             "audio": SPOKEN_QUESTION,
@@ -150,7 +151,7 @@ class Collator:
         if sample.video_id not in self.video_fps:
             raise CollateError(f"sample {sample.uid} ({sample.source}): no frame rate for video {sample.video_id} "
                                f"in the data's video_info.csv")
-        return [n / self.video_fps[sample.video_id] for n in sample.frame_numbers]
+        return [n / self.video_fps[sample.video_id] for n in sample.clip_frames(self.clip_frames)[1]]
 
     def prompt(self, sample: Sample, vision_tokens_each: int, audio_tokens: int, mode: str | None = None,
                with_frames: bool = True) -> str:
@@ -168,10 +169,10 @@ class Collator:
 
     def check_frames(self, sample: Sample, frames: Any) -> np.ndarray:
         if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
-                or frames.shape[0] != FRAMES_PER_CLIP or frames.shape[-1] != 3:
+                or frames.shape[0] != self.clip_frames or frames.shape[-1] != 3:
             got = f"{type(frames).__name__} {getattr(frames, 'dtype', '')} {getattr(frames, 'shape', '')}"
             raise CollateError(f"sample {sample.uid} ({sample.source}): frames must be uint8 "
-                               f"({FRAMES_PER_CLIP}, H, W, 3), got {got}")
+                               f"({self.clip_frames}, H, W, 3), got {got}")
         return frames
 
     def log_mel(self, sample: Sample, waveform: Any) -> torch.Tensor:

@@ -47,7 +47,10 @@ class Config:
     frames_source: str = "phantom"  # "phantom" (rendered) or "real" (REAL-Colon JPEGs)
     frames_dir: str = "data/raw/frames"
     frame_size: int = 224
-    frames_as: str = "video"  # "video" (one clip, temporal patches) or "images" (8 images)
+    frames_as: str = "video"  # "video" (one clip, temporal patches) or "images" (one image a frame)
+    # frames a clip is seen through: the annotation's 8 (every 4th frame of the recording), or 16, which adds the
+    # frame halfway after each of them (REAL-Colon keeps every frame; data.clip_frames)
+    clip_frames: int = 8
     phantom_seed: int = 0
     phantom_cache_dir: str = ""  # empty: render on the fly, no disk cache
 
@@ -143,6 +146,7 @@ class Config:
             "split": ("published", "stratified"),
             "frames_source": ("phantom", "real"),
             "frames_as": ("video", "images"),
+            "clip_frames": (8, 16),
             "question_mode": ("audio", "text", "both", "mixed"),
             "audio_pool": (1, 2, 4, 8, 16),
             "audio_projector": ("linear", "vocab"),

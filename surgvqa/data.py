@@ -59,6 +59,24 @@ class Sample:
     def clip_key(self) -> tuple[str, tuple[str, ...]]:
         return (self.video_id, self.frames)
 
+    def clip_frames(self, count: int = FRAMES_PER_CLIP) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Names and numbers of the frames the clip is seen through: its own 8, or with ``count`` 16 the frame
+        halfway after each of them too (the annotated frames step by 4 and the recordings keep every frame, so
+        the 16 span the clip's own time and one step more)."""
+        if count == len(self.frames):
+            return self.frames, self.frame_numbers
+        if count != 2 * len(self.frames):
+            raise ValueError(f"sample {self.uid}: {count} frames: a clip is seen through its {len(self.frames)} "
+                             f"frames or twice as many")
+        steps = {b - a for a, b in zip(self.frame_numbers, self.frame_numbers[1:])}
+        if len(steps) != 1 or next(iter(steps)) % 2:
+            raise ValueError(f"sample {self.uid} ({self.source}): frame numbers {list(self.frame_numbers)} do not "
+                             f"step by one even number, so no frame lies halfway between them")
+        half = next(iter(steps)) // 2
+        numbers = tuple(n + k * half for n in self.frame_numbers for k in (0, 1))
+        names = tuple(f"{self.frames[i // 2].rsplit('_', 1)[0]}_{n}" for i, n in enumerate(numbers))
+        return names, numbers
+
 
 @dataclass(frozen=True)
 class BadRow:

@@ -71,7 +71,7 @@ def vision_tokens(height: int, width: int, frames: int = 8, frames_as: str = "vi
 
 
 def load_real_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone = TINY) -> np.ndarray:
-    """The 8 real frames of a sample as uint8 (8, H, W, 3), resized as ``resized_frame_shape`` says for the
+    """The real frames of a sample (``clip_frames`` of them) as uint8 (F, H, W, 3), resized as ``resized_frame_shape`` says for the
     backbone that will see them (its patch x merge multiple and pixel bounds), so its patching resizes nothing again.
 
     Frames are resized, not cropped, so that nothing near the border (a lesion, a tool) is cut away, and
@@ -79,9 +79,10 @@ def load_real_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone
     """
     cfg = cfg or get_config()
     frames_dir = cfg.path(cfg.frames_dir)
-    images: list[np.ndarray | None] = [None] * len(sample.frames)
+    names = sample.clip_frames(cfg.clip_frames)[0]
+    images: list[np.ndarray | None] = [None] * len(names)
     problems, shape = [], None
-    for i, name in enumerate(sample.frames):
+    for i, name in enumerate(names):
         candidates = real_frame_candidates(frames_dir, sample.video_id, name)
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
@@ -105,14 +106,14 @@ def load_real_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             problems.append(f"unreadable: {path} ({type(e).__name__}: {e})")
     if problems:
-        raise FrameError(f"sample {sample.uid} ({sample.source}): {len(problems)} of {len(sample.frames)} "
+        raise FrameError(f"sample {sample.uid} ({sample.source}): {len(problems)} of {len(names)} "
                          f"frames missing or unreadable under {frames_dir}:\n  " + "\n  ".join(problems))
     return np.stack(images)
 
 
 def write_real_colon_frames(samples: Sequence[Sample], out_dir: str | Path, cfg: Config | None = None,
                             render_size: int = 392, quality: int = 90) -> list[Path]:
-    """Phantom clips of ``samples`` written as REAL-Colon JPEGs: 1240x1080, ``<video>_frames/<video>_<n>.jpg``.
+    """Phantom clips of ``samples`` (``clip_frames`` frames each) written as REAL-Colon JPEGs: 1240x1080, ``<video>_frames/<video>_<n>.jpg``.
 
     The phantom renders square frames (at ``render_size``); they are stretched to REAL-Colon's frame size so
     that the real-frames path (layout, decoding, aspect-keeping resize, token count) runs end to end anywhere.
@@ -122,12 +123,13 @@ def write_real_colon_frames(samples: Sequence[Sample], out_dir: str | Path, cfg:
     out_dir = Path(out_dir)
     written, done = [], set()
     for s in samples:
-        if all(name in done for name in s.frames):
+        names = s.clip_frames(cfg.clip_frames)[0]
+        if all(name in done for name in names):
             continue
-        clip = render_phantom_clip(clip_state_of(s, cfg), render_size, cfg.phantom_seed)
+        clip = render_phantom_clip(clip_state_of(s, cfg), render_size, cfg.phantom_seed, len(names))
         folder = out_dir / REAL_COLON_FOLDER.format(video=s.video_id)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, frame in zip(s.frames, clip):
+        for name, frame in zip(names, clip):
             if name in done:
                 continue
             path = folder / f"{name}.jpg"
@@ -170,12 +172,14 @@ def phantom_frames_main(argv: list[str] | None = None) -> int:
 # --- one entry point for the dataset -------------------------------------------------------------
 
 def _cache_path(cfg: Config, state: ClipState) -> Path:
-    key = stable_seed(RENDERER_VERSION, repr(state), cfg.frame_size, cfg.phantom_seed)
+    # 8-frame clips keep the keys they had before clips could be seen through 16
+    frames = () if cfg.clip_frames == FRAMES_PER_CLIP else (cfg.clip_frames,)
+    key = stable_seed(RENDERER_VERSION, repr(state), cfg.frame_size, cfg.phantom_seed, *frames)
     return cfg.path(cfg.phantom_cache_dir) / f"v{RENDERER_VERSION}" / f"{key:016x}.npy"
 
 
 def load_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone = TINY) -> np.ndarray:
-    """The 8 frames of a sample, uint8 (8, size, size, 3): real JPEGs (sized for ``backbone``) or the phantom, per
+    """The frames of a sample (``clip_frames`` of them), uint8 (F, size, size, 3): real JPEGs (sized for ``backbone``) or the phantom, per
     the config.
 
     Phantom clips are rendered from the state of the sample's clip; with ``phantom_cache_dir`` set they
@@ -186,14 +190,14 @@ def load_clip(sample: Sample, cfg: Config | None = None, backbone: Backbone = TI
         return load_real_clip(sample, cfg, backbone)
     state = clip_state_of(sample, cfg)
     if not cfg.phantom_cache_dir:
-        return render_phantom_clip(state, cfg.frame_size, cfg.phantom_seed)
+        return render_phantom_clip(state, cfg.frame_size, cfg.phantom_seed, cfg.clip_frames)
     path = _cache_path(cfg, state)
     if path.exists():
         frames = np.load(path)
-        if frames.shape == (FRAMES_PER_CLIP, cfg.frame_size, cfg.frame_size, 3) and frames.dtype == np.uint8:
+        if frames.shape == (cfg.clip_frames, cfg.frame_size, cfg.frame_size, 3) and frames.dtype == np.uint8:
             return frames
         log.warning("phantom cache %s holds %s %s; rendering again", path, frames.dtype, frames.shape)
-    frames = render_phantom_clip(state, cfg.frame_size, cfg.phantom_seed)
+    frames = render_phantom_clip(state, cfg.frame_size, cfg.phantom_seed, cfg.clip_frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{stable_seed(path, np.random.random())}.tmp.npy")
     np.save(tmp, frames)

@@ -632,8 +632,10 @@ def _jets(rng, x: np.ndarray, y: np.ndarray, frames: int, away_from: tuple[float
     return alpha
 
 
-def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.ndarray:
-    """The 8 frames of a clip state as uint8 (8, size, size, 3), the same for the same (state, size, seed).
+def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0,
+                        frames: int = FRAMES_PER_CLIP) -> np.ndarray:
+    """The frames of a clip state as uint8 (frames, size, size, 3), the same for the same (state, size, seed,
+    frames); more frames sample the same motion more densely.
 
     The scene is drawn once on a canvas larger than the frame; each frame is a view of it (zoom for
     advancing/withdrawing, a pan for drift, camera jitter) cut out and resized in one step. Screen-fixed
@@ -653,14 +655,14 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
     texture = _noise_bank(n)[oy:oy + n, ox:ox + n]
 
     # The view of every frame: zoom, and the scene point at the screen centre.
-    t = np.linspace(0, 1, FRAMES_PER_CLIP)
-    zoom = np.full(FRAMES_PER_CLIP, rng.uniform(1.05, 1.2))
+    t = np.linspace(0, 1, frames)
+    zoom = np.full(frames, rng.uniform(1.05, 1.2))
     if state.moving:  # geometric about the middle frame, which then looks like a still clip's frame
         zoom *= (1 + ZOOM_RANGE) ** ((t - 0.5) * (1 if state.direction == "advancing" else -1))
     step = {"stable": (0, 0), "up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[state.drift]
     # the scene moves on screen by +drift, so the view centre moves the other way
     centre = -np.outer(t - 0.5, step) * DRIFT_DISTANCE * rng.uniform(0.9, 1.1) / zoom[:, None]
-    centre += rng.normal(0, JITTER, (FRAMES_PER_CLIP, 2))
+    centre += rng.normal(0, JITTER, (frames, 2))
 
     lesion_on_screen = None  # where the lesion is in the middle frame, in frame half-widths
     if state.outside:
@@ -690,7 +692,7 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
             qx *= 1 if state.quadrant.endswith("right") else -1
             qy *= -1 if state.quadrant.startswith("upper") else 1
             lesion_on_screen = (qx, qy)
-            mid = FRAMES_PER_CLIP // 2
+            mid = frames // 2
             lesion_on_canvas = (centre[mid, 0] + qx / zoom[mid], centre[mid, 1] + qy / zoom[mid])
         if state.endoscope_body:
             _endoscope_body(stream("body"), c, lumen, lesion_on_canvas)
@@ -720,17 +722,17 @@ def render_phantom_clip(state: ClipState, size: int = 224, seed: int = 0) -> np.
         tool_paint = tool_alpha[..., None] * 255 * (colour @ NBI_MATRIX.T if state.nbi else colour)
         tool_alpha = 1 - tool_alpha[..., None]
     if state.flushing:
-        jets = _jets(stream("jets"), sx, sy, FRAMES_PER_CLIP, lesion_on_screen)[..., None]
+        jets = _jets(stream("jets"), sx, sy, frames, lesion_on_screen)[..., None]
         water = 255 * _rgb(0.85, 0.93, 1.0)
         water = water @ NBI_MATRIX.T if state.nbi else water
     camera = stream("camera")
     vignette = (1 - camera.uniform(0.2, 0.45) * (sx ** 2 + sy ** 2) / 2)[..., None]
-    gain = camera.uniform(0.8, 1.15) * (1 + camera.normal(0, 0.05, FRAMES_PER_CLIP))
+    gain = camera.uniform(0.8, 1.15) * (1 + camera.normal(0, 0.05, frames))
     noise = _sensor_noise(size)
-    shifts = camera.integers(0, 16, (FRAMES_PER_CLIP, 2))
+    shifts = camera.integers(0, 16, (frames, 2))
     px_per_unit = n / (2 * CANVAS_EXTENT)
-    out = np.empty((FRAMES_PER_CLIP, size, size, 3), np.uint8)
-    for f in range(FRAMES_PER_CLIP):
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for f in range(frames):
         span = 2 / zoom[f] * px_per_unit
         # the widest view (withdrawn, drifted, shaken) fits the canvas; the clip keeps a far jitter tail in
         x0, y0 = np.clip((centre[f] - 1 / zoom[f] + CANVAS_EXTENT) * px_per_unit, 0, n - span)

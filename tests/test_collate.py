@@ -51,9 +51,9 @@ def speech_like(seconds=1.5, rate=16000, base_pitch=120.0):
     return (0.1 * voice * syllables).astype(np.float32)
 
 
-def make_items(samples, size=FRAME_SIZE, seconds=(1.0, 1.7, 2.3), seed=0):
+def make_items(samples, size=FRAME_SIZE, seconds=(1.0, 1.7, 2.3), seed=0, frames=8):
     rng = np.random.default_rng(seed)
-    return [(s, rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8),
+    return [(s, rng.integers(0, 256, (frames, size, size, 3), dtype=np.uint8),
              speech_like(sec, base_pitch=float(rng.uniform(90, 200))))
             for s, sec in zip(samples, seconds)]
 

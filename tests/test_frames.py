@@ -121,6 +121,29 @@ def test_phantom_clips_written_in_the_real_colon_layout_load_as_real_frames(tmp_
     assert np.abs(shrunk.astype(float) - rendered).mean() < 12  # the same picture back, through JPEG and resizing
 
 
+def test_sixteen_frames_add_the_frame_halfway_after_each_annotated_one(tmp_path):
+    sample = _sample(start=100)
+    names, numbers = sample.clip_frames(16)
+    assert numbers == tuple(range(100, 132, 2)) and names[:3] == ("002-004_100", "002-004_102", "002-004_104")
+    assert sample.clip_frames(8) == (sample.frames, sample.frame_numbers)
+    with pytest.raises(ValueError, match="its 8 frames or twice as many"):
+        sample.clip_frames(12)
+    odd = dataclasses.replace(sample, frame_numbers=(1, 4, 8, 12, 16, 20, 24, 28))
+    with pytest.raises(ValueError, match="qa_1.*do not step by one even number"):
+        odd.clip_frames(16)
+    # written and read back through REAL-Colon's layout: 16 files, a clip of 16 frames; a missing one is named
+    cfg = get_config(frames_source="real", frames_dir=str(tmp_path), frame_size=224, clip_frames=16)
+    written = F.write_real_colon_frames([sample], tmp_path, cfg, render_size=56)
+    assert sorted(p.stem for p in written) == sorted(names)
+    assert F.load_clip(sample, cfg).shape == (16, 196, 224, 3)
+    (tmp_path / "002-004_frames" / "002-004_102.jpg").unlink()
+    with pytest.raises(F.FrameError, match="(?s)1 of 16 frames.*002-004_102.jpg"):
+        F.load_clip(sample, cfg)
+    # the phantom world renders 16 too, for clips rendered on the fly
+    phantom = get_config(frame_size=32, clip_frames=16)
+    assert F.load_clip(sample, phantom).shape == (16, 32, 32, 3)
+
+
 def test_a_frame_of_another_size_in_a_clip_is_named(tmp_path):
     sample = _sample()
     for k, name in enumerate(sample.frames):

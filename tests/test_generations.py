@@ -86,6 +86,24 @@ def test_placeholders_labels_and_frame_times(model, samples):
         assert "second_per_grid_ts" not in batch
 
 
+def test_sixteen_frames_double_the_temporal_patches_and_their_times(model, samples):
+    collate = dataclasses.replace(M.collator(model), clip_frames=16)
+    batch = collate(make_items(samples, size=SIZE, frames=16))
+    grid = batch["video_grid_thw"][0].tolist()
+    assert grid[0] == 8  # 16 frames, 2 a temporal patch
+    merge = model.base_vlm.config.vision_config.spatial_merge_size
+    vision_id = model.tokenizer.convert_tokens_to_ids(model.backbone.vision_placeholder("video"))
+    assert (batch["input_ids"] == vision_id).sum(dim=1).tolist() == [grid[0] * grid[1] * grid[2] // merge ** 2] * 3
+    if model.backbone is B.QWEN2_5_VL:  # a temporal patch now spans 2 frames 2 apart in a 25 fps recording
+        torch.testing.assert_close(batch["second_per_grid_ts"], torch.full((3,), 2 * 2 / 25, dtype=torch.float32))
+    if model.backbone is B.QWEN3_VL:
+        assert model.tokenizer.decode(batch["input_ids"][0]).count("<|vision_start|>") == 1 + grid[0]
+    with pytest.raises(Exception, match="frames must be uint8 \\(16, H, W, 3\\)"):
+        collate(make_items(samples, size=SIZE))
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
 def test_positions_are_the_models_own(model, samples):
     """The plain path's prompt (the seam's positions, the audio-ready embeddings) is what the stock model computes
     by itself from the ids of a written question."""
