@@ -245,7 +245,8 @@ DRY_RUN_ROOT = "data/interim/dry-run"
 # Peak GPU memory (nvidia-smi, the whole card) of a preset's reduced dry run, where one was measured, and on what.
 MEASURED_PEAK_GIB = {"qwen2vl-2b": (13.9, "H100 80GB, 2026-12-07, notebooks 01-08"),
                      "qwen3vl-2b": (12.2, "H100 80GB, 2026-12-07, notebooks 04-05"),
-                     "qwen25vl-7b": (29.3, "H100 80GB, 2026-12-07, notebooks 04-05")}
+                     "qwen25vl-7b": (29.3, "H100 80GB, 2026-12-07, notebooks 04-05"),
+                     "qwen3vl-8b": (56.1, "H100 80GB, 2026-12-07, notebooks 04-05")}
 FULL_STUDY = dict(epochs=3, train_rows=2302, eval_rows=398, test_rows=1000)  # the published split's sizes
 
 
@@ -341,6 +342,23 @@ class _MemorySampler:
         return max(self.samples) / 1024 if self.samples else None
 
 
+def params_per_notebook(params: dict[str, Any], notebooks: list[str], full: bool) -> dict[str, dict[str, Any]]:
+    """What each notebook is given: the config keys, its own reduced sizes and the parameters it declares (another
+    notebook's parameter, say 08's unseen_engine, is not passed to the others). A key that no config and none of
+    the notebooks knows is refused before anything runs."""
+    from .config import Config
+    from .workbook import notebook_parameters
+
+    config_keys = Config.__dataclass_fields__
+    declared = {nb: notebook_parameters(nb) for nb in notebooks}
+    unknown = sorted(k for k in params if k not in config_keys and not any(k in d for d in declared.values()))
+    if unknown:
+        raise KeyError(f"unknown parameter(s) {unknown}: neither a parameter of notebooks {', '.join(notebooks)} "
+                       f"nor a config key")
+    return {nb: {k: v for k, v in {**params, **({} if full else REDUCED_NOTEBOOK.get(nb, {}))}.items()
+                 if k in config_keys or k in declared[nb]} for nb in notebooks}
+
+
 def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: bool, log=print) -> dict[str, Any]:
     """Build (or reuse) the preset's dry-run checkpoints and phantom frames, run the notebooks one at a time, and
     report each one's wall time and peak GPU memory, the steady-state rates and the projected full study."""
@@ -355,7 +373,7 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
 
     sizes = {} if full else dict(REDUCED)
     root = REPO_ROOT / DRY_RUN_ROOT
-    config_keys = Config.__dataclass_fields__  # other keys are notebook parameters, which the workbook checks
+    config_keys = Config.__dataclass_fields__
     cfg = get_config(preset, **{k: v for k, v in {"tts_engine": "espeak-ng", **sizes, **overrides}.items()
                                 if k in config_keys})
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
@@ -375,13 +393,13 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
     if "08" in notebooks and "unseen_engine" not in overrides and shutil.which("flite") is None:
         log("[dry-run] flite is not installed: 08 runs without its unseen-engine check (unseen_engine=false)")
         params["unseen_engine"] = False
+    given = params_per_notebook(params, notebooks, full)
     reports = REPO_ROOT / "reports" / f"dry-run-{preset}"
     sampler, steps = _MemorySampler(), []
     for nb in notebooks:
         sampler.reset()
         started = time.time()
-        run_workbook([nb], preset, {**params, **({} if full else REDUCED_NOTEBOOK.get(nb, {}))}, reports, html=False,
-                     log=log)
+        run_workbook([nb], preset, given[nb], reports, html=False, log=log)
         steps.append({"notebook": nb, "wall_s": round(time.time() - started, 1), "peak_gib": sampler.peak_gib()})
     sampler.stop.set()
     report = {"preset": preset, "like": like, "gpu": torch.cuda.get_device_name(0), "gpu_gib": round(gpu_gib, 1),

@@ -105,6 +105,13 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
+def notebook_parameters(name: str) -> set[str]:
+    """The names of a notebook's parameters (its ``parameters`` cell)."""
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(notebook_paths([name])[0])))
+
+
 def run_workbook(names: list[str] | None = None, preset: str = DEFAULT_PRESET,
                  params: dict[str, Any] | None = None, reports_dir: str | Path = "reports",
                  html: bool = True, cell_timeout: int | None = None, log=print) -> list[Path]:

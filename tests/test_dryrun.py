@@ -145,6 +145,16 @@ def test_the_one_command_dry_run_refuses_before_anything_heavy(capsys):
         dryrun.check_machine("qwen25vl-7b", get_config("qwen25vl-7b"), 23.6)
 
 
+def test_each_notebook_of_the_dry_run_gets_only_what_it_declares():
+    given = dryrun.params_per_notebook({"unseen_engine": False, "max_steps": 16}, ["01", "04", "08"], full=False)
+    assert given["08"] == {"unseen_engine": False, "max_steps": 16, "robustness_rows": 32}
+    assert given["04"] == {"max_steps": 16}
+    assert given["01"] == {"max_steps": 16, "probe_rows": 200, "probe_clips": 200}
+    assert dryrun.params_per_notebook({"unseen_engine": False}, ["08"], full=True) == {"08": {"unseen_engine": False}}
+    with pytest.raises(KeyError, match=r"\['robustness_rowz'\]: neither a parameter of notebooks 04, 08"):
+        dryrun.params_per_notebook({"robustness_rowz": 3}, ["04", "08"], full=False)
+
+
 def test_the_dry_run_reads_steady_rates_and_projects_the_full_study(tmp_path):
     (tmp_path / "log.csv").write_text("step,samples_per_s\n8,2.0\n16,4.0\n24,4.0\n")
     (tmp_path / "summary.json").write_text(json.dumps({"alignment": {"steps": 50, "wall_s": 20.0}}))
