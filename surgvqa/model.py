@@ -279,7 +279,10 @@ def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
 
 def _load_tokenizer(name_or_path: str | Path, cfg: Config) -> Any:
     local = cfg.local_dir(str(name_or_path))
-    tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), local_files_only=local is not None)
+    # a run's folder holds surgvqa's config.json, which transformers' check for Mistral's old pre-tokenizer reads as
+    # a model config of no known type: it then warns about a regex that Qwen's tokenizer does not have
+    tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), local_files_only=local is not None,
+                                              fix_mistral_regex=False)
     if AUDIO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]},
                                      replace_extra_special_tokens=False)

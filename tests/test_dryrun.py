@@ -204,3 +204,27 @@ def test_the_omni_thinkers_published_config_tokens_and_template(tmp_path):
     # the graft does not apply to a model that hears natively: refused from the config, before any weight loads
     with pytest.raises(ValueError, match="hears the question through its own audio encoder"):
         M._load_vlm(str(tmp_path / "omni"), get_config("qwen2vl-2b"))
+
+
+def test_a_runs_tokenizer_loads_beside_its_config_without_a_warning(tmp_path):
+    """A checkpoint folder holds surgvqa's config.json next to the tokenizer; loading it must not make transformers
+    warn that the tokenizer has Mistral's broken regex (it reads any config.json of no known type as Mistral's)."""
+    import logging
+
+    import transformers
+
+    built = dryrun.qwen_tokenizer(QWEN3_VL)
+    built.save_pretrained(str(tmp_path))
+    get_config("smoke").save(tmp_path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    root = transformers.utils.logging.get_logger("transformers")
+    root.addHandler(handler)
+    try:
+        tokenizer = M._load_tokenizer(tmp_path, get_config("smoke"))
+    finally:
+        root.removeHandler(handler)
+    assert [r.getMessage() for r in records if "regex" in r.getMessage()] == []
+    text = "Is the lesion visible? 12 o'clock,\n  NBI's   ON"
+    assert tokenizer(text)["input_ids"] == built(text)["input_ids"]  # loaded as built: no pre-tokenizer swapped
