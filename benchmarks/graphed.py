@@ -13,7 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from surgvqa import scoring
 from surgvqa.fastpath import CandidateScorer, StaticKVDecoder, capture_graph
 from surgvqa.model import AudioGraftedVLM
-from surgvqa.scoring import audio_inputs, vision_inputs
+from surgvqa.scoring import audio_inputs
 
 
 def set_text_attention(base: torch.nn.Module, name: str) -> None:
@@ -25,7 +25,7 @@ def model_inputs(model: AudioGraftedVLM, batch: dict[str, Any]) -> dict[str, Any
     """What Qwen2-VL's forward takes from a batch, with the audio rows in the embeddings."""
     embeds = model.embed(batch["input_ids"], samples=batch.get("samples"), **audio_inputs(batch))
     return dict(input_ids=batch["input_ids"], inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                mm_token_type_ids=batch["mm_token_type_ids"], **vision_inputs(batch))
+                mm_token_type_ids=batch["mm_token_type_ids"], **model.backbone.vision_inputs(batch))
 
 
 class GraphedPrefill:

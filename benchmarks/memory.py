@@ -36,8 +36,9 @@ GIB = 2 ** 30
 # the card each real preset is sized for (GiB), and the peak allocated memory it must stay under on it (the CUDA
 # context, cuBLAS workspaces and fragmentation need the rest)
 BUDGET_GIB = {24: 21, 80: 70}
-CARDS = {"qwen2vl-2b": 24, "qwen3vl-2b": 24, "qlora-2x24gb": 24, "qwen3vl-8b-qlora-2x24gb": 24,
-         "qwen2vl-7b": 80, "bf16-lora-1gpu": 80, "qwen25vl-7b": 80, "qwen3vl-8b": 80}
+CARDS = {"qwen2vl-2b": 24, "qwen3vl-2b": 24, "qlora-2x24gb": 24, "qwen3vl-8b-qlora-2x24gb": 24, "omni-3b": 24,
+         "omni-7b-qlora-2x24gb": 24, "qwen2vl-7b": 80, "bf16-lora-1gpu": 80, "qwen25vl-7b": 80, "qwen3vl-8b": 80,
+         "omni-7b": 80}
 DRY_RUN_ROOT = REPO / "data" / "interim" / "dry-run"
 
 

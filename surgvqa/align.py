@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import audio
-from .collate import IGNORE_INDEX, IM_END, audio_token_count, pad_rows
+from .collate import IGNORE_INDEX, IM_END, pad_rows
 from .data import Sample
 from .loop import RunLog, due, optimizer_groups
 from .model import AudioGraftedVLM, adapter_disabled, collator
@@ -83,7 +83,7 @@ class AlignmentRows:
         written, heard, labels_written, labels_heard = [], [], [], []
         for s, mel, continuation in zip(samples, mels, self.continuations(samples)):
             text = self.prompt(s, "text")
-            spoken = self.prompt(s, "audio", audio_tokens=audio_token_count(mel.shape[-1], self.collate.audio_pool))
+            spoken = self.prompt(s, "audio", audio_tokens=self.collate.backbone.audio_tokens(mel.shape[-1], self.collate.audio_pool))
             written.append(text + continuation)
             heard.append(spoken + continuation)
             labels_written.append([IGNORE_INDEX] * len(text) + continuation)

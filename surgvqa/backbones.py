@@ -89,6 +89,10 @@ class Backbone:
     needs_frame_times: bool = False
     # Whether the model hears through an audio encoder of its own (then the graft's Whisper and projector do not apply)
     hears_natively: bool = False
+    # The token whose rows carry the heard question, and the tokens written around its run (a natively hearing
+    # model's own audio item; the graft writes its new token alone)
+    audio_placeholder: str = AUDIO_TOKEN
+    audio_bounds: tuple[str, str] = ("", "")
 
     # --- classes ---
 
@@ -124,11 +128,36 @@ class Backbone:
         """What the model takes per clip beside its patches (none for Qwen2-VL)."""
         return {}
 
+    def vision_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A batch's clip as the keyword arguments of the stock model's forward."""
+        keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+        return {k: batch[k] for k in keys if k in batch}
+
     def clip_inputs(self, frames: np.ndarray, frames_as: str, frame_size: int, patch_size: int,
                     temporal_patch_size: int, merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A clip (T, H, W, 3) uint8 as (patch rows, grid_thw of each visual), as the model's vision tower
         takes them (the sizes are its vision config's)."""
         raise NotImplementedError
+
+    def pretrained_kwargs(self, name_or_path: str, local_files_only: bool) -> dict[str, Any]:
+        """What ``from_pretrained`` needs beside the folder to load this generation's model from a checkpoint (none:
+        the checkpoint is the model's own)."""
+        return {}
+
+    # --- the heard question ---
+
+    def audio_tokens(self, mel_frames: int, audio_pool: int) -> int:
+        """Rows a question of ``mel_frames`` log-mel frames takes in the prompt: the graft's projector pools Whisper's
+        frames (two mel frames each) by ``audio_pool``, so the frames come padded to a multiple of 2 x pool."""
+        per_token = 2 * audio_pool
+        if mel_frames <= 0 or mel_frames % per_token:
+            raise ValueError(f"{mel_frames} mel frames: expected a positive multiple of {per_token}")
+        return mel_frames // per_token
+
+    def heard_rows(self, base: Any, features: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """A natively hearing model's own rows for each question, from log-mels (batch, n_mels, T) and their lengths
+        in mel frames (the graft computes its rows from Whisper and the projector instead)."""
+        raise NotImplementedError(f"{self.name} does not hear natively")
 
     # --- positions ---
 
@@ -309,10 +338,67 @@ class _Qwen2_5Omni(_Qwen2_5VL):
 
     def config(self, text, vision, ids=None, audio=None, **extra):
         ids = ids or {t: self.token_id(t) for t in self.special_tokens}
+        # the thinker's rope index finds each clip by the token before it (vision_start_token_id), which the
+        # thinker config class does not declare but the model reads
         tokens = dict(audio_token_index="<|AUDIO|>", image_token_index="<|IMAGE|>", video_token_index="<|VIDEO|>",
-                      audio_start_token_id="<|audio_bos|>", audio_end_token_id="<|audio_eos|>")
+                      audio_start_token_id="<|audio_bos|>", audio_end_token_id="<|audio_eos|>",
+                      vision_start_token_id="<|vision_bos|>", vision_end_token_id="<|vision_eos|>")
         return self.config_class(text_config=text, vision_config=vision, audio_config=audio or {},
                                  **{k: ids[t] for k, t in tokens.items()}, **extra)
+
+    def pretrained_kwargs(self, name_or_path, local_files_only):
+        # a full Omni checkpoint (thinker, talker, token2wav): the thinker alone, its weights read from under
+        # "thinker."; the thinker model ignores the talker's and token2wav's keys by itself (never loaded, no warning)
+        from transformers import PretrainedConfig
+
+        if "thinker_config" not in PretrainedConfig.get_config_dict(name_or_path, local_files_only=local_files_only)[0]:
+            return {}
+        return {"config": checkpoint_config(name_or_path, local_files_only), "key_mapping": {r"^thinker\.": ""}}
+
+    def vision_inputs(self, batch):
+        # the thinker names the seconds a temporal patch spans otherwise
+        inputs = super().vision_inputs(batch)
+        if "second_per_grid_ts" in inputs:
+            inputs["video_second_per_grid"] = inputs.pop("second_per_grid_ts")
+        return inputs
+
+    def audio_tokens(self, mel_frames, audio_pool):
+        # the thinker's audio encoder halves the frames in a convolution and again in a pooling layer: its own
+        # length rule (a method that reads no encoder state); audio_pool is the graft's and does not apply
+        from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+        if mel_frames <= 0:
+            raise ValueError(f"{mel_frames} mel frames: expected a positive count")
+        return int(Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths(None, torch.tensor(mel_frames))[1])
+
+    def heard_rows(self, base, features, lengths):
+        mask = (torch.arange(features.shape[-1], device=features.device)[None] < lengths[:, None]).long()
+        rows = base.model.get_audio_features(features, feature_attention_mask=mask).last_hidden_state
+        return list(rows.split([self.audio_tokens(int(n), 1) for n in lengths.tolist()]))
+
+    def rope_index(self, base, batch):
+        # the question is the thinker's own audio item, not the clip's soundtrack (use_audio_in_video off); its
+        # positions need each heard question's length in mel frames, in the order the rows hold them
+        return base.model.get_rope_index(batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+                                         batch["attention_mask"], False, batch.get("audio_lengths"),
+                                         batch.get("second_per_grid_ts"))
+
+    def prompt_inputs(self, base, batch, embeds, positions=None):
+        # without positions the thinker would compute them from the audio masks it was not given
+        if positions is None:
+            positions = self.rope_index(base, batch)[0]
+        return {"input_ids": batch["input_ids"], "inputs_embeds": embeds, "position_ids": positions}
+
+    def tiny_config(self, tokenizer):
+        """The thinker at small dimensions, for tests (random weights)."""
+        text = _tiny_text(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [4, 6, 6]})
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56, out_hidden_size=128, fullatt_block_indexes=[1])
+        audio = dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, num_mel_bins=80,
+                     max_source_positions=1500, n_window=100, output_dim=128)
+        return self.config(text, vision, ids=tokenizer.get_vocab(), audio=audio, tie_word_embeddings=False,
+                           position_id_per_seconds=25, seconds_per_chunk=2)
 
     def published_extra(self, spec, layers):
         # the audio encoder, as many layers as the text when fewer are asked, and the thinker's own token ids
@@ -448,7 +534,8 @@ QWEN2_5_OMNI = _Qwen2_5Omni(
     special_tokens=_OMNI_SPECIAL, chat_template=QWEN2_5_OMNI_CHAT_TEMPLATE, image_mean=QWEN2_VL.image_mean,
     image_std=QWEN2_VL.image_std, lora_target=QWEN2_VL.lora_target,
     not_quantized=("model.visual", "model.audio_tower", "lm_head"), min_pixels=56 * 56, max_pixels=28 * 28 * 1280,
-    resize_unit=28, needs_frame_times=True, hears_natively=True,
+    resize_unit=28, needs_frame_times=True, hears_natively=True, audio_placeholder="<|AUDIO|>",
+    audio_bounds=("<|audio_bos|>", "<|audio_eos|>"),
     published={
         "qwen2.5-omni-3b": dict(hub_id="Qwen/Qwen2.5-Omni-3B", thinker=dict(bos_token_id=151644, **_OMNI_THINKER),
                                 text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -483,11 +570,21 @@ def backbone_of(model_or_config: Any) -> Backbone:
     return BACKBONES[model_type]
 
 
+def checkpoint_config(name_or_path: str, local_files_only: bool) -> Any:
+    """A checkpoint's model config; of a full Qwen2.5-Omni checkpoint, its thinker's alone (the talker's and
+    token2wav's configs are never parsed)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    raw = PretrainedConfig.get_config_dict(name_or_path, local_files_only=local_files_only)[0]
+    part = raw.get("thinker_config")
+    if part is not None:
+        return BACKBONES[part["model_type"]].config_class.from_dict(part)
+    return AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)
+
+
 def backbone_of_checkpoint(name_or_path: str, local_files_only: bool) -> Backbone:
     """The backbone of a checkpoint folder or hub id, from its config alone (no weights read)."""
-    from transformers import AutoConfig
-
-    return backbone_of(AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only))
+    return backbone_of(checkpoint_config(name_or_path, local_files_only))
 
 
 def backbone_of_like(like: str) -> Backbone:

@@ -61,14 +61,6 @@ class CollateError(ValueError):
     """An item cannot be collated; the message names the sample (uid and annotation source)."""
 
 
-def audio_token_count(mel_frames: int, audio_pool: int) -> int:
-    """Audio rows the projector yields for ``mel_frames`` log-mel frames (a multiple of 2 * pool)."""
-    per_token = MEL_FRAMES_PER_ENCODER_FRAME * audio_pool
-    if mel_frames <= 0 or mel_frames % per_token:
-        raise ValueError(f"{mel_frames} mel frames: expected a positive multiple of {per_token}")
-    return mel_frames // per_token
-
-
 @dataclass
 class Collator:
     """Turns ``(Sample, frames, waveform)`` items into model batches; see the module docstring."""
@@ -104,10 +96,15 @@ class Collator:
         if self.frames_as not in ("video", "images"):
             raise ValueError(f"frames_as {self.frames_as!r}: must be video or images")
         vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (IM_END, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN) if t not in vocab]
+        # the roles of the prompt's special tokens, and the backbone's own token for each
+        roles = {IM_END: IM_END, IMAGE_TOKEN: self.backbone.vision_placeholder("images"),
+                 VIDEO_TOKEN: self.backbone.vision_placeholder("video"), AUDIO_TOKEN: self.backbone.audio_placeholder}
+        missing = [t for t in (*roles.values(), *self.backbone.audio_bounds) if t and t not in vocab]
         if missing:
             raise ValueError(f"the tokenizer lacks the special token(s) {missing}")
-        self.token_ids = {t: vocab[t] for t in (IM_END, IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)}
+        self.token_ids = {role: vocab[token] for role, token in roles.items()}
+        before, after = self.backbone.audio_bounds
+        self.spoken_question = SPOKEN_QUESTION.replace(AUDIO_TOKEN, before + self.backbone.audio_placeholder + after)
         if self.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token")
 
@@ -134,9 +131,9 @@ class Collator:
         visual = [{"type": "video"}] if self.frames_as == "video" else [{"type": "image"}] * self.clip_frames
         visual = visual if with_frames else []
         question = {
-            "audio": SPOKEN_QUESTION,
+            "audio": self.spoken_question,
             "text": WRITTEN_QUESTION.format(question=sample.question),
-            "both": SPOKEN_QUESTION + "\n" + WRITTEN_QUESTION.format(question=sample.question),
+            "both": self.spoken_question + "\n" + WRITTEN_QUESTION.format(question=sample.question),
         }[mode or self.question_mode]
         return [{"role": "user", "content": visual + [{"type": "text", "text": question + "\n" + INSTRUCTION}]}]
 
@@ -162,10 +159,11 @@ class Collator:
         if with_frames:
             text = self.backbone.expand_vision(text, self.frames_as, vision_tokens_each, self.frame_seconds(sample),
                                                self.temporal_patch_size)
-        n_audio = text.count(AUDIO_TOKEN)
+        placeholder = self.backbone.audio_placeholder
+        n_audio = text.count(placeholder)
         if n_audio != (1 if mode in ("audio", "both") else 0):
             raise CollateError(f"sample {sample.uid}: the prompt holds {n_audio} audio placeholders")
-        return text.replace(AUDIO_TOKEN, AUDIO_TOKEN * audio_tokens)
+        return text.replace(placeholder, placeholder * audio_tokens)
 
     def check_frames(self, sample: Sample, frames: Any) -> np.ndarray:
         if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 \
@@ -244,7 +242,7 @@ class Collator:
                     mels.append(self.log_mel(sample, waveform))
                     mel_frames = mels[-1].shape[-1]
                 audio_rows.append(index)
-                audio_tokens = audio_token_count(mel_frames, self.audio_pool)
+                audio_tokens = self.backbone.audio_tokens(mel_frames, self.audio_pool)
             prompt_ids = self.tokenizer(self.prompt(sample, vision_tokens_each, audio_tokens, mode),
                                         add_special_tokens=False)["input_ids"]
             if for_generation:

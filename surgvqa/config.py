@@ -285,8 +285,11 @@ _REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large
 
 def _real(name: str, vlm: str, accelerate: str = "1gpu-bf16", **values: Any) -> dict[str, Any]:
     """A real preset: its model, its accelerate config (configs/accelerate/), its own output folder."""
-    return dict(_REAL, output_dir=f"data/processed/{name}", vlm=vlm,
-                accelerate_config=f"configs/accelerate/{accelerate}.yaml", **values)
+    return {**_REAL, "output_dir": f"data/processed/{name}", "vlm": vlm,
+            "accelerate_config": f"configs/accelerate/{accelerate}.yaml", **values}
+
+
+_NATIVE: dict[str, Any] = dict(cache_audio_features=False, align_steps=0)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -320,6 +323,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3vl-8b": _real("qwen3vl-8b", "Qwen/Qwen3-VL-8B-Instruct", batch_size=8, grad_accum=2),
     "qwen3vl-8b-qlora-2x24gb": _real("qwen3vl-8b-qlora-2x24gb", "Qwen/Qwen3-VL-8B-Instruct", "2gpu-ddp",
                                      load_in_4bit=True, batch_size=1, grad_accum=8),
+    # The model that hears natively (Qwen2.5-Omni's thinker), the baseline the graft must beat: LoRA on its language
+    # model only; its own audio encoder has no Whisper outputs to cache and no projector to align. 7B in bf16 on one
+    # 80 GB card or in 4 bit on two 24 GB cards; 3B on one 24 GB card.
+    "omni-7b": _real("omni-7b", "Qwen/Qwen2.5-Omni-7B", batch_size=8, grad_accum=2, **_NATIVE),
+    "omni-7b-qlora-2x24gb": _real("omni-7b-qlora-2x24gb", "Qwen/Qwen2.5-Omni-7B", "2gpu-ddp", load_in_4bit=True,
+                                  batch_size=1, grad_accum=8, **_NATIVE),
+    "omni-3b": _real("omni-3b", "Qwen/Qwen2.5-Omni-3B", batch_size=4, grad_accum=4, **_NATIVE),
 }
 # Stage 0 (``python -m surgvqa pretrain``): the tiny graft from random weights on random phantom clips, questions
 # written (and, with a heard bank, heard); clips per step, steps, learning rates and workers of pretraining.

@@ -157,6 +157,12 @@ def write_vlm(like: str, out: Path, layers: int | None = None, vision_layers: in
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     qwen_tokenizer(backbone).save_pretrained(str(out))
+    if backbone.hears_natively:
+        # its processor's log-mel settings (Qwen2.5-Omni's preprocessor_config.json: Whisper's features at 128 mel
+        # bins in 300 s chunks); the project pads no question to a chunk
+        from transformers import WhisperFeatureExtractor
+
+        WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins, chunk_length=300).save_pretrained(str(out))
     _mark_dry_run(out, like)
     return out
 

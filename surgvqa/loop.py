@@ -38,10 +38,10 @@ def optimizer_groups(model, weight_decay: float = 0.0, projector: bool = True,
     """AdamW groups of a graft's trainable weights: the projector's at ``cfg.projector_lr``, then the language
     model's at ``cfg.lr``. With ``weight_decay`` the language model's matrices decay by it and its biases and
     norms not at all (two groups); the projector never decays. Whisper must stay frozen."""
-    if any(p.requires_grad for p in model.whisper.parameters()):
+    if model.whisper is not None and any(p.requires_grad for p in model.whisper.parameters()):
         raise RuntimeError("Whisper must stay frozen")
     cfg, groups = model.cfg, []
-    if projector:
+    if projector and model.projector is not None:  # a natively hearing model has none
         groups.append({"params": [p for p in model.projector.parameters() if p.requires_grad],
                        "lr": cfg.projector_lr, "weight_decay": 0.0})
     if language_model:

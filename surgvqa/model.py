@@ -52,7 +52,7 @@ def graftable(backbone: Backbone) -> Backbone:
     """The backbone, when the graft applies to it (checked from a checkpoint's config, before its weights load)."""
     if backbone.hears_natively:
         raise ValueError(f"{backbone.name} hears the question through its own audio encoder: the graft's Whisper and "
-                         f"projector do not apply to it, and its native-hearing path is not built yet")
+                         f"projector do not apply to it (NativeHearingVLM is its model)")
     return backbone
 
 
@@ -119,7 +119,7 @@ class AudioGraftedVLM(nn.Module):
         self.cfg = cfg
         # False when the encoder was handed in rather than loaded from cfg.whisper: checkpoints then carry it.
         self.whisper_from_cfg = whisper_from_cfg
-        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(self.backbone.audio_placeholder)
         self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
 
     @property
@@ -190,7 +190,7 @@ class AudioGraftedVLM(nn.Module):
             if count != n_rows:
                 raise AudioTokenMismatch(
                     f"sample {name}: {count} audio placeholder tokens but its question audio ({length} mel "
-                    f"frames, pool {self.projector.pool}) projects to {n_rows} rows")
+                    f"frames) gives {n_rows} rows")
         return embeds.masked_scatter(audio_mask.unsqueeze(-1), torch.cat(rows).to(embeds.dtype))
 
     # --- forward ---
@@ -208,7 +208,8 @@ class AudioGraftedVLM(nn.Module):
         inputs_embeds = self.embed(input_ids, audio_features, audio_lengths, samples, audio_rows, audio_encoded)
         clip_inputs = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts}
         prompt = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
-                  "image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw, **clip_inputs}
+                  "image_grid_thw": image_grid_thw, "video_grid_thw": video_grid_thw, "audio_lengths": audio_lengths,
+                  **clip_inputs}
         out = base.model(**self.backbone.prompt_inputs(base, prompt, inputs_embeds), attention_mask=attention_mask,
                          mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                          image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
@@ -222,6 +223,37 @@ class AudioGraftedVLM(nn.Module):
             raise ValueError("no label tokens in the batch (a generation batch was given for training?)")
         logits = base.lm_head(hidden[:, :-1][keep]).float()
         return GraftOutput(loss=F.cross_entropy(logits, targets[keep]), logits=logits)
+
+
+class NativeHearingVLM(AudioGraftedVLM):
+    """A model that hears through its own audio encoder (``Backbone.hears_natively``: Qwen2.5-Omni's thinker), in
+    the graft's place: the same prompts, labels, positions, training and scoring, with the question's rows from the
+    model's own encoder (frozen, as the graft's Whisper is) where the graft has Whisper and a projector. There is no
+    projector, so nothing to align, and no Whisper outputs to cache."""
+
+    def __init__(self, vlm: nn.Module, tokenizer: Any, feature_extractor: WhisperFeatureExtractor, cfg: Config):
+        nn.Module.__init__(self)
+        self.vlm = vlm
+        self.backbone = backbones.backbone_of(self.base_vlm)
+        if not self.backbone.hears_natively:
+            raise ValueError(f"{self.backbone.name} does not hear by itself: it takes the graft (AudioGraftedVLM)")
+        self.whisper = self.projector = None
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.cfg = cfg
+        self.whisper_from_cfg = True  # no Whisper of its own to save
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(self.backbone.audio_placeholder)
+        self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
+
+    def train(self, mode: bool = True) -> "NativeHearingVLM":
+        return nn.Module.train(self, mode)
+
+    def audio_rows(self, features: torch.Tensor, lengths: torch.Tensor, encoded: bool = False
+                   ) -> list[torch.Tensor]:
+        if encoded:
+            raise ValueError(f"{self.backbone.name} hears through its own encoder: give it log-mels, not cached "
+                             f"Whisper outputs (cache_audio_features=False)")
+        return self.backbone.heard_rows(self.base_vlm, features.to(self.base_vlm.dtype), lengths)
 
 
 # --- building ------------------------------------------------------------------------------------------
@@ -254,17 +286,19 @@ def _torch_dtype(cfg: Config) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
-def _checkpoint_backbone(name_or_path: str, cfg: Config) -> Backbone:
-    """A checkpoint's backbone from its config alone, refused when the graft does not apply to it."""
+def _checkpoint_backbone(name_or_path: str, cfg: Config, native: bool = False) -> Backbone:
+    """A checkpoint's backbone from its config alone; with ``native`` False, refused when the graft does not apply
+    to it."""
     local = cfg.local_dir(name_or_path)
-    return graftable(backbones.backbone_of_checkpoint(str(local or name_or_path), local_files_only=local is not None))
+    backbone = backbones.backbone_of_checkpoint(str(local or name_or_path), local_files_only=local is not None)
+    return backbone if native else graftable(backbone)
 
 
 def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
     """The vision-language model from a local folder (never touching the network) or a hub id, as the class
     its backbone names; 4-bit nf4 when asked."""
     local = cfg.local_dir(name_or_path)
-    backbone = _checkpoint_backbone(name_or_path, cfg)
+    backbone = _checkpoint_backbone(name_or_path, cfg, native=True)
     quantization = None
     if cfg.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -272,18 +306,20 @@ def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
                                           llm_int8_skip_modules=list(backbone.not_quantized))
+    source = str(local or name_or_path)
     return backbone.model_class.from_pretrained(
-        str(local or name_or_path), dtype=_torch_dtype(cfg), quantization_config=quantization,
-        local_files_only=local is not None)
+        source, dtype=_torch_dtype(cfg), quantization_config=quantization, local_files_only=local is not None,
+        **backbone.pretrained_kwargs(source, local_files_only=local is not None))
 
 
-def _load_tokenizer(name_or_path: str | Path, cfg: Config) -> Any:
+def _load_tokenizer(name_or_path: str | Path, cfg: Config, graft: bool = True) -> Any:
+    """A checkpoint's tokenizer; for the graft, with the project's audio placeholder added when it lacks it."""
     local = cfg.local_dir(str(name_or_path))
     # a run's folder holds surgvqa's config.json, which transformers' check for Mistral's old pre-tokenizer reads as
     # a model config of no known type: it then warns about a regex that Qwen's tokenizer does not have
     tokenizer = AutoTokenizer.from_pretrained(str(local or name_or_path), local_files_only=local is not None,
                                               fix_mistral_regex=False)
-    if AUDIO_TOKEN not in tokenizer.get_vocab():
+    if graft and AUDIO_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]},
                                      replace_extra_special_tokens=False)
     return tokenizer
@@ -347,8 +383,8 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     ``surgvqa.whisper`` unless ``whisper`` gives ``(model or encoder, feature_extractor)``. Everything is placed
     on ``device`` (default: the config's, see ``Config.torch_device``).
     """
-    if cfg.vlm != "tiny":
-        _checkpoint_backbone(cfg.vlm, cfg)  # before anything loads
+    if cfg.vlm != "tiny" and _checkpoint_backbone(cfg.vlm, cfg, native=True).hears_natively:  # before anything loads
+        return place(_native_model(cfg), device)
     if whisper is None:
         encoder, feature_extractor = _load_whisper_from_cfg(cfg)
     else:
@@ -379,13 +415,38 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     return place(model, device)
 
 
+def hearing(cfg: Config) -> str:
+    """How a config's model hears the question, in words (from the checkpoint's config alone, no weights read)."""
+    if cfg.vlm != "tiny" and _checkpoint_backbone(cfg.vlm, cfg, native=True).hears_natively:
+        return "through its own audio encoder (frozen): no projector to train or align, no Whisper outputs to cache"
+    aligned = f", aligned for {cfg.align_steps} steps before fine-tuning" if cfg.align_steps else ""
+    return f"through frozen Whisper ({cfg.whisper}) and a trained projector (pool {cfg.audio_pool}{aligned})"
+
+
+def _native_model(cfg: Config) -> NativeHearingVLM:
+    """A natively hearing checkpoint (``cfg.vlm``) with its own tokenizer and feature extractor."""
+    if cfg.cache_audio_features:
+        raise ValueError(f"{cfg.vlm} hears through its own audio encoder: there are no Whisper outputs to cache "
+                         f"(set cache_audio_features=False)")
+    if cfg.align_steps:
+        raise ValueError(f"{cfg.vlm} hears through its own audio encoder: it has no projector to align "
+                         f"(set align_steps=0)")
+    local = cfg.local_dir(cfg.vlm)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(str(local or cfg.vlm), local_files_only=local is not None)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        vlm = _apply_training_setup(_load_vlm(cfg.vlm, cfg), cfg)
+    return NativeHearingVLM(vlm, _load_tokenizer(cfg.vlm, cfg, graft=False), feature_extractor, cfg)
+
+
 def place(model: AudioGraftedVLM, device: torch.device | str | None = None) -> AudioGraftedVLM:
     """Whisper, the projector and the VLM on one device (default: the config's). A 4-bit VLM stays where
     bitsandbytes put it (the current CUDA device), and the rest joins it there."""
     if model.cfg.load_in_4bit:
         target = model.base_vlm.device
-        model.whisper.to(target)
-        model.projector.to(target)
+        for part in (model.whisper, model.projector):
+            if part is not None:
+                part.to(target)
         return model
     return model.to(torch.device(device) if device is not None else model.cfg.torch_device())
 
@@ -471,8 +532,9 @@ def save_checkpoint(model: AudioGraftedVLM, directory: str | Path, cfg: Config |
     cfg.save(directory)
     model.tokenizer.save_pretrained(directory)
     model.feature_extractor.save_pretrained(directory)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
-              str(directory / PROJECTOR_FILE))
+    if model.projector is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
+                  str(directory / PROJECTOR_FILE))
     if cfg.lora:
         model.vlm.save_pretrained(directory / "adapter")
     if not cfg.lora or cfg.vlm == "tiny":
@@ -483,6 +545,8 @@ def save_checkpoint(model: AudioGraftedVLM, directory: str | Path, cfg: Config |
                  for k, v in base.state_dict().items() if "lora_" not in k and ".modules_to_save." not in k}
         base.save_pretrained(directory / "vlm", state_dict=state)
         model.tokenizer.save_pretrained(directory / "vlm")
+        if model.whisper is None:  # a natively hearing model's log-mel settings belong to its folder
+            model.feature_extractor.save_pretrained(directory / "vlm")
     if not model.whisper_from_cfg:
         model.whisper.save_pretrained(directory / "whisper")
     return directory
@@ -492,7 +556,6 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
                     **overrides: Any) -> AudioGraftedVLM:
     """The model saved by save_checkpoint (same logits), placed like ``build_model``; ``overrides`` change the
     config (e.g. load_in_4bit)."""
-    from peft import PeftModel
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -501,25 +564,37 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint (no config.json)")
     cfg = Config.load(directory).replace(**overrides)
-    tokenizer = _load_tokenizer(directory, cfg)
+    vlm_source = str(directory / "vlm") if (directory / "vlm").is_dir() else cfg.vlm
+    native = vlm_source != "tiny" and _checkpoint_backbone(vlm_source, cfg, native=True).hears_natively
+    tokenizer = _load_tokenizer(directory, cfg, graft=not native)
+    if native:
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(str(directory), local_files_only=True)
+        model = NativeHearingVLM(_checkpoint_vlm(directory, vlm_source, cfg, trainable), tokenizer, feature_extractor,
+                                 cfg)
+        return place(model, device)
     if (directory / "whisper").is_dir():
         encoder = WhisperEncoder.from_pretrained(str(directory / "whisper"), local_files_only=True)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(str(directory), local_files_only=True)
     else:
         encoder, feature_extractor = _load_whisper_from_cfg(cfg)
     encoder = encoder.to(_torch_dtype(cfg))
-    vlm = _load_vlm(str(directory / "vlm") if (directory / "vlm").is_dir() else cfg.vlm, cfg)
-    if cfg.lora:
-        vlm.requires_grad_(False)
-        with _peft_quiet():
-            vlm = PeftModel.from_pretrained(vlm, str(directory / "adapter"), is_trainable=trainable)
-    else:
-        vlm.requires_grad_(trainable)
-    model = AudioGraftedVLM(vlm, encoder, tokenizer, feature_extractor, cfg,
-                                whisper_from_cfg=not (directory / "whisper").is_dir())
+    model = AudioGraftedVLM(_checkpoint_vlm(directory, vlm_source, cfg, trainable), encoder, tokenizer,
+                            feature_extractor, cfg, whisper_from_cfg=not (directory / "whisper").is_dir())
     model.projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
     model.projector.requires_grad_(trainable)
     return place(model, device)
+
+
+def _checkpoint_vlm(directory: Path, source: str, cfg: Config, trainable: bool) -> nn.Module:
+    """A checkpoint's model with its adapter (when it has one), trainable or frozen."""
+    from peft import PeftModel
+
+    vlm = _load_vlm(source, cfg)
+    if not cfg.lora:
+        return vlm.requires_grad_(trainable)
+    vlm.requires_grad_(False)
+    with _peft_quiet():
+        return PeftModel.from_pretrained(vlm, str(directory / "adapter"), is_trainable=trainable)
 
 
 @contextlib.contextmanager

@@ -31,11 +31,6 @@ class CandidateScores:
     log_likelihoods: dict[str, float]  # of each label's answer sentence + end-of-turn
 
 
-def vision_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-    return {k: batch[k] for k in keys if k in batch}
-
-
 def audio_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     keys = ("audio_features", "audio_encoded", "audio_lengths", "audio_rows")
     return {k: batch[k] for k in keys if k in batch}
@@ -86,7 +81,7 @@ def prefill(model: AudioGraftedVLM, batch: dict[str, Any]) -> Prefill:
     positions, rope_deltas = model.backbone.rope_index(base, batch)
     embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
     prefix = base.model(**model.backbone.prompt_inputs(base, batch, embeds, positions), attention_mask=mask,
-                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision_inputs(batch))
+                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **model.backbone.vision_inputs(batch))
     first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
     # Text positions continue after the prompt's last position (rope_deltas shift past the vision grid).
     return Prefill(prefix.cache, first, mask, mask.sum(dim=1, keepdim=True) + rope_deltas)

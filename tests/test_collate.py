@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
 
 from surgvqa.backbones import AUDIO_TOKEN, IM_END, frames_to_patches
-from surgvqa.collate import IGNORE_INDEX, CollateError, Collator, audio_token_count
+from surgvqa.collate import IGNORE_INDEX, CollateError, Collator
 from surgvqa.data import load_template
 from surgvqa.model import build_tiny_tokenizer
 
@@ -107,7 +107,7 @@ def test_audio_placeholders_match_the_real_length_of_the_question(tokenizer, fea
     lengths = batch["audio_lengths"].tolist()
     # 1.0 s is 100 mel frames, padded up to a whole number of projected tokens; never 3000 (30 s)
     assert lengths[0] == -(-100 // (2 * pool)) * 2 * pool and max(lengths) < 300
-    expected = [audio_token_count(n, pool) for n in lengths]
+    expected = [n // (2 * pool) for n in lengths]  # two mel frames a Whisper frame, pooled by pool
     assert (batch["input_ids"] == audio_id).sum(dim=1).tolist() == expected
     assert batch["audio_features"].shape == (3, 80, max(lengths))
 

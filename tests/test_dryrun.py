@@ -201,9 +201,16 @@ def test_the_omni_thinkers_published_config_tokens_and_template(tmp_path):
     assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>Q<|im_end|>\n<|im_start|>assistant\n")
-    # the graft does not apply to a model that hears natively: refused from the config, before any weight loads
+    assert (three.vision_start_token_id, three.vision_end_token_id) == (151652, 151653)  # read by its rope index
+    # the graft does not apply to a model that hears natively: refused from the config, before any weight loads;
+    # the native model refuses what it has no use for (Whisper outputs, a projector) before loading too
     with pytest.raises(ValueError, match="hears the question through its own audio encoder"):
-        M._load_vlm(str(tmp_path / "omni"), get_config("qwen2vl-2b"))
+        M._checkpoint_backbone(str(tmp_path / "omni"), get_config("qwen2vl-2b"))
+    assert M._checkpoint_backbone(str(tmp_path / "omni"), get_config("qwen2vl-2b"), native=True) is QWEN2_5_OMNI
+    with pytest.raises(ValueError, match="no Whisper outputs to cache"):
+        M.build_model(get_config("omni-3b", vlm=str(tmp_path / "omni"), cache_audio_features=True))
+    with pytest.raises(ValueError, match="no projector to align"):
+        M.build_model(get_config("omni-3b", vlm=str(tmp_path / "omni"), align_steps=50))
 
 
 def test_a_runs_tokenizer_loads_beside_its_config_without_a_warning(tmp_path):

@@ -4,6 +4,7 @@ step, both inference paths, and a checkpoint that reloads to the same scores."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -17,8 +18,16 @@ from surgvqa.collate import IGNORE_INDEX
 from test_collate import first_of_types, make_items
 from test_model import one_torch_thread, tiny_config, whisper  # noqa: F401 (fixtures)
 
-GENERATIONS = [B.QWEN2_VL, B.QWEN2_5_VL, B.QWEN3_VL]
+GENERATIONS = [B.QWEN2_VL, B.QWEN2_5_VL, B.QWEN3_VL, B.QWEN2_5_OMNI]
 SIZE = 64  # Qwen2-VL / Qwen2.5-VL: 56 px, a 4x4 patch grid; Qwen3-VL: 64 px, 4x4 patches of 16 px
+
+
+@functools.lru_cache(maxsize=1)
+def omni_tokenizer():
+    """Qwen2.5-Omni's real tokenizer (rebuilt offline): the tiny tokenizer lacks its own placeholder names."""
+    from surgvqa.dryrun import qwen_tokenizer
+
+    return qwen_tokenizer(B.QWEN2_5_OMNI)
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +36,15 @@ def samples():
 
 
 def graft(backbone: B.Backbone, whisper, **overrides) -> M.AudioGraftedVLM:
+    """A tiny model of the backbone: the graft, or, for a model that hears natively, the model itself (with tiny
+    Whisper's feature extractor: its tiny audio encoder takes 80 mel bins)."""
     cfg = tiny_config(frame_size=SIZE, **overrides)
-    tokenizer = M.build_tiny_tokenizer(cfg)
+    tokenizer = omni_tokenizer() if backbone.hears_natively else M.build_tiny_tokenizer(cfg)
     torch.manual_seed(0)
-    vlm = backbone.model_class(backbone.tiny_config(tokenizer))
-    return M.AudioGraftedVLM(M._apply_training_setup(vlm, cfg), whisper[0], tokenizer, whisper[1], cfg,
-                             whisper_from_cfg=False)
+    vlm = M._apply_training_setup(backbone.model_class(backbone.tiny_config(tokenizer)), cfg)
+    if backbone.hears_natively:
+        return M.NativeHearingVLM(vlm, tokenizer, whisper[1], cfg)
+    return M.AudioGraftedVLM(vlm, whisper[0], tokenizer, whisper[1], cfg, whisper_from_cfg=False)
 
 
 def train_steps(model: M.AudioGraftedVLM, batch: dict, steps: int) -> list[float]:
@@ -67,7 +79,8 @@ def test_placeholders_labels_and_frame_times(model, samples):
     merge = model.base_vlm.config.vision_config.spatial_merge_size
     assert grid[0] == 4  # 8 frames, 2 a temporal patch
     assert (batch["input_ids"] == vision_id).sum(dim=1).tolist() == [grid[0] * grid[1] * grid[2] // merge ** 2] * 3
-    # 1.0, 1.7 and 2.3 s of audio at pool 2: 26, 44 and 58 rows (100, 170, 230 mel frames padded to a multiple of 4)
+    # 1.0, 1.7 and 2.3 s of audio at pool 2: 25, 43 and 58 rows (100, 172, 232 mel frames, padded to a multiple of
+    # 4); Omni's encoder halves twice on its own: ((n - 1) // 2 + 1 - 2) // 2 + 1 rows, the same counts here
     assert (batch["input_ids"] == model.audio_token_id).sum(dim=1).tolist() == [25, 43, 58]
     for labels, sample in zip(batch["labels"], samples):
         assert model.tokenizer.decode(labels[labels != IGNORE_INDEX]) == sample.answer + "<|im_end|>"
@@ -80,10 +93,65 @@ def test_placeholders_labels_and_frame_times(model, samples):
         assert all(stamp in prompt for stamp in stamps), prompt[:400]
     else:
         assert "seconds>" not in prompt
-    if model.backbone is B.QWEN2_5_VL:
+    if model.backbone in (B.QWEN2_5_VL, B.QWEN2_5_OMNI):
         torch.testing.assert_close(batch["second_per_grid_ts"], torch.full((3,), 2 * 4 / 25, dtype=torch.float32))
     else:
         assert "second_per_grid_ts" not in batch
+    if model.backbone.hears_natively:  # the question is the thinker's own audio item, between its audio bounds
+        assert prompt.count("<|audio_bos|><|AUDIO|>") == 1 and prompt.count("<|AUDIO|><|audio_eos|>") == 1
+
+
+def test_the_native_model_hears_as_the_stock_thinker_does(samples):
+    """The natively hearing model's prompt (its own audio encoder's rows in the embeddings, the seam's positions)
+    gives what the stock thinker computes by itself from the log-mels and their mask."""
+    model = graft(B.QWEN2_5_OMNI, (None, M.WhisperFeatureExtractor(feature_size=80)))
+    batch = M.collator(model)(make_items(samples, size=SIZE), for_generation=True)
+    base = model.base_vlm
+    mask = (torch.arange(batch["audio_features"].shape[-1])[None] < batch["audio_lengths"][:, None]).long()
+    with torch.no_grad():
+        pre = scoring.prefill(model, batch)
+        own = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         input_features=batch["audio_features"], feature_attention_mask=mask,
+                         pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"],
+                         video_second_per_grid=batch["second_per_grid_ts"], use_cache=False)
+        first = torch.log_softmax(base.lm_head(own.last_hidden_state[:, -1]).float(), dim=-1)
+    torch.testing.assert_close(pre.first, first, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="give it log-mels, not cached Whisper outputs"):
+        model.audio_rows(torch.zeros(1, 10, 64), torch.tensor([20]), encoded=True)
+    short = dict(batch, audio_lengths=batch["audio_lengths"] - 8)  # rows that no longer match the placeholders
+    with pytest.raises(M.AudioTokenMismatch, match="sample 002-003/qa_000001: 25 audio placeholder tokens"):
+        scoring.prefill(model, short)
+
+
+def test_a_full_omni_checkpoint_loads_its_thinker_alone(tmp_path, caplog):
+    """A Qwen2.5-Omni folder as published (one config with the thinker's inside, weights under ``thinker.`` beside
+    the talker's and token2wav's) loads as its thinker: the thinker's weights, nothing else read, no warning."""
+    import json
+    import logging
+
+    from safetensors.torch import save_file
+
+    tokenizer = omni_tokenizer()
+    torch.manual_seed(0)
+    thinker = B.QWEN2_5_OMNI.model_class(B.QWEN2_5_OMNI.tiny_config(tokenizer))
+    state = {f"thinker.{k}": v.contiguous() for k, v in thinker.state_dict().items()}
+    state.update({"talker.model.embed_tokens.weight": torch.zeros(8, 4), "token2wav.proj.weight": torch.zeros(4, 4)})
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    # the published layout: the thinker's config inside the whole model's, beside the talker's (here cut short)
+    full = {"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"],
+            "enable_audio_output": True, "thinker_config": thinker.config.to_dict(),
+            "talker_config": {"model_type": "qwen2_5_omni_talker", "vocab_size": 8448}}
+    (tmp_path / "config.json").write_text(json.dumps(full))
+    tokenizer.save_pretrained(str(tmp_path))
+    cfg = tiny_config(frame_size=SIZE, vlm=str(tmp_path), vlm_from_scratch=False)
+    assert M._checkpoint_backbone(str(tmp_path), cfg, native=True) is B.QWEN2_5_OMNI
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        loaded = M._load_vlm(str(tmp_path), cfg)
+    assert type(loaded) is B.QWEN2_5_OMNI.model_class and not hasattr(loaded, "talker")
+    assert [r.getMessage() for r in caplog.records] == []
+    for name, value in thinker.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
 
 
 def test_sixteen_frames_double_the_temporal_patches_and_their_times(model, samples):
@@ -113,7 +181,7 @@ def test_positions_are_the_models_own(model, samples):
     with torch.no_grad():
         pre = scoring.prefill(model, batch)
         own = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **scoring.vision_inputs(batch))
+                         mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False, **model.backbone.vision_inputs(batch))
         first = torch.log_softmax(base.lm_head(own.last_hidden_state[:, -1]).float(), dim=-1)
     torch.testing.assert_close(pre.first, first, atol=1e-5, rtol=1e-5)
 
@@ -123,6 +191,11 @@ def test_a_training_step_moves_the_adapter_and_the_projector(whisper, samples):
         model = graft(backbone, whisper)
         losses = train_steps(model, M.collator(model)(make_items(samples, size=SIZE)), 4)
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], (backbone.name, losses)
+        if backbone.hears_natively:  # its own audio encoder stays frozen, as the graft's Whisper does
+            audio = [p for n, p in model.base_vlm.named_parameters() if "audio_tower" in n]
+            assert audio and not any(p.requires_grad or p.grad is not None for p in audio)
+            assert any(p.grad is not None for n, p in model.vlm.named_parameters() if "lora_" in n)
+            continue
         assert model.projector.linear.weight.grad is not None and not any(
             p.grad is not None for p in model.whisper.parameters())
 
