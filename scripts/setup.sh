@@ -4,12 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# espeak-ng voices the questions, flite voices the unseen-engine check (required). chromium (Debian's, at /usr/bin/chromium) only runs the
-# inspector's browser test (tests/test_browser.py; Playwright's own browser download cannot be relied on):
-# installed when we can, otherwise that one test skips outside CI.
+# espeak-ng voices the questions, flite voices the unseen-engine check (required). ffmpeg decodes the m4a and webm
+# that phones and browsers record (the demo's uploads; without it those are refused with a message saying so).
+# chromium (Debian's, at /usr/bin/chromium) only runs the inspector's browser test (tests/test_browser.py;
+# Playwright's own browser download cannot be relied on). The optional ones are installed when we can, otherwise
+# their tests skip outside CI.
 # Each package name is also the command it installs, which is how the check finds what is missing.
 REQUIRED_PACKAGES=(espeak-ng flite)
-OPTIONAL_PACKAGES=(chromium)
+OPTIONAL_PACKAGES=(ffmpeg chromium)
 missing=()
 for cmd in "${REQUIRED_PACKAGES[@]}" "${OPTIONAL_PACKAGES[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
@@ -29,7 +31,7 @@ if [ ${#missing[@]} -gt 0 ]; then
       echo "[setup] install them first, e.g.: sudo apt-get install ${required_missing[*]}  (macOS: brew install ${required_missing[*]})" >&2
       exit 1
     fi
-    echo "[setup] chromium not found: the browser test will be skipped (sudo apt-get install chromium to run it)" >&2
+    echo "[setup] ffmpeg or chromium may be missing: m4a/webm uploads are refused and their tests and the browser test skip (sudo apt-get install ffmpeg chromium)" >&2
   fi
 fi
 

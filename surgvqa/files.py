@@ -66,15 +66,17 @@ def readable_wav(path: Path) -> bool:
         return False
 
 
-def riff_data_frames(path: Path) -> tuple[int, int] | None:
+def riff_data_frames(source: Path | bytes) -> tuple[int, int] | None:
     """(frames the ``data`` chunk's header declares, whole frames the file holds after that header) of a
-    RIFF/WAVE file; None for any other file or when no ``fmt ``-then-``data`` chunks are found.
+    RIFF/WAVE file (a path, or its bytes); None for any other file or when no ``fmt ``-then-``data`` chunks are found.
 
     Only chunk headers are read: decoders quietly return the frames that are there when a file was cut
     short with its header intact, so the header and the file size are compared here.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    import io
+
+    size = len(source) if isinstance(source, bytes) else source.stat().st_size
+    with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
         riff = f.read(12)
         if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
             return None

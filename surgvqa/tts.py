@@ -39,7 +39,9 @@ EDGE_TTS_TIMEOUT_S = 15.0
 EDGE_TTS_RETRIES = 3
 # requests in flight at once per engine: the online service throttles many parallel connections
 ENGINE_WORKERS = {"espeak-ng": None, "piper": None, "flite": None, "edge-tts": 4}  # None: every core
-SILENCE_RMS = 1e-3  # about -60 dBFS: quieter than any speech the engines produce
+# about -80 dBFS: digital silence and dither; a question spoken quietly (peak -40 dBFS) has an RMS near 1e-3, and the
+# speech rule (surgvqa.audio.speech_problem) judges anything louder whatever its level
+SILENCE_RMS = 1e-4
 DEFAULT_RATE = 175  # words per minute: espeak-ng's default, the reference for every engine
 DEFAULT_PITCH = 50  # espeak-ng's 0-99 scale
 

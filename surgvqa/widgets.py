@@ -375,8 +375,10 @@ class Demo:
             started = time.perf_counter()
             heard = self.answer_fn(self.sample, wave)
             latency_ms = 1000 * (time.perf_counter() - started)
-        except ValueError as e:  # bad audio is reported, never answered
-            self.result.value = f"<b style='color:crimson'>{html.escape(str(e))}</b> (nothing answered)"
+        except ValueError as e:  # bad audio is reported in plain words, never answered
+            advice = getattr(e, "advice", "")
+            self.result.value = (f"<b style='color:crimson'>{html.escape(advice or str(e))}</b> (nothing answered)"
+                                 + (f"<br><small style='color:grey'>{html.escape(str(e))}</small>" if advice else ""))
             return None
         truth = self.clips[self.clip.value].get(heard.question_type)
         truth_text = (f"<b>{html.escape(truth.short_answer)}</b> — {html.escape(truth.answer)}" if truth
@@ -415,30 +417,60 @@ def model_answerer(model, cfg, load_frames: Callable[[Sample], np.ndarray]) -> C
     return answer
 
 
-# Containers a browser or phone records into that libsndfile cannot read
-NEEDS_FFMPEG = (".m4a", ".mp4", ".aac", ".webm")
-
-
-def audio_reader(cfg) -> Callable[[bytes, str], np.ndarray]:
-    """``read_audio(content, name)`` for ``Demo``: wav, flac, ogg (vorbis, opus) or mp3 decoded by
-    libsndfile, mixed to mono and resampled, then checked like any question audio (decodes, levels,
-    speech, not silent, duration bounds)."""
-    import tempfile
+def decode_upload(content: bytes, name: str) -> tuple[np.ndarray, int]:
+    """Samples (frames, channels) and rate of uploaded audio, its format told by its content, not its name:
+    libsndfile reads wav, flac, ogg (vorbis, opus) and mp3; anything else (the m4a and webm that phones and browsers
+    record) goes through ffmpeg where it is installed. Raises ``AudioError`` in plain words."""
+    import shutil
+    import subprocess
 
     import soundfile as sf
 
-    from .audio import load_question_audio
+    from .audio import AudioError
+
+    try:
+        wave, rate = sf.read(io.BytesIO(content), dtype="float32", always_2d=True)
+        return wave, rate
+    except (sf.LibsndfileError, RuntimeError, ValueError):
+        pass
+    ffmpeg = shutil.which("ffmpeg")
+    unreadable = (f"{name} is not a recording this demo can read (wav, flac, ogg, mp3, m4a or webm): export or record "
+                  f"it again")
+    if ffmpeg is None:
+        raise AudioError(f"{name}: libsndfile cannot decode it and ffmpeg is not installed", unreadable +
+                         " as wav (m4a and webm need ffmpeg, which scripts/setup.sh installs where apt is available)")
+    run = subprocess.run([ffmpeg, "-v", "error", "-i", "pipe:0", "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE),
+                          "pipe:1"], input=content, capture_output=True, timeout=60)
+    wave = np.frombuffer(run.stdout, dtype="<f4")
+    if run.returncode != 0 or wave.size == 0:
+        raise AudioError(f"{name}: ffmpeg cannot decode it ({run.stderr.decode(errors='replace').strip()[-200:]})",
+                         unreadable)
+    return wave.astype(np.float32)[:, None], SAMPLE_RATE
+
+
+def audio_reader(cfg) -> Callable[[bytes, str], np.ndarray]:
+    """``read_audio(content, name)`` for ``Demo``: an upload or a recording decoded by its content
+    (``decode_upload``), refused when cut short in transfer, mixed to mono and resampled to the model's rate with
+    librosa's soxr resampler, then checked like any question audio (levels, duration, silence, speech). Every
+    refusal is an ``AudioError`` that names the upload and says in plain words what to do."""
+    import librosa
+
+    from .audio import AudioError, checked_question_audio
+    from .files import riff_data_frames
 
     def read_audio(content: bytes, name: str) -> np.ndarray:
-        if Path(name).suffix.lower() in NEEDS_FFMPEG:
-            raise ValueError(f"{name}: {Path(name).suffix} audio needs ffmpeg, which is not installed here; "
-                             f"upload wav, flac, ogg/opus or mp3")
-        try:
-            wave, rate = sf.read(io.BytesIO(content), dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError) as e:
-            raise ValueError(f"{name}: cannot be decoded as wav, flac, ogg/opus or mp3 ({e})") from None
-        with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-            sf.write(f.name, wave, rate, subtype="FLOAT", format="WAV")
-            return load_question_audio(f"upload {name}", f.name, cfg, resample=True)
+        def fail(reason: str, advice: str = "") -> AudioError:
+            return AudioError(f"{name}: {reason}", f"{name}: {advice}" if advice else "")
+
+        frames = riff_data_frames(content)
+        if frames is not None and frames[0] > frames[1]:
+            raise fail(f"cut short: its WAV header declares {frames[0]} frames but only {frames[1]} arrived",
+                       f"only {frames[1] / max(frames[0], 1):.0%} of it arrived: upload it again")
+        wave, rate = decode_upload(content, name)
+        if np.isfinite(wave).all():
+            wave = wave.mean(axis=1, keepdims=True)
+            if rate != cfg.sample_rate:
+                wave = librosa.resample(wave[:, 0], orig_sr=rate, target_sr=cfg.sample_rate, res_type="soxr_hq")[:, None]
+        return checked_question_audio(wave.astype(np.float32), cfg.sample_rate, cfg, False, fail)
 
     return read_audio
