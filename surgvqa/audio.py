@@ -58,15 +58,30 @@ def audio_relpath(text: str, spec: VoiceSpec, noise: "RoomNoise | None" = None, 
     return f"{spec.engine}/{digest}{'.wav' if noise is None else NOISY_SUFFIX}"
 
 
+# A drawn training noise that leaves no speech to hear is raised this much at a time until the speech rule hears the
+# question (the manifest then says the SNR used); a noise condition asked for (the robustness checks) is never changed.
+DROWNED_STEP_DB = 5.0
+USED_NOISE_SUFFIX = ".noise"  # beside a file whose noise was raised: the condition used
+
+
 def _render_job(job: tuple) -> str:
-    text, spec, path, sample_rate, noise, noise_seed, sources = job
+    text, spec, path, sample_rate, noise, noise_seed, sources, raise_drowned = job
     wave = render(text, spec, sample_rate)
+    used_file = Path(path + USED_NOISE_SUFFIX)
+    used_file.unlink(missing_ok=True)
     if noise is not None:
         problem = speech_problem(wave, sample_rate)  # the speech itself is checked before noise covers it
         if problem:
             raise TTSError(f"{spec} saying {text!r}: {problem}")
-        wave = add_room_noise(wave, sample_rate, noise, noise_seed, sources)
+        used = noise
+        noisy = add_room_noise(wave, sample_rate, used, noise_seed, sources)
+        while raise_drowned and used.snr_db is not None and speech_problem(noisy, sample_rate):
+            used = RoomNoise(used.kind, used.snr_db + DROWNED_STEP_DB)
+            noisy = add_room_noise(wave, sample_rate, used, noise_seed, sources)
+        wave = noisy
     write_wav_atomic(Path(path), wave, sample_rate)
+    if noise is not None and used != noise:
+        used_file.write_text(used.tag)
     return path
 
 
@@ -111,7 +126,9 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
 
     Room noise (``surgvqa.noise``): ``noise`` over every question (the robustness checks, with babble of eval
     voices); for the train split, ``cfg.train_noise`` of the questions get a drawn ``training_noise`` (babble of
-    train voices). Files already in the cache (same text, voice spec and noise) are not rendered again. ``path``
+    train voices); a drawn noise that leaves no speech to hear is raised by ``DROWNED_STEP_DB`` until the speech
+    rule hears the question, and the manifest says the SNR used. Files already in the cache (same text, voice spec
+    and noise) are not rendered again. ``path``
     in the manifest is relative to ``cfg.audio_dir``; the manifest is saved there as CSV and JSONL.
     """
     cfg = cfg or get_config()
@@ -139,12 +156,15 @@ def synthesize_split(samples: Sequence[Sample], split: str, cfg: Config | None =
         rows.append(dict(uid=s.uid, sample_id=s.id, video_id=s.video_id, split=split,
                          question_type=s.question_type, path=rel, engine=spec.engine, voice=spec.voice,
                          rate=spec.rate, pitch=spec.pitch, noise=heard_noise.tag if heard_noise else "", text=text))
-        jobs.append((text, spec, str(root / rel), cfg.sample_rate, heard_noise, noise_seed, sources))
+        jobs.append((text, spec, str(root / rel), cfg.sample_rate, heard_noise, noise_seed, sources, noise is None))
     workers = workers or min(ENGINE_WORKERS[v.engine] or os.cpu_count() or 1 for v in voices.values())
     render_into_cache(jobs, root, workers, f"synthesize {split}", progress)
     facts = {rel: _file_facts(root / rel) for rel in {r["path"] for r in rows}}
     for r in rows:
         r["duration_s"], r["sha256"] = facts[r["path"]]
+        used = root / (r["path"] + USED_NOISE_SUFFIX)
+        if r["noise"] and used.is_file():  # a drawn training noise raised until the question was heard
+            r["noise"] = used.read_text().strip()
     table = pd.DataFrame(rows, columns=["uid", "sample_id", "video_id", "split", "question_type", "path",
                                         "engine", "voice", "rate", "pitch", "noise", "duration_s", "sha256", "text"])
     _save_manifest(table, manifest or split, cfg)
@@ -201,6 +221,18 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise fail(f"cannot be decoded as audio ({e})") from None
     return checked_question_audio(audio, rate, cfg, resample, fail)
+
+
+def refused_questions(manifest: pd.DataFrame, cfg: Config | None = None) -> dict[str, str]:
+    """uid -> why, for the files of a synthesis manifest that the checks refuse (noise asked for can drown a
+    question: it is then refused like any file, and counted, never answered)."""
+    refused = {}
+    for row in manifest.itertuples():
+        try:
+            load_question_audio(row.uid, row.path, cfg)
+        except AudioError as e:
+            refused[row.uid] = str(e)
+    return refused
 
 
 def checked_question_audio(audio: np.ndarray, rate: int, cfg: Config, resample: bool,
@@ -264,7 +296,7 @@ def _level_problem(audio: np.ndarray) -> str | None:
 VAD_RATE = 16000
 VAD_WINDOW = 512  # samples at VAD_RATE: the model's window
 SPEECH_PROBABILITY = 0.5
-MIN_SPEECH_S = 0.3
+MIN_SPEECH_S = 0.1
 _VAD_LOCK = threading.Lock()  # the model keeps state between windows: one question at a time
 
 

@@ -162,7 +162,7 @@ def build_heard_bank(cfg: Config, out: str | Path, train_voices: int = 32, eval_
     root = cfg.path(cfg.audio_dir)
     sources = noise_sources(root / "noise", "train", cfg.sample_rate) if cfg.train_noise else None
     paths = [root / audio_relpath(w, voice, noise, noise_seed) for _, voice, w, noise, noise_seed in jobs]
-    render_into_cache([(w, voice, str(p), cfg.sample_rate, noise, noise_seed, sources)
+    render_into_cache([(w, voice, str(p), cfg.sample_rate, noise, noise_seed, sources, True)
                        for p, (_, voice, w, noise, noise_seed) in zip(paths, jobs)],
                       root, os.cpu_count() or 1, "heard bank: speak")
     features, lengths = [], []

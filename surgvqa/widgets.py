@@ -388,9 +388,10 @@ class Demo:
         self.result.value = "<br>".join([
             f"heard: {html.escape(source)} ({len(wave) / SAMPLE_RATE:.1f} s)",
             f"understood: <b>{html.escape(heard.question_type)}</b> — <i>"
-            f"{html.escape(self.wordings.get(heard.question_type, ''))}</i> (by {heard.by})",
-            f"answer: <b class='surgvqa-answer'>{html.escape(heard.label)}</b> (confidence {heard.confidence:.2f})"
-            f" — {html.escape(heard.text)}{verdict}",
+            f"{html.escape(self.wordings.get(heard.question_type, ''))}</i> (by {heard.by}; sure of the question "
+            f"{heard.type_confidence:.2f}, over all {len(self.wordings)} question types)",
+            f"answer: <b class='surgvqa-answer'>{html.escape(heard.label)}</b> (sure of the answer "
+            f"{heard.confidence:.2f}, among that question's answers) — {html.escape(heard.text)}{verdict}",
             f"truth for this clip: {truth_text}", f"latency: {latency_ms:.0f} ms"])
         return heard
 

@@ -94,3 +94,24 @@ def test_noisy_synthesis_is_cached_per_condition_and_loads_as_noisy_speech(tmp_p
     assert share == pytest.approx(cfg.train_noise, abs=0.2)
     quiet = audio.synthesize_split(train, "train", cfg.replace(train_noise=0.0), progress=False, manifest="quiet")
     assert set(quiet["noise"]) == {""}
+
+
+def test_a_drawn_training_noise_that_drowns_the_question_is_raised_and_a_condition_asked_for_is_counted(tmp_path,
+                                                                                                   monkeypatch):
+    """Training noise is drawn down to -5 dB; where it leaves nothing the speech rule hears, the SNR rises in
+    5 dB steps until it does, and the manifest says the SNR used. A condition asked for (the robustness checks)
+    is never changed: its drowned files are refused and counted."""
+    cfg = get_config(audio_dir=str(tmp_path / "audio"), train_noise=1.0)
+    rows = published_split("out")["train"][:2]
+    monkeypatch.setattr(audio, "training_noise", lambda rng: RoomNoise("broadband", -20.0))
+    drawn = audio.synthesize_split(rows, "train", cfg, progress=False)
+    used = [float(tag.split("@")[1].removesuffix("dB")) for tag in drawn["noise"]]
+    assert all(tag.startswith("broadband@") for tag in drawn["noise"]) and all(-20 < snr <= 60 for snr in used)
+    assert all((snr + 20) % audio.DROWNED_STEP_DB == 0 for snr in used)
+    for r in drawn.itertuples():  # every drawn-noise file now holds a question the rule hears
+        audio.load_question_audio(r.uid, r.path, cfg)
+    asked = audio.synthesize_split(rows, "test", cfg, progress=False, manifest="drowned",
+                                   noise=RoomNoise("broadband", -20.0))
+    assert set(asked["noise"]) == {"broadband@-20dB"}
+    refused = audio.refused_questions(asked, cfg)
+    assert set(refused) == set(asked["uid"]) and all("no speech heard" in why for why in refused.values())
