@@ -142,6 +142,37 @@ def answer_any_question(model: AudioGraftedVLM, batch: dict[str, Any], max_new_t
     return answers
 
 
+@dataclass
+class QuestionConfidenceFloor:
+    """How sure a model must be of the question it understood before the demo answers it, measured on heard eval
+    questions: ``floor`` is the type confidence that ``share`` of the correctly understood ones reach."""
+    floor: float
+    share: float
+    n: int  # eval questions heard
+    understood: float  # the share of them whose question type was understood
+    refused_below: float  # the share of all of them the floor would leave unanswered
+
+
+def question_confidence_floor(model: AudioGraftedVLM, samples: Sequence[Sample], manifest: pd.DataFrame, cfg,
+                              share: float = 0.95, batch_size: int = 16) -> QuestionConfidenceFloor:
+    """The demo's floor on how sure it must be of the question (``answer_any_question``'s type confidence), from
+    ``samples`` heard as ``manifest`` says (the eval voices, never the test ones)."""
+    paths = dict(zip(manifest.uid, manifest.path))
+    rows = [s for s in samples if s.uid in paths]
+    if not rows:
+        raise ValueError("no heard questions to measure the floor on: the manifest holds none of the samples")
+    collate = dataclasses.replace(collator(model), question_mode="audio", frame_size=cfg.frame_size)
+    dataset = QADataset(rows, cfg.replace(question_mode="audio"), paths, backbone=model.backbone)
+    heard = []
+    with torch.inference_mode():
+        for batch in prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True)):
+            heard += answer_any_question(model, batch)
+    right = np.array([h.question_type == s.question_type for h, s in zip(heard, rows)])
+    confidence = np.array([h.type_confidence for h in heard])
+    floor = float(np.quantile(confidence[right], 1 - share)) if right.any() else 1.0
+    return QuestionConfidenceFloor(floor, share, len(rows), float(right.mean()), float((confidence < floor).mean()))
+
+
 def fast_inference(model: AudioGraftedVLM) -> bool:
     """Whether inference runs on surgvqa.fastpath: on CUDA unless the config's fast_inference is off."""
     return model.cfg.fast_inference and model.base_vlm.device.type == "cuda"

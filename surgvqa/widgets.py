@@ -290,10 +290,13 @@ class Demo:
 
     def __init__(self, samples: Sequence[Sample], load_frames: Callable[[Sample], np.ndarray],
                  own_audio: Callable[[Sample], np.ndarray], read_audio: Callable[[bytes, str], np.ndarray],
-                 answer: Callable[[Sample, np.ndarray], Any], fps: int = 2):
+                 answer: Callable[[Sample, np.ndarray], Any], fps: int = 2, question_floor: Any = None):
         from .data import question_wordings
 
         self.load_frames, self.own_audio, self.read_audio, self.answer_fn = load_frames, own_audio, read_audio, answer
+        # below this confidence in the question it understood, it says so instead of answering
+        # (an ``inference.QuestionConfidenceFloor``, measured on the eval voices)
+        self.question_floor = question_floor
         self.clips: dict[str, dict[str, Sample]] = {}
         for s in samples:
             self.clips.setdefault(f"{s.video_id} frames {s.frame_numbers[0]}-{s.frame_numbers[-1]}", {})[s.question_type] = s
@@ -379,6 +382,15 @@ class Demo:
             advice = getattr(e, "advice", "")
             self.result.value = (f"<b style='color:crimson'>{html.escape(advice or str(e))}</b> (nothing answered)"
                                  + (f"<br><small style='color:grey'>{html.escape(str(e))}</small>" if advice else ""))
+            return None
+        floor = self.question_floor
+        if floor is not None and heard.type_confidence < floor.floor:
+            self.result.value = "<br>".join([
+                f"heard: {html.escape(source)} ({len(wave) / SAMPLE_RATE:.1f} s)",
+                f"<b>I could not tell which question that was</b> (sure of the question {heard.type_confidence:.2f}: "
+                f"its best guess, <i>{html.escape(heard.question_type)}</i>, is under the {floor.floor:.2f} that "
+                f"{floor.share:.0%} of the eval questions it understood reach); nothing answered: ask again, closer "
+                f"to the microphone or in other words", f"latency: {latency_ms:.0f} ms"])
             return None
         truth = self.clips[self.clip.value].get(heard.question_type)
         truth_text = (f"<b>{html.escape(truth.short_answer)}</b> — {html.escape(truth.answer)}" if truth

@@ -231,3 +231,25 @@ def test_the_demo_answers_a_heard_question_of_any_type(model, samples):
     answer = model_answerer(model, model.cfg, lambda sample: items[0][1])(samples[0], items[0][2])
     assert answer.label in label_sets(model.cfg)[answer.question_type]
     assert 0 < answer.confidence <= 1 and 0 < answer.type_confidence <= 1
+
+
+def test_the_demos_question_floor_is_measured_on_heard_questions(samples, whisper, tmp_path):
+    """The floor the demo answers above: the type confidence that 95 % of the correctly understood heard questions
+    reach, with how many were understood and how many the floor would leave unanswered."""
+    import pandas as pd
+
+    from surgvqa.files import write_wav_atomic
+    from test_collate import speech_like
+
+    model = graft(B.QWEN2_VL, whisper)
+    paths = {}
+    for i, s in enumerate(samples):
+        paths[s.uid] = f"q{i}.wav"
+        write_wav_atomic(tmp_path / paths[s.uid], speech_like(1.0 + 0.5 * i), 16000)
+    cfg = model.cfg.replace(audio_dir=str(tmp_path))
+    manifest = pd.DataFrame({"uid": list(paths), "path": list(paths.values())})
+    floor = I.question_confidence_floor(model, samples, manifest, cfg, batch_size=2)
+    assert floor.n == 3 and floor.share == 0.95 and 0 <= floor.understood <= 1 and 0 <= floor.refused_below <= 1
+    assert 0 < floor.floor <= 1
+    with pytest.raises(ValueError, match="no heard questions"):
+        I.question_confidence_floor(model, samples, manifest.iloc[:0], cfg)

@@ -1,3 +1,4 @@
+import dataclasses
 import datetime
 import io
 import shutil
@@ -132,6 +133,21 @@ def test_demo_answers_whatever_it_hears_and_names_the_question_and_the_truth(row
     assert demo.run_upload() is None and "q.ogg: no speech could be heard" in demo.result.value and len(asked) == 2
     demo.clear.click()
     assert demo.upload.value == () and demo.result.value == ""
+
+
+def test_demo_says_when_it_cannot_tell_which_question_it_heard(rows):
+    from surgvqa.inference import QuestionConfidenceFloor
+
+    floor = QuestionConfidenceFloor(floor=0.85, share=0.95, n=40, understood=0.9, refused_below=0.1)
+    demo = Demo(rows, clip_of, lambda s: np.ones(16000, np.float32), lambda c, n: np.ones(8000, np.float32),
+                lambda sample, wave: heard(), question_floor=floor)  # sure of the question 0.80 < 0.85
+    assert demo.run_own() is None
+    shown = demo.result.value
+    assert "I could not tell which question that was" in shown and "nothing answered" in shown
+    assert "sure of the question 0.80" in shown and "under the 0.85 that 95% of the eval questions" in shown
+    assert "answer:" not in shown
+    demo.question_floor = dataclasses.replace(floor, floor=0.5)  # sure enough: answered
+    assert demo.run_own() == heard() and "answer:" in demo.result.value
 
 
 def test_demo_offers_every_clip_and_says_when_a_clip_lacks_the_understood_question(rows):
