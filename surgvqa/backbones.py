@@ -349,9 +349,7 @@ class _Qwen2_5Omni(_Qwen2_5VL):
     def pretrained_kwargs(self, name_or_path, local_files_only):
         # a full Omni checkpoint (thinker, talker, token2wav): the thinker alone, its weights read from under
         # "thinker."; the thinker model ignores the talker's and token2wav's keys by itself (never loaded, no warning)
-        from transformers import PretrainedConfig
-
-        if "thinker_config" not in PretrainedConfig.get_config_dict(name_or_path, local_files_only=local_files_only)[0]:
+        if _thinker_part(name_or_path, local_files_only) is None:
             return {}
         return {"config": checkpoint_config(name_or_path, local_files_only), "key_mapping": {r"^thinker\.": ""}}
 
@@ -570,13 +568,19 @@ def backbone_of(model_or_config: Any) -> Backbone:
     return BACKBONES[model_type]
 
 
+def _thinker_part(name_or_path: str, local_files_only: bool) -> dict[str, Any] | None:
+    """The thinker's config (a dict) of a full Qwen2.5-Omni checkpoint (thinker, talker, token2wav), else None."""
+    from transformers import PretrainedConfig
+
+    return PretrainedConfig.get_config_dict(name_or_path, local_files_only=local_files_only)[0].get("thinker_config")
+
+
 def checkpoint_config(name_or_path: str, local_files_only: bool) -> Any:
     """A checkpoint's model config; of a full Qwen2.5-Omni checkpoint, its thinker's alone (the talker's and
     token2wav's configs are never parsed)."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import AutoConfig
 
-    raw = PretrainedConfig.get_config_dict(name_or_path, local_files_only=local_files_only)[0]
-    part = raw.get("thinker_config")
+    part = _thinker_part(name_or_path, local_files_only)
     if part is not None:
         return BACKBONES[part["model_type"]].config_class.from_dict(part)
     return AutoConfig.from_pretrained(name_or_path, local_files_only=local_files_only)

@@ -294,6 +294,11 @@ def _checkpoint_backbone(name_or_path: str, cfg: Config, native: bool = False) -
     return backbone if native else graftable(backbone)
 
 
+def _hears_natively(name_or_path: str, cfg: Config) -> bool:
+    """Whether the model a config or checkpoint names hears by itself (from its config alone; the tiny one does not)."""
+    return name_or_path != "tiny" and _checkpoint_backbone(name_or_path, cfg, native=True).hears_natively
+
+
 def _load_vlm(name_or_path: str, cfg: Config) -> nn.Module:
     """The vision-language model from a local folder (never touching the network) or a hub id, as the class
     its backbone names; 4-bit nf4 when asked."""
@@ -383,7 +388,7 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
     ``surgvqa.whisper`` unless ``whisper`` gives ``(model or encoder, feature_extractor)``. Everything is placed
     on ``device`` (default: the config's, see ``Config.torch_device``).
     """
-    if cfg.vlm != "tiny" and _checkpoint_backbone(cfg.vlm, cfg, native=True).hears_natively:  # before anything loads
+    if _hears_natively(cfg.vlm, cfg):  # before anything loads
         return place(_native_model(cfg), device)
     if whisper is None:
         encoder, feature_extractor = _load_whisper_from_cfg(cfg)
@@ -417,7 +422,7 @@ def build_model(cfg: Config, whisper: tuple[nn.Module, WhisperFeatureExtractor] 
 
 def hearing(cfg: Config) -> str:
     """How a config's model hears the question, in words (from the checkpoint's config alone, no weights read)."""
-    if cfg.vlm != "tiny" and _checkpoint_backbone(cfg.vlm, cfg, native=True).hears_natively:
+    if _hears_natively(cfg.vlm, cfg):
         return "through its own audio encoder (frozen): no projector to train or align, no Whisper outputs to cache"
     aligned = f", aligned for {cfg.align_steps} steps before fine-tuning" if cfg.align_steps else ""
     return f"through frozen Whisper ({cfg.whisper}) and a trained projector (pool {cfg.audio_pool}{aligned})"
@@ -565,7 +570,7 @@ def load_checkpoint(directory: str | Path, trainable: bool = False, device: torc
         raise FileNotFoundError(f"{directory} is not a checkpoint (no config.json)")
     cfg = Config.load(directory).replace(**overrides)
     vlm_source = str(directory / "vlm") if (directory / "vlm").is_dir() else cfg.vlm
-    native = vlm_source != "tiny" and _checkpoint_backbone(vlm_source, cfg, native=True).hears_natively
+    native = _hears_natively(vlm_source, cfg)
     tokenizer = _load_tokenizer(directory, cfg, graft=not native)
     if native:
         feature_extractor = WhisperFeatureExtractor.from_pretrained(str(directory), local_files_only=True)
