@@ -8,6 +8,9 @@ so no run writes over another's. The table then reads their stored metrics: per 
 and zero-shot with n and the 95 % interval, the model time per row of each, 04's training time per sample, and the
 peak GPU memory of training and evaluation. It is written as ``comparison.json`` and ``comparison.md``.
 
+``--dry-runs`` runs nothing: it writes the table from the reports that ``python -m surgvqa dry-run --preset P`` left in
+``reports/dry-run-P/`` for each preset, so the dry runs of a GPU box line up without training anything twice.
+
 A preset whose model folder is a dry-run checkpoint (random weights, ``python -m surgvqa make-checkpoint``) gets
 its accuracies withheld: random weights give timings and memory, never results.
 """
@@ -22,7 +25,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from .config import Config, get_config, parse_pairs
-from .dryrun import is_dry_run
+from .dryrun import dry_run_reports, is_dry_run
 from .workbook import NotebookFailed, markdown_table, read_metrics, run_workbook
 
 NOTEBOOKS = ("04", "05")
@@ -84,9 +87,11 @@ def table_row(preset: str, reports: Path) -> dict[str, Any]:
     return row
 
 
-def write_table(presets: Sequence[str], reports_dir: str | Path) -> pd.DataFrame:
+def write_table(presets: Sequence[str], reports_dir: str | Path, folders: dict[str, Path] | None = None) -> pd.DataFrame:
+    """The table from each preset's stored metrics, in ``folders[preset]`` (default ``reports_dir/preset``)."""
     reports_dir = Path(reports_dir)
-    table = pd.DataFrame([table_row(p, reports_dir / p) for p in presets]).set_index("preset")
+    folders = folders or {p: reports_dir / p for p in presets}
+    table = pd.DataFrame([table_row(p, folders[p]) for p in presets]).set_index("preset")
     reports_dir.mkdir(parents=True, exist_ok=True)
     (reports_dir / "comparison.json").write_text(json.dumps(table.reset_index().to_dict("records"), indent=2) + "\n")
     note = ("Accuracy: strict scorer, with n and 95 % interval; withheld (blank) for random dry-run weights. "
@@ -121,14 +126,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="[PRESET:]KEY=VALUE")
     parser.add_argument("--reports-dir", default="reports/compare")
     parser.add_argument("--html", action="store_true", help="also write each executed notebook as HTML")
+    parser.add_argument("--dry-runs", action="store_true",
+                        help="run nothing: the table from each preset's dry-run reports (reports/dry-run-PRESET)")
     args = parser.parse_args(argv)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     if len(set(presets)) != len(presets) or not presets:
         parser.error(f"--presets {args.presets!r}: name each preset once")
     try:
         common, own = split_params(args.param, presets)
-        table = run(presets, common, own, args.reports_dir, html=args.html)
-    except (ValueError, KeyError) as e:
+        if args.dry_runs:
+            table = write_table(presets, args.reports_dir,
+                                {p: dry_run_reports(p) for p in presets})
+        else:
+            table = run(presets, common, own, args.reports_dir, html=args.html)
+    except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"[compare] {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     except NotebookFailed as e:

@@ -256,6 +256,11 @@ MEASURED_PEAK_GIB = {"qwen2vl-2b": (13.9, "H100 80GB, 2026-12-07, notebooks 01-0
 FULL_STUDY = dict(epochs=3, train_rows=2302, eval_rows=398, test_rows=1000)  # the published split's sizes
 
 
+def dry_run_reports(preset: str) -> Path:
+    """Where ``python -m surgvqa dry-run --preset P`` leaves its notebooks' reports and its own table."""
+    return REPO_ROOT / "reports" / f"dry-run-{preset}"
+
+
 class DryRunRefused(RuntimeError):
     """The dry run cannot start here (no GPU, a preset it does not apply to, a card too small)."""
 
@@ -400,7 +405,7 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
         log("[dry-run] flite is not installed: 08 runs without its unseen-engine check (unseen_engine=false)")
         params["unseen_engine"] = False
     given = params_per_notebook(params, notebooks, full)
-    reports = REPO_ROOT / "reports" / f"dry-run-{preset}"
+    reports = dry_run_reports(preset)
     sampler, steps = _MemorySampler(), []
     for nb in notebooks:
         sampler.reset()
@@ -461,5 +466,5 @@ def dry_run_main(argv: list[str] | None = None) -> int:
     except (DryRunRefused, KeyError, ValueError) as e:
         print(f"[dry-run] {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    print((REPO_ROOT / "reports" / f"dry-run-{args.preset}" / "dry-run.md").read_text())
+    print((dry_run_reports(args.preset) / "dry-run.md").read_text())
     return 0 if report else 1

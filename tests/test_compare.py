@@ -65,3 +65,15 @@ def test_the_table_withholds_random_weights_accuracies_and_keeps_their_timings(t
     assert [r["preset"] for r in written] == ["qwen3vl-2b", "qwen2vl-2b"]
     markdown = (tmp_path / "reports" / "comparison.md").read_text()
     assert "withheld" in markdown and "| qwen3vl-2b |" in markdown
+
+
+def test_the_dry_runs_table_reads_their_reports_and_names_a_missing_one(tmp_path, monkeypatch, capsys):
+    _stored_run(tmp_path, "qwen3vl-2b", "dry", dry_run=True, samples_per_s=5.0, peak=8.0)
+    (tmp_path / "reports" / "qwen3vl-2b").rename(tmp_path / "reports" / "dry-run-qwen3vl-2b")
+    monkeypatch.setattr(compare, "dry_run_reports", lambda preset: tmp_path / "reports" / f"dry-run-{preset}")
+    out = str(tmp_path / "reports" / "compare")
+    assert compare.main(["--presets", "qwen3vl-2b", "--dry-runs", "--reports-dir", out]) == 0
+    written = json.loads((tmp_path / "reports" / "compare" / "comparison.json").read_text())
+    assert written[0]["preset"] == "qwen3vl-2b" and written[0]["train ms/sample"] == 200.0
+    assert compare.main(["--presets", "qwen3vl-2b,omni-7b", "--dry-runs", "--reports-dir", out]) == 2
+    assert "dry-run-omni-7b" in capsys.readouterr().err
