@@ -140,10 +140,12 @@ def heard_against_written(model: AudioGraftedVLM, rows: AlignmentRows, picked: S
 
 
 def align_projector(model: AudioGraftedVLM, samples: Sequence[Sample], audio_paths: dict[str, str], cfg,
-                    out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                    out_dir: str | Path | None = None, log: Callable[[str], None] = print,
+                    trackers: Sequence = ()) -> dict[str, Any]:
     """``cfg.align_steps`` steps of ``cfg.batch_size`` heard questions of ``samples`` (cycled in a seeded order),
     projector only, AdamW at ``cfg.projector_lr`` with warmup and cosine decay; returns (and logs every
-    ``cfg.eval_every``-th step and at the end) KL, agreement, time and peak memory per 1,000 utterances."""
+    ``cfg.eval_every``-th step and at the end) KL, agreement, time and peak memory per 1,000 utterances. Every
+    step's values go to ``out_dir``'s CSV and to ``trackers`` as ``align/*``."""
     from transformers import get_cosine_schedule_with_warmup
 
     if cfg.align_steps <= 0:
@@ -156,7 +158,8 @@ def align_projector(model: AudioGraftedVLM, samples: Sequence[Sample], audio_pat
     cuda = model.base_vlm.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    align_log = RunLog(Path(out_dir) / ALIGN_LOG if out_dir is not None else None, ALIGN_LOG_COLUMNS)
+    align_log = RunLog(Path(out_dir) / ALIGN_LOG if out_dir is not None else None, ALIGN_LOG_COLUMNS,
+                       trackers=trackers, prefix="align/")
     model.train()
     started, seen, history = time.perf_counter(), 0, []
     with projector_only(model) as trainable, adapter_off(model):

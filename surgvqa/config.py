@@ -135,7 +135,10 @@ class Config:
     accelerate_config: str = ""
     limit_train: int = 0  # 0: all training rows (a smoke run uses a few)
     limit_test: int = 0
-    wandb: bool = False  # also log to Weights & Biases (must be installed)
+    # where training, alignment and pretraining log their scalars besides the CSV, through accelerate's trackers:
+    # "tensorboard" (<output_dir>/tb), "wandb" (pip install -e .[wandb]; WANDB_MODE=offline keeps the run in
+    # <output_dir>/wandb until `wandb sync`), both ("tensorboard,wandb") or "none"
+    report_to: str = "tensorboard"
 
     def __post_init__(self) -> None:
         _check_types_and_ranges(self, _RANGES, "config")
@@ -158,6 +161,8 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config {key}={getattr(self, key)!r}: must be one of {allowed}")
+        if not set(self.trackers()) <= set(TRACKERS) or (self.report_to != "none" and not self.trackers()):
+            raise ValueError(f"config report_to={self.report_to!r}: 'none' or a comma-separated choice of {TRACKERS}")
         for engine in self.extra_train_engines:
             if engine not in POOL_ENGINES or engine == self.tts_engine:
                 raise ValueError(f"config extra_train_engines={list(self.extra_train_engines)}: each must be one of "
@@ -173,6 +178,11 @@ class Config:
             raise ValueError(f"config vlm_from_scratch=True builds the tiny VLM from scratch; vlm={self.vlm!r} is "
                              f"loaded from its checkpoint (for random weights at real shapes: python -m surgvqa "
                              f"make-checkpoint)")
+
+    def trackers(self) -> list[str]:
+        """The trackers ``report_to`` names, in order, without repeats."""
+        names = [] if self.report_to == "none" else [t.strip() for t in self.report_to.split(",")]
+        return [t for i, t in enumerate(names) if t and t not in names[:i]]
 
     def path(self, value: str) -> Path:
         """Resolve a config path: relative paths are relative to the repository root."""
@@ -258,11 +268,16 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 
 # Options no result needs any more, removed after commit 91006da (docs/HISTORY.md has what they bought), and the
 # value at which a run saved before then behaved as runs do now.
+TRACKERS = ("tensorboard", "wandb")
 REMOVED_KEYS: dict[str, Any] = {"distill_weight": 0.0, "mixed_weights": [1.0, 1.0, 1.0], "phantom_extra_per_epoch": 0}
 
 
 def _without_removed(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A saved config without the removed keys, when they hold the value runs now behave as."""
+    """A saved config without the removed keys, when they hold the value runs now behave as (``wandb``, a switch
+    that only chose where scalars were logged, reads as ``report_to``)."""
+    if "wandb" in values:
+        values = {k: v for k, v in values.items() if k != "wandb"} | (
+            {"report_to": "tensorboard,wandb"} if values["wandb"] and "report_to" not in values else {})
     changed = {k: values[k] for k in REMOVED_KEYS if k in values and values[k] != REMOVED_KEYS[k]}
     if changed:
         raise ValueError(f"{source} was saved with {changed}: options removed after commit 91006da, so this "

@@ -252,8 +252,10 @@ DRY_RUN_ROOT = "data/interim/dry-run"
 MEASURED_PEAK_GIB = {"qwen2vl-2b": (13.9, "H100 80GB, 2026-12-07, notebooks 01-08"),
                      "qwen3vl-2b": (12.2, "H100 80GB, 2026-12-07, notebooks 04-05"),
                      "qwen25vl-7b": (29.3, "H100 80GB, 2026-12-07, notebooks 04-05"),
-                     "qwen3vl-8b": (56.1, "H100 80GB, 2026-12-07, notebooks 04-05")}
+                     "qwen3vl-8b": (56.1, "H100 80GB, 2026-12-07, notebooks 04-05"),
+                     "omni-7b": (51.3, "H100 80GB, 2026-12-07, notebooks 04-05")}
 FULL_STUDY = dict(epochs=3, train_rows=2302, eval_rows=398, test_rows=1000)  # the published split's sizes
+ROBUSTNESS_ROWS = 100  # notebook 08's default rows per condition
 
 
 def dry_run_reports(preset: str) -> Path:
@@ -283,10 +285,12 @@ def check_machine(preset: str, cfg: Any, gpu_gib: float | None) -> str:
     return like
 
 
-def project_full_study(rates: dict[str, float], cfg: Any) -> dict[str, Any]:
+def project_full_study(rates: dict[str, float], cfg: Any, walls: dict[str, float] | None = None) -> dict[str, Any]:
     """The full study's time on this card from the dry run's steady-state rates, each term with its formula:
     training (3 epochs of the train split), projector alignment (the preset's steps), in-training evaluations and
-    notebook 05's model baselines over the 1,000 test rows. What was not timed at full size is named, not guessed."""
+    notebook 05's model baselines over the 1,000 test rows; from the reduced notebooks' walls (``walls``, when they
+    ran), speech synthesis (02, scaled by questions: an upper bound, its fixed work scales too) and robustness (08,
+    scaled by rows per condition). What was not timed is named, not guessed."""
     train_samples = FULL_STUDY["epochs"] * FULL_STUDY["train_rows"]
     steps = math.ceil(train_samples / (cfg.batch_size * cfg.grad_accum))
     terms = {
@@ -300,9 +304,19 @@ def project_full_study(rates: dict[str, float], cfg: Any) -> dict[str, Any]:
         "05 baselines": (FULL_STUDY["test_rows"] * rates["baselines_ms_per_row"] / 1000,
                          f"{FULL_STUDY['test_rows']} rows x {rates['baselines_ms_per_row']:.0f} ms (every baseline)"),
     }
+    walls, spoken = walls or {}, 3 * REDUCED_NOTEBOOK["02"]["limit"]
+    questions = FULL_STUDY["train_rows"] + FULL_STUDY["eval_rows"] + FULL_STUDY["test_rows"]
+    if "02" in walls:
+        terms["02 speech synthesis"] = (walls["02"] * questions / spoken,
+                                        f"02's {walls['02']:.0f} s for {spoken} questions x {questions} / {spoken}")
+    rows = REDUCED_NOTEBOOK["08"]["robustness_rows"]
+    if "08" in walls:
+        terms["08 robustness"] = (walls["08"] * ROBUSTNESS_ROWS / rows,
+                                  f"08's {walls['08']:.0f} s at {rows} rows a condition x {ROBUSTNESS_ROWS} / {rows}")
+    missing = [name for nb, name in (("02", "speech synthesis (02)"), ("08", "08")) if nb not in walls]
     return {"terms": {k: {"seconds": round(v, 1), "formula": f} for k, (v, f) in terms.items()},
             "total_s": round(sum(v for v, _ in terms.values()), 1),
-            "not_projected": "speech synthesis, model loading, 08, the ASR transcription of 05's pipeline rows"}
+            "not_projected": ", ".join(missing + ["model loading", "the ASR transcription of 05's pipeline rows"])}
 
 
 def steady_rates(run_dir: Path, metrics_04: dict[str, Any], metrics_05: dict[str, Any]) -> dict[str, float]:
@@ -320,8 +334,15 @@ def steady_rates(run_dir: Path, metrics_04: dict[str, Any], metrics_05: dict[str
     return {"train_ms_per_sample": 1000 * len(steady) / sum(steady) if steady else math.nan,
             "train_ms_per_sample_warmup": 1000 / rates[0] if rates else math.nan,
             "align_s_per_step": alignment["wall_s"] / alignment["steps"] if alignment.get("steps") else 0.0,
+            "align_s_per_1000_utterances": float(alignment.get("s_per_1000_utterances", 0.0)),
             "eval_ms_per_row": float(heard["ms_per_query"]),
             "baselines_ms_per_row": float(sum(b["ms_per_query"] for b in baselines.values()))}
+
+
+def baseline_rates(metrics_05: dict[str, Any]) -> dict[str, float]:
+    """Rows per second of each of 05's model baselines at its batch (the blind prior runs no model)."""
+    return {name: round(1000 / b["ms_per_query"], 1) for name, b in metrics_05["baselines"].items()
+            if name != "blind prior" and b.get("ms_per_query")}
 
 
 class _MemorySampler:
@@ -420,7 +441,9 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
         rates = steady_rates(cfg.path(params["output_dir"]), read_metrics("04-train", reports),
                              read_metrics("05-evaluate", reports))
         report["rates"] = {k: round(v, 2) for k, v in rates.items()}
-        report["projection"] = project_full_study(rates, get_config(preset))
+        report["baseline_rows_per_s"] = baseline_rates(read_metrics("05-evaluate", reports))
+        report["projection"] = project_full_study(rates, get_config(preset),
+                                                  {s["notebook"]: s["wall_s"] for s in report["notebooks"]})
     write_report(report, reports)
     return report
 
@@ -438,8 +461,11 @@ def write_report(report: dict[str, Any], folder: Path) -> Path:
               for s in report["notebooks"]]
     if "projection" in report:
         lines += ["", "Steady-state rates (warm-up left out, shown apart): " + ", ".join(
-            f"{k} {v}" for k, v in report["rates"].items()), "", "| projected full study | seconds | formula |",
-            "|---|---|---|"]
+            f"{k} {v}" for k, v in report["rates"].items()), ""]
+        if report.get("baseline_rows_per_s"):
+            lines += ["| 05 baseline | rows/s |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in report["baseline_rows_per_s"].items()] + [""]
+        lines += ["| projected full study | seconds | formula |", "|---|---|---|"]
         lines += [f"| {k} | {t['seconds']} | {t['formula']} |" for k, t in report["projection"]["terms"].items()]
         lines += [f"| total | {report['projection']['total_s']} | not projected: "
                   f"{report['projection']['not_projected']} |"]

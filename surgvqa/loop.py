@@ -105,38 +105,69 @@ class Interval:
 
 # --- the run log -------------------------------------------------------------------------------------
 
+def start_trackers(cfg, out: Path, fresh: bool = True) -> list:
+    """accelerate's trackers for the run in ``out``, as ``cfg.report_to`` names them, started: TensorBoard in
+    ``out/tb`` (emptied for a fresh run), Weights & Biases in ``out/wandb`` with the run's config (one W&B run per
+    output folder: a resumed run goes on in the same one; ``WANDB_MODE=offline`` keeps it on disk until
+    ``wandb sync``). The caller ends them with ``finish_trackers``."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    for name in cfg.trackers():
+        if name == "tensorboard":
+            if fresh:  # one run per TensorBoard folder: a fresh run's curves never mix with an older one's
+                shutil.rmtree(out / "tb", ignore_errors=True)
+            tracker = TensorBoardTracker("tb", out)
+        else:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise RuntimeError(f"config report_to={cfg.report_to!r} names wandb, which is not installed: "
+                                   f"pip install -e .[wandb] (or leave wandb out of report_to)") from None
+            id_file = out / "wandb-run-id"
+            if fresh or not id_file.is_file():
+                id_file.write_text(f"{out.name[:40]}-{int(time.time())}".replace("/", "-") + "\n")
+            (out / "wandb").mkdir(exist_ok=True)
+            tracker = WandBTracker("surgvqa", dir=str(out), name=out.name, id=id_file.read_text().strip(),
+                                   resume="allow", config=cfg.to_dict())
+        tracker.start()
+        trackers.append(tracker)
+    return trackers
+
+
+def log_best(trackers: Sequence, metrics: dict[str, float], step: int) -> None:
+    """The best checkpoint's metrics, as ``best/<name>``: W&B's run summary, TensorBoard's scalars at its step."""
+    best = {f"best/{k}": v for k, v in metrics.items()}
+    for tracker in trackers:
+        if tracker.name == "wandb":
+            tracker.tracker.summary.update({**best, "best/step": step})
+        else:
+            tracker.log(best, step=step)
+
+
+def finish_trackers(trackers: Sequence) -> None:
+    for tracker in trackers:
+        tracker.finish()
+
+
 class RunLog:
-    """A run's CSV log, written by one process (``active``; without a ``path`` nothing is written).
+    """A run's CSV log, written by one process (``active``; without a ``path`` no CSV is written).
     ``columns`` fix the header (a missing value is left empty, an unknown key dropped); without them the first
-    row's keys are the header. ``fresh`` starts a new file (and TensorBoard folder), else rows are appended to
-    the run's. ``tensorboard`` also writes every logged value to ``tb/`` beside the file, and ``wandb_config``
-    to Weights & Biases (it must be installed)."""
+    row's keys are the header. ``fresh`` starts a new file, else rows are appended to the run's. Every logged
+    value also goes to ``trackers`` (``start_trackers``) as ``prefix + name``: TensorBoard at the row's step,
+    W&B against its own ``prefix + "step"`` axis (alignment, pretraining and training count steps apart)."""
 
     def __init__(self, path: str | Path | None, columns: Sequence[str] | None = None, fresh: bool = True,
-                 active: bool = True, tensorboard: bool = False, wandb_config: dict[str, Any] | None = None):
-        self.path, self.active = Path(path) if path is not None else None, active and path is not None
+                 active: bool = True, trackers: Sequence = (), prefix: str = ""):
+        self.path, self.active = Path(path) if path is not None else None, active
         self.columns = list(columns) if columns else None
-        self.writer = self.wandb = None
-        if not self.active:
-            return
-        if fresh:  # one run per file and TensorBoard folder: a fresh run's rows never mix with an older one's
+        self.trackers, self.prefix, self.stepped = list(trackers) if self.active else [], prefix, set()
+        if self.active and fresh and self.path is not None:  # one run per file: a fresh run's rows never mix with an older one's
             self.path.unlink(missing_ok=True)
-            if tensorboard:
-                shutil.rmtree(self.path.parent / "tb", ignore_errors=True)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.path.parent / "tb"))
-        if wandb_config is not None:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError("wandb=True but the wandb package is not installed (pip install wandb)")
-            self.wandb = wandb.init(project="surgvqa", config=wandb_config, dir=str(self.path.parent))
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Append rows to the CSV file only."""
-        if not self.active or not rows:
+        if not self.active or self.path is None or not rows:
             return
         new = not self.path.exists() or self.path.stat().st_size == 0
         if self.columns is None:
@@ -152,22 +183,27 @@ class RunLog:
             writer.writerows([[row.get(k, "") for k in self.columns] for row in rows])
 
     def log(self, step: int, values: dict[str, float], time: float | None = None) -> None:
-        """One row: ``step``, ``time`` when given (rounded to ms), then ``values``, which also go to
-        TensorBoard and Weights & Biases."""
+        """One row: ``step``, ``time`` when given (rounded to ms), then ``values``, which also go to the
+        trackers."""
         if not self.active:
             return
         self.write([{"step": step, **({"time": round(time, 3)} if time is not None else {}), **values}])
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
+        self.log_trackers(step, values)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    def log_trackers(self, step: int, values: dict[str, float]) -> None:
+        """``values`` to the trackers only (a table the CSV holds in another shape)."""
+        if not self.active:
+            return
+        tagged = {self.prefix + k: v for k, v in values.items()}
+        for tracker in self.trackers:
+            if tracker.name == "wandb":
+                axis = self.prefix + "step"
+                for key in set(tagged) - self.stepped:
+                    tracker.tracker.define_metric(key, step_metric=axis)
+                self.stepped |= set(tagged)
+                tracker.log({**tagged, axis: step})
+            else:
+                tracker.log(tagged, step=step)
 
 
 # --- best and last -----------------------------------------------------------------------------------

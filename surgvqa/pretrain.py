@@ -77,7 +77,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .config import Config, PretrainSettings, parse_overrides, pretrain_config
 from .data import QUESTION_TYPES
-from .loop import Interval, RunLog, autocast_for, due, optimizer_groups
+from .loop import Interval, RunLog, autocast_for, due, finish_trackers, optimizer_groups, start_trackers
 from .model import (CLIP_ATTENTION, AudioGraftedVLM, register_clip_attention, set_vision_attention, build_model, count_parameters, load_pretrained_projector, save_checkpoint,
                     save_projector_source)
 from .pretrain_data import (ROW_MODES, HeardBank, PhantomRows, RowBuilder, check_frame_size, row_builder,
@@ -225,7 +225,9 @@ class PretrainRun:
     step_time: dict[str, float] = field(default_factory=dict)  # the last interval's ms per step, by phase
 
     def __post_init__(self) -> None:
-        self.train_log, self.eval_log = RunLog(self.out / "train_log.csv"), RunLog(self.out / "eval_log.csv")
+        self.trackers = start_trackers(self.cfg, self.out)
+        self.train_log = RunLog(self.out / "train_log.csv", trackers=self.trackers)
+        self.eval_log = RunLog(self.out / "eval_log.csv", trackers=self.trackers, prefix="eval/")
         self.deadline = self.started + self.settings.max_minutes * 60 if self.settings.max_minutes else math.inf
 
     @property
@@ -313,7 +315,9 @@ def pretrain(cfg: Config, settings: PretrainSettings, out: str | Path, device: s
         if run.step < cfg.max_steps and due(run.step, cfg.eval_every):
             evaluate_and_save(run)
     progress.close()
-    return model, evaluate_and_save(run)
+    metrics = evaluate_and_save(run)
+    finish_trackers(run.trackers)
+    return model, metrics
 
 
 def train_step(model: AudioGraftedVLM, batch: dict[str, torch.Tensor], optimizer, schedule, bf16: bool,
@@ -353,7 +357,7 @@ def log_interval(run: PretrainRun, train_values: dict[str, float], interval: Int
            "skipped_steps": run.skipped_steps, "rows": round(interval.items / n_steps),
            **{f"{k}_ms": round(v, 2) for k, v in run.step_time.items() if not k.endswith("_ms")},
            **{k: round(v, 2) for k, v in run.step_time.items() if k.endswith("_ms")}, **train_values}
-    run.train_log.write([row])
+    run.train_log.log(run.step, {k: v for k, v in row.items() if k != "step"})
     progress.set_postfix(loss=f"{train_values['train_loss']:.3f}", ms=f"{run.step_time['step_wall']:.0f}")
     if progress.disable:
         accuracies = {k.split("/", 1)[1]: v for k, v in train_values.items() if k.startswith("answer_exact/")}
@@ -380,7 +384,9 @@ def evaluate_and_save(run: PretrainRun) -> dict[str, Any]:
         save_projector_source(run.out, run.bank.whisper, run.bank.fingerprint, run.bank.audio_pool,
                               run.cfg.audio_projector)
     run.eval_seconds = time.time() - t0
-    run.eval_log.write(eval_log_rows(run.step, tables))
+    rows = eval_log_rows(run.step, tables)
+    run.eval_log.write(rows)
+    run.eval_log.log_trackers(run.step, {f"{r['set']}/{r['question_type']}": float(r["accuracy"]) for r in rows})
     table = per_type_table(tables)
     metrics = run_metrics(run, tables, table)
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -3,8 +3,9 @@
 One loop for any number of processes (CPU or GPU): gradient accumulation, warmup + cosine/linear
 schedule, evaluation every ``eval_every`` optimizer steps on eval loss and eval accuracy (candidate
 scoring), early stopping on ``early_stop_metric`` with ``patience``, the best checkpoint kept, and a
-resumable last state. Logs go to ``output_dir/log.csv`` and TensorBoard (``output_dir/tb``); Weights &
-Biases only when ``wandb=True`` and it is installed.
+resumable last state. Logs go to ``output_dir/log.csv`` and to the trackers ``report_to`` names (accelerate's:
+TensorBoard in ``output_dir/tb``, Weights & Biases in ``output_dir/wandb``), alignment's as ``align/*``, the best
+checkpoint's metrics as ``best/*``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .data import Sample, limited
 from .features import EncodedAudio, QADataset
 from .inference import adapter_inputs_uncast, score_candidates
 from .align import align_projector
-from .loop import STATE_FILE, Interval, RunLog, TrainerState, due, optimizer_groups, swap_in
+from .loop import (STATE_FILE, Interval, RunLog, TrainerState, due, finish_trackers, log_best, optimizer_groups,
+                   start_trackers, swap_in)
 from .model import build_model, collator, save_checkpoint
 
 ALIGN_SUMMARY = "align_summary.json"  # what projector alignment measured (surgvqa.align), beside the run
@@ -62,7 +64,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 # What --resume lets differ from the interrupted run's config: where caches live and how work is spread,
 # nothing that changes a number.
-RESUMABLE_CHANGES = frozenset({"num_workers", "wandb", "device", "fast_inference", "accelerate_config",
+RESUMABLE_CHANGES = frozenset({"num_workers", "report_to", "device", "fast_inference", "accelerate_config",
                                "phantom_cache_dir", "audio_features_dir", "cache_audio_features"})
 
 
@@ -208,7 +210,7 @@ def make_accelerator(cfg: Config):
                                             find_unused_parameters=cfg.question_mode != "audio")])
 
 
-def setup(cfg: Config, accelerator, resume: bool, out: Path, log) -> TrainRun:
+def setup(cfg: Config, accelerator, resume: bool, out: Path, log, trackers: Sequence = ()) -> TrainRun:
     """The rows and their spoken questions (synthesized and encoded once, by the first process), the model
     (its projector aligned first when asked), the optimizer and schedule, all prepared by the accelerator."""
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
@@ -230,7 +232,7 @@ def setup(cfg: Config, accelerator, resume: bool, out: Path, log) -> TrainRun:
         # the projector learns to hear before LoRA (surgvqa.align), on the main process: preparing DDP below
         # broadcasts its weights to every other process
         if accelerator.is_main_process:
-            alignment = align_projector(model, train_rows, train_audio, cfg, out, log)
+            alignment = align_projector(model, train_rows, train_audio, cfg, out, log, trackers)
             (out / ALIGN_SUMMARY).write_text(json.dumps(alignment, indent=2) + "\n")
         accelerator.wait_for_everyone()
     train_set = QADataset(train_rows, cfg, train_audio, encoded_audio=train_encoded, backbone=model.backbone)
@@ -276,13 +278,13 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out)
     set_seed(cfg.seed)
-    run = setup(cfg, accelerator, resume, out, log)
+    trackers = start_trackers(cfg, out, fresh=not resume) if accelerator.is_main_process else []
+    run = setup(cfg, accelerator, resume, out, log, trackers)
     state = TrainerState()
     if resume:
         state = load_last(out / "last", run.unwrapped, run.optimizer, run.scheduler, accelerator.process_index)
         log(f"[train] resumed at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
-    logger = RunLog(out / "log.csv", LOG_COLUMNS, fresh=not resume, active=run.main, tensorboard=True,
-                    wandb_config=cfg.to_dict() if cfg.wandb else None)
+    logger = RunLog(out / "log.csv", LOG_COLUMNS, fresh=not resume, active=run.main, trackers=trackers)
     uncast = cfg.lora and accelerator.mixed_precision == "bf16"
     run.model.train()
     # the logging interval's training time (evaluation and saving excluded): its samples/s and the ETA
@@ -307,11 +309,14 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
                 break
             if stop_after is not None and state.step >= stop_after:
                 save_last(run, state)
-                logger.close()
+                finish_trackers(trackers)
                 return {"interrupted_at": state.step}
         else:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-    logger.close()
+    best = [h for h in state.history if h["step"] == state.best_step]
+    if best:  # every evaluation's metrics at the best checkpoint's step
+        log_best(logger.trackers, {k: v for k, v in best[-1].items() if k != "step"}, state.best_step)
+    finish_trackers(trackers)
     return summarize(run, state, samples_seen, time.time() - started, interval.waited_total)
 
 

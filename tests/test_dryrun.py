@@ -157,12 +157,14 @@ def test_each_notebook_of_the_dry_run_gets_only_what_it_declares():
 
 def test_the_dry_run_reads_steady_rates_and_projects_the_full_study(tmp_path):
     (tmp_path / "log.csv").write_text("step,samples_per_s\n8,2.0\n16,4.0\n24,4.0\n")
-    (tmp_path / "summary.json").write_text(json.dumps({"alignment": {"steps": 50, "wall_s": 20.0}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"alignment": {"steps": 50, "wall_s": 20.0,
+                                                                     "s_per_1000_utterances": 50.0}}))
     baselines = {"blind prior": {"ms_per_query": 0.0}, "audio-only (headline)": {"ms_per_query": 100.0},
                  "text-only": {"ms_per_query": 50.0}}
     rates = dryrun.steady_rates(tmp_path, {}, {"baselines": baselines})
     assert rates == {"train_ms_per_sample": 250.0, "train_ms_per_sample_warmup": 500.0, "align_s_per_step": 0.4,
-                     "eval_ms_per_row": 100.0, "baselines_ms_per_row": 150.0}
+                     "align_s_per_1000_utterances": 50.0, "eval_ms_per_row": 100.0, "baselines_ms_per_row": 150.0}
+    assert dryrun.baseline_rates({"baselines": baselines}) == {"audio-only (headline)": 10.0, "text-only": 20.0}
     cfg = get_config("qwen3vl-2b")  # batch 4 x 4, evaluation every 200 steps, 500 alignment steps
     projection = dryrun.project_full_study(rates, cfg)
     terms = {k: v["seconds"] for k, v in projection["terms"].items()}
@@ -170,11 +172,17 @@ def test_the_dry_run_reads_steady_rates_and_projects_the_full_study(tmp_path):
     # 1,000 rows x 0.15 s
     assert terms == {"training": 1726.5, "alignment": 200.0, "in-training evaluations": 79.6, "05 baselines": 150.0}
     assert projection["total_s"] == pytest.approx(sum(terms.values()))
+    assert "speech synthesis (02), 08, model loading" in projection["not_projected"]
+    # with 02 and 08 run: 02 scaled by questions (3,700 of 192), 08 by rows a condition (100 of 32)
+    walled = dryrun.project_full_study(rates, cfg, {"02": 19.2, "04": 100.0, "08": 32.0})
+    assert walled["terms"]["02 speech synthesis"]["seconds"] == 370.0
+    assert walled["terms"]["08 robustness"]["seconds"] == 100.0
+    assert walled["not_projected"].startswith("model loading")
     report = {"preset": "qwen3vl-2b", "like": "qwen3vl-2b", "gpu": "GPU", "gpu_gib": 80.0, "torch": "2",
               "sizes": dryrun.REDUCED, "notebooks": [{"notebook": "04", "wall_s": 10.0, "peak_gib": 9.96}],
-              "rates": rates, "projection": projection}
+              "rates": rates, "projection": projection, "baseline_rows_per_s": {"text-only": 20.0}}
     markdown = dryrun.write_report(report, tmp_path / "out").read_text()
-    assert "| 04 | 10.0 | 10.0 |" in markdown and "| training | 1726.5 | 3 x 2302 rows x 250 ms |" in markdown
+    assert "| 04 | 10.0 | 10.0 |" in markdown and "| text-only | 20.0 |" in markdown and "| training | 1726.5 | 3 x 2302 rows x 250 ms |" in markdown
     assert json.loads((tmp_path / "out" / "dry-run.json").read_text())["projection"]["total_s"] == 2156.1
 
 

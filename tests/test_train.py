@@ -296,3 +296,80 @@ def test_fewer_training_rows_than_a_batch_names_where_they_came_from(tmp_path, a
     with pytest.raises(ValueError, match=r"2 training rows \(the published split of .*surgvivqa, limit_train 2\) "
                                          r"is fewer than one batch of 4"):
         train(cfg, log=lambda *_: None)
+
+
+def wandb_offline_records(run_dir):
+    """The records of a W&B run kept offline (``<run_dir>/wandb/offline-run-*/run-*.wandb``): the run's config
+    and every history row, read back as W&B stores them (a LevelDB-style log of protobuf records in 32 KiB
+    blocks, each chunk behind a 7-byte header of checksum, length and type)."""
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data, block, header = open(path, "rb").read(), 32768, 7
+    assert data[:4] == b":W&B"
+    config, history, pending, pos = {}, [], b"", header
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        pending, pos = pending + data[pos + header:pos + header + length], pos + header + length
+        if kind not in (1, 4):  # 1: a whole record, 2/3: its first and middle chunks, 4: its last
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        if record.WhichOneof("record_type") == "run":
+            config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+        elif record.WhichOneof("record_type") == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+    return config, history
+
+
+def test_a_run_tracked_offline_in_weights_and_biases_logs_what_tensorboard_and_the_csv_do(tmp_path, audio_dir,
+                                                                                          monkeypatch):
+    pytest.importorskip("wandb", reason="the optional extra: pip install -e .[wandb]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = smoke_cfg(tmp_path, audio_dir, align_steps=3, lora=True, max_steps=4, report_to="tensorboard,wandb")
+    summary = train(cfg, log=lambda *_: None)
+    out = tmp_path / "run"
+    config, history = wandb_offline_records(out)
+    assert config["max_steps"] == 4 and config["report_to"] == "tensorboard,wandb"
+    logged = pd.read_csv(out / "log.csv")
+    trained = [h for h in history if "step" in h]
+    for column in ("train_loss", "eval_accuracy"):
+        rows = logged.dropna(subset=[column])
+        assert [h["step"] for h in trained if column in h] == rows["step"].tolist()
+        assert [h[column] for h in trained if column in h] == pytest.approx(rows[column].tolist())
+    aligned = [h for h in history if "align/step" in h]
+    assert [h["align/step"] for h in aligned] == [1, 2, 3]
+    assert aligned[-1]["align/kl"] == pytest.approx(pd.read_csv(out / "align_log.csv")["kl"].iloc[-1])
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == logged.dropna(subset=["train_loss"])["step"].tolist()
+    assert [e.value for e in events.Scalars("train_loss")] == pytest.approx(logged["train_loss"].dropna().tolist())
+    assert [e.step for e in events.Scalars("align/kl")] == [1, 2, 3]
+    best = events.Scalars(f"best/{cfg.early_stop_metric}")
+    assert [e.step for e in best] == [summary["best_step"]]
+    assert [e.value for e in best] == pytest.approx([summary["best_eval_accuracy"]])
+
+
+def test_report_to_names_trackers_and_a_missing_wandb_says_how_to_install_it(tmp_path, audio_dir, monkeypatch):
+    import builtins
+
+    with pytest.raises(ValueError, match="report_to='tensorbord'"):
+        smoke_cfg(tmp_path, audio_dir, report_to="tensorbord")
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "wandb" else real_import(name, *a, **k))
+    with pytest.raises(RuntimeError, match=r"pip install -e \.\[wandb\]"):
+        train(smoke_cfg(tmp_path, audio_dir, report_to="wandb"), log=lambda *_: None)
+    run = tmp_path / "none"
+    train(smoke_cfg(tmp_path, audio_dir, report_to="none", output_dir=str(run), max_steps=2), log=lambda *_: None)
+    assert not (run / "tb").exists() and not (run / "wandb").exists() and (run / "log.csv").is_file()
