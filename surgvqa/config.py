@@ -126,6 +126,10 @@ class Config:
     eval_every: int = 100
     eval_limit: int = 0  # 0: the whole eval split
     early_stop_metric: str = "eval_accuracy"
+    # the longest answer greedy decoding may write, in tokens (end of turn included); a trained model stops at its
+    # end-of-turn token before (the data's longest answer sentence is 12 tokens in Qwen's vocabulary:
+    # data.longest_answer_tokens), so only an untrained model's answers reach it
+    max_answer_tokens: int = 32
     patience: int = 3
     # workers that decode frames and collate the next batch while the model runs this one (real JPEGs: enough
     # that decoding never bounds a GPU step): DataLoader processes in training, threads in evaluation (a
@@ -260,7 +264,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "lora_r": (1, None), "lora_alpha": (1, None), "lora_dropout": (0.0, 0.99),
     "lr": (0.0, 1.0), "projector_lr": (0.0, 1.0), "batch_size": (1, None), "grad_accum": (1, None),
     "max_steps": (1, None), "warmup_steps": (0, None), "eval_every": (1, None), "eval_limit": (0, None),
-    "patience": (1, None), "num_workers": (0, 256), "limit_train": (0, None),
+    "patience": (1, None), "max_answer_tokens": (1, 512), "num_workers": (0, 256), "limit_train": (0, None),
     "limit_test": (0, None), "train_noise": (0.0, 1.0), "align_steps": (0, None),
     "wording_variants": (0, 200),
 }

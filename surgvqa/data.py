@@ -584,3 +584,9 @@ def reworded(samples: Sequence[Sample], split: str, cfg: Config | None = None) -
         pick = int.from_bytes(hashlib.sha256(s.uid.encode()).digest()[:8], "little") % len(options[s.question_type])
         out.append(dataclasses.replace(s, question=options[s.question_type][pick]))
     return out
+
+
+def longest_answer_tokens(cfg: Config, tokenizer) -> int:
+    """The longest answer sentence of every split, in ``tokenizer``'s tokens (end of turn not counted)."""
+    answers = {s.answer for rows in load_split(cfg).values() for s in rows}
+    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

@@ -400,7 +400,9 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
 
     from .config import Config, get_config
     from .frames import write_real_colon_frames
-    from .data import limited, load_split
+    from transformers import AutoTokenizer
+
+    from .data import limited, load_split, longest_answer_tokens
     from .workbook import read_metrics, run_workbook
 
     sizes = {} if full else dict(REDUCED)
@@ -422,6 +424,12 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
         write_real_colon_frames(rows, frames, cfg, render_size=224)
     params = {"tts_engine": "espeak-ng", **sizes, "vlm": str(vlm), "whisper": str(whisper), "frames_dir": str(frames),
               "output_dir": f"data/processed/dry-run-{preset}", **overrides}
+    if "max_answer_tokens" not in overrides:
+        # random weights never end a turn: their answers are capped where a trained model's end, at the data's
+        # longest answer and its end-of-turn token, so that 05 times what a real study's evaluation writes
+        params["max_answer_tokens"] = longest_answer_tokens(cfg, AutoTokenizer.from_pretrained(str(vlm))) + 1
+        log(f"[dry-run] answers capped at {params['max_answer_tokens']} tokens (the data's longest answer and its "
+            f"end of turn)")
     if "08" in notebooks and "unseen_engine" not in overrides and shutil.which("flite") is None:
         log("[dry-run] flite is not installed: 08 runs without its unseen-engine check (unseen_engine=false)")
         params["unseen_engine"] = False
@@ -436,7 +444,8 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
     sampler.stop.set()
     report = {"preset": preset, "like": like, "gpu": torch.cuda.get_device_name(0), "gpu_gib": round(gpu_gib, 1),
               "torch": torch.__version__, "sizes": "full" if full else {**REDUCED, **REDUCED_NOTEBOOK},
-              "unseen_engine": params.get("unseen_engine", True), "notebooks": steps}
+              "unseen_engine": params.get("unseen_engine", True), "max_answer_tokens": params["max_answer_tokens"],
+              "notebooks": steps}
     if {"04", "05"} <= set(notebooks):
         rates = steady_rates(cfg.path(params["output_dir"]), read_metrics("04-train", reports),
                              read_metrics("05-evaluate", reports))
@@ -455,7 +464,9 @@ def write_report(report: dict[str, Any], folder: Path) -> Path:
     lines = [f"# Dry run of `{report['preset']}` ({report['like']}, random weights) on {report['gpu']} "
              f"({report['gpu_gib']} GiB), torch {report['torch']}", "",
              "Random weights: timings and memory only, never accuracies. Sizes: "
-             + ("the preset's own." if report["sizes"] == "full" else json.dumps(report["sizes"])), "",
+             + ("the preset's own." if report["sizes"] == "full" else json.dumps(report["sizes"]))
+             + (f" Answers capped at {report['max_answer_tokens']} tokens." if report.get("max_answer_tokens") else ""),
+             "",
              "| notebook | wall s | peak GPU GiB (nvidia-smi) |", "|---|---|---|"]
     lines += [f"| {s['notebook']} | {s['wall_s']} | {'' if s['peak_gib'] is None else round(s['peak_gib'], 1)} |"
               for s in report["notebooks"]]

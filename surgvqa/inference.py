@@ -249,7 +249,7 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
                           total=math.ceil(len(dataset) / batch_size)):
             started = time.perf_counter()
             if generate_answers:
-                texts, scored = answer_and_score(model, batch)
+                texts, scored = answer_and_score(model, batch, cfg.max_answer_tokens)
             else:
                 scored = score_candidates(model, batch)
                 texts = [None] * len(scored)

@@ -243,3 +243,13 @@ def test_a_runs_tokenizer_loads_beside_its_config_without_a_warning(tmp_path):
     assert [r.getMessage() for r in records if "regex" in r.getMessage()] == []
     text = "Is the lesion visible? 12 o'clock,\n  NBI's   ON"
     assert tokenizer(text)["input_ids"] == built(text)["input_ids"]  # loaded as built: no pre-tokenizer swapped
+
+
+def test_the_datas_longest_answer_is_twelve_qwen_tokens(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from surgvqa.data import longest_answer_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    for template in ("in", "out"):
+        assert longest_answer_tokens(get_config("qwen2vl-2b", template=template), tokenizer) == 12

@@ -373,3 +373,19 @@ def test_report_to_names_trackers_and_a_missing_wandb_says_how_to_install_it(tmp
     run = tmp_path / "none"
     train(smoke_cfg(tmp_path, audio_dir, report_to="none", output_dir=str(run), max_steps=2), log=lambda *_: None)
     assert not (run / "tb").exists() and not (run / "wandb").exists() and (run / "log.csv").is_file()
+
+
+def test_answers_end_at_max_answer_tokens(tmp_path, audio_dir):
+    """An answer that does not end its turn stops at ``max_answer_tokens`` (the dry run caps random weights' answers
+    where a trained model's end)."""
+    from surgvqa import inference
+    from surgvqa.model import build_model
+
+    cfg = smoke_cfg(tmp_path, audio_dir, vlm_from_scratch=True)  # untrained: its answers run to the cap
+    rows = limited(data.load_split(cfg)["eval"], 4, cfg.seed)
+    model = build_model(cfg)
+    answers = {cap: [r["prediction"] for r in inference.predict(model, rows, cfg.replace(max_answer_tokens=cap), "text",
+                                                                 batch_size=4, progress=False)] for cap in (3, 7)}
+    # greedy: the shorter cap's answer is where the longer one's starts (a byte cut mid-character decodes as U+FFFD)
+    for short, long in zip(answers[3], answers[7]):
+        assert len(short) < len(long) and long.startswith(short.rstrip("\ufffd"))
