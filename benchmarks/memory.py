@@ -8,10 +8,12 @@ encoder cache, autocast and optimizer as a real run), with gradient checkpointin
 process whose CUDA memory is capped with ``torch.cuda.set_per_process_memory_fraction`` to the card it
 models (CARDS: 24 GiB or 80 GiB), so that a run over budget fails here as it would there. A preset may carry
 config overrides in brackets, ``qwen3vl-8b[clip_frames=16;frame_size=768]``: the original study's next steps,
-each one parameter. Reported per run: whether it fit, peak allocated and reserved memory, training ms/sample
-over the last logging window (evaluation and saving excluded), vision tokens per clip, the data loader's wait
-fraction, and the sizes of ``last/`` and ``best/``. The batch is the preset's; ``grad_accum`` is 1 (it changes
-neither memory nor time per sample). Questions come from the preset's TTS engine (``-p tts_engine=espeak-ng``
+each one parameter; the levers of speed likewise (``bf16-lora-1gpu[group_by_length=false]`` beside
+``bf16-lora-1gpu``, ``--checkpointing on,off``), all in one run. Reported per run: whether it fit, peak allocated
+and reserved memory, training ms/sample over the last logging window (evaluation and saving excluded), vision
+tokens per clip, the data loader's wait fraction, the share of batch positions that were padding, and the sizes
+of ``last/`` and ``best/``. The batch is the preset's; ``grad_accum`` is 1 (it changes neither memory nor time per
+sample). Questions come from the preset's TTS engine (``-p tts_engine=espeak-ng``
 offline); their longest duration is reported.
 
 Weights are random by default: each preset loads the dry-run checkpoint of its backbone under
@@ -124,7 +126,8 @@ def run_one(spec: str, checkpointing: bool, args: argparse.Namespace, scratch: P
     return {**row, "fits": peak <= budget_gib, "peak_allocated_gib": peak,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
             "ms_per_sample": 1000.0 / float(log["samples_per_s"].iloc[-1]),
-            "data_wait_fraction": summary["data_wait_fraction"], "steps": summary["steps"],
+            "data_wait_fraction": summary["data_wait_fraction"], "padding_fraction": summary["padding_fraction"],
+            "steps": summary["steps"],
             "longest_question_s": float(manifest["duration_s"].max()),
             "last_gib": folder_bytes(out / "last") / GIB, "best_gib": folder_bytes(out / "best") / GIB}
 
@@ -176,14 +179,15 @@ def main(argv: list[str] | None = None) -> int:
                              "error": (child.stderr.strip().splitlines() or ["no output"])[-1][:300]})
                 args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     print(f"\n{'preset':40} {'ckpt':>4} {'batch':>5} {'vision tok':>10} {'fits':>5} {'peak GiB':>8} {'budget':>6} {'ms/sample':>9} "
-          f"{'data wait':>9} {'last/ GiB':>9} {'best/ GiB':>9}")
+          f"{'data wait':>9} {'padding':>8} {'last/ GiB':>9} {'best/ GiB':>9}")
     for r in rows:
         def num(key: str, fmt: str) -> str:
             return format(r[key], fmt) if r.get(key) is not None else "-"
         print(f"{r['preset']:40} {'on' if r['gradient_checkpointing'] else 'off':>4} {num('batch_size', 'd'):>5} "
               f"{num('vision_tokens_per_clip', 'd'):>10} "
               f"{str(r['fits']):>5} {num('peak_allocated_gib', '.1f'):>8} {num('budget_gib', 'd'):>6} "
-              f"{num('ms_per_sample', '.1f'):>9} {num('data_wait_fraction', '.3f'):>9} {num('last_gib', '.3f'):>9} "
+              f"{num('ms_per_sample', '.1f'):>9} {num('data_wait_fraction', '.3f'):>9} "
+              f"{num('padding_fraction', '.3f'):>8} {num('last_gib', '.3f'):>9} "
               f"{num('best_gib', '.3f'):>9}" + (f"  {r['error']}" if r.get("error") else ""))
     print(f"\nJSON: {args.out}")
     return 0

@@ -126,6 +126,10 @@ class Config:
     eval_every: int = 100
     eval_limit: int = 0  # 0: the whole eval split
     early_stop_metric: str = "eval_accuracy"
+    # training batches of questions of similar length (drawn in windows of 50 batches, their order shuffled), so that
+    # less of each batch is padding; off, batches are drawn at random. Either way an epoch depends only on
+    # (seed, epoch) and a resumed run sees the same batches
+    group_by_length: bool = False
     # the longest answer greedy decoding may write, in tokens (end of turn included); a trained model stops at its
     # end-of-turn token before (the data's longest answer sentence is 12 tokens in Qwen's vocabulary:
     # data.longest_answer_tokens), so only an untrained model's answers reach it
@@ -298,7 +302,7 @@ def _checked(values: dict[str, Any], source: str, known=_FIELDS, what: str = "co
 
 _REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
                              dtype="bfloat16", lr=1e-4, projector_lr=1e-4, max_steps=3000, eval_every=200,
-                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True,
+                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True, group_by_length=True,
                              voice_perturbation=True, train_noise=0.5, train_wordings="bank", align_steps=500)
 
 

@@ -148,6 +148,21 @@ class QADataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def length_keys(self) -> list[float]:
+        """Each item's prompt and answer length, roughly in tokens, for grouping batches: the question read (4
+        characters a token) or heard (Whisper's 50 frames a second, pooled), and the answer."""
+        import soundfile as sf
+
+        keys, mode = [], self.cfg.question_mode
+        for s in self.samples:
+            key = len(s.answer) / 4 + (len(s.question) / 4 if mode != "audio" else 0.0)  # mixed: both, the longest
+            if mode != "text":
+                path = Path(self.audio_paths[s.uid])
+                info = sf.info(str(path if path.is_absolute() else self.cfg.path(self.cfg.audio_dir) / path))
+                key += info.frames / info.samplerate * 50 / self.cfg.audio_pool
+            keys.append(key)
+        return keys
+
     def __getitem__(self, index: int):
         s = self.samples[index]
         clip = frames.load_clip(s, self.cfg, self.backbone)

@@ -103,6 +103,20 @@ class Interval:
             yield item
 
 
+def length_grouped_batches(lengths: Sequence[float], batch_size: int, generator: torch.Generator,
+                           window: int = 50) -> list[list[int]]:
+    """Full batches of indices whose ``lengths`` are close: a random permutation cut into windows of ``window``
+    batches, each window sorted by length and cut into batches, then the batches in a random order (so that no
+    epoch runs short to long). The incomplete last batch is dropped, as the random loader drops it."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for start in range(0, len(order), batch_size * window):
+        chunk = sorted(order[start:start + batch_size * window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 # --- the run log -------------------------------------------------------------------------------------
 
 def start_trackers(cfg, out: Path, fresh: bool = True) -> list:

@@ -29,8 +29,8 @@ from .data import Sample, limited
 from .features import EncodedAudio, QADataset
 from .inference import adapter_inputs_uncast, score_candidates
 from .align import align_projector
-from .loop import (STATE_FILE, Interval, RunLog, TrainerState, due, finish_trackers, log_best, optimizer_groups,
-                   start_trackers, swap_in)
+from .loop import (STATE_FILE, Interval, RunLog, TrainerState, due, finish_trackers, length_grouped_batches, log_best,
+                   optimizer_groups, start_trackers, swap_in)
 from .model import build_model, collator, save_checkpoint
 
 ALIGN_SUMMARY = "align_summary.json"  # what projector alignment measured (surgvqa.align), beside the run
@@ -183,6 +183,7 @@ class TrainRun:
     out: Path
     train_rows: int
     eval_rows: int
+    length_keys: list[float] | None = None  # the training rows' lengths, when batches are grouped by them
 
     @property
     def main(self) -> bool:
@@ -254,7 +255,8 @@ def setup(cfg: Config, accelerator, resume: bool, out: Path, log, trackers: Sequ
         DataLoader(eval_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                    collate_fn=lambda items: eval_collate(items, for_generation=True)), device_placement=True)
     return TrainRun(cfg, accelerator, model, optimizer, scheduler, collate, eval_collate, train_set, eval_loader,
-                    eval_gen_loader, out, len(train_rows), len(eval_rows))
+                    eval_gen_loader, out, len(train_rows), len(eval_rows),
+                    train_set.length_keys() if cfg.group_by_length else None)
 
 
 def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=print) -> dict[str, Any]:
@@ -289,9 +291,12 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     run.model.train()
     # the logging interval's training time (evaluation and saving excluded): its samples/s and the ETA
     started, samples_seen, interval = time.time(), 0, Interval()
+    padding = torch.zeros(2, dtype=torch.long)  # padded and all positions of this process's training batches
     while state.step < cfg.max_steps and not state.stopped_early:
         for batch in interval.batches(epoch_batches(run, state)):
             loss = train_step(run, batch, uncast)
+            mask = batch["attention_mask"]
+            padding += torch.tensor([int((mask == 0).sum()), mask.numel()])
             state.batches_in_epoch += 1
             samples_seen += len(batch["samples"]) * accelerator.num_processes
             interval.items += len(batch["samples"]) * accelerator.num_processes
@@ -317,7 +322,8 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     if best:  # every evaluation's metrics at the best checkpoint's step
         log_best(logger.trackers, {k: v for k, v in best[-1].items() if k != "step"}, state.best_step)
     finish_trackers(trackers)
-    return summarize(run, state, samples_seen, time.time() - started, interval.waited_total)
+    return summarize(run, state, samples_seen, time.time() - started, interval.waited_total,
+                     float(padding[0] / padding[1].clamp(min=1)))
 
 
 def epoch_batches(run: TrainRun, state: TrainerState):
@@ -326,10 +332,15 @@ def epoch_batches(run: TrainRun, state: TrainerState):
     cfg = run.cfg
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + state.epoch)
     run.collate.reseed(TRAIN_DRAWS, state.epoch)
-    loader = run.accelerator.prepare_data_loader(
-        DataLoader(run.train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                   collate_fn=run.collate, num_workers=cfg.num_workers, drop_last=True, persistent_workers=False),
-        device_placement=True)
+    if cfg.group_by_length:
+        batches = length_grouped_batches(run.length_keys, cfg.batch_size, generator)
+        loader = DataLoader(run.train_set, batch_sampler=batches, collate_fn=run.collate, num_workers=cfg.num_workers,
+                            persistent_workers=False)
+    else:
+        loader = DataLoader(run.train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                            collate_fn=run.collate, num_workers=cfg.num_workers, drop_last=True,
+                            persistent_workers=False)
+    loader = run.accelerator.prepare_data_loader(loader, device_placement=True)
     skip = state.batches_in_epoch
     return run.accelerator.skip_first_batches(loader, skip) if skip else loader
 
@@ -386,8 +397,8 @@ def save_last(run: TrainRun, state: TrainerState) -> None:
                         run.accelerator)
 
 
-def summarize(run: TrainRun, state: TrainerState, samples_seen: int, seconds: float, waited: float
-              ) -> dict[str, Any]:
+def summarize(run: TrainRun, state: TrainerState, samples_seen: int, seconds: float, waited: float,
+              padding_fraction: float) -> dict[str, Any]:
     """The run's summary (written to ``summary.json`` by the main process), with a check that every process
     ends with the same weights."""
     cfg, accelerator, out = run.cfg, run.accelerator, run.out
@@ -402,6 +413,8 @@ def summarize(run: TrainRun, state: TrainerState, samples_seen: int, seconds: fl
                "samples_per_s": samples_seen / max(1e-9, seconds),
                # > a few %: the data workers bound the step (raise num_workers)
                "data_wait_fraction": waited / max(1e-9, seconds),
+               # of the main process's training batches: the share of positions that are padding (group_by_length)
+               "padding_fraction": padding_fraction,
                # this process's peak of allocated GPU memory (None on a CPU): what the card must hold
                "peak_gpu_gib": (torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None),
                "alignment": json.loads((out / ALIGN_SUMMARY).read_text()) if (out / ALIGN_SUMMARY).is_file() else None}

@@ -2,6 +2,7 @@
 import csv
 
 import pytest
+import torch
 
 from surgvqa.loop import Interval, RunLog, TrainerState, due
 
@@ -53,3 +54,24 @@ def test_the_best_evaluation_and_patience(metric, values, best_step, stopped, tm
     assert state.best_step == best_step and state.stopped_early == stopped and len(state.history) == 4
     state.save(tmp_path)
     assert TrainerState.load(tmp_path) == state
+
+
+def test_length_grouped_batches_are_full_seeded_and_pad_less_than_random_ones():
+    from surgvqa.loop import length_grouped_batches
+
+    lengths = [float((i * 37) % 101) for i in range(203)]
+    batches = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=5)
+    flat = [i for b in batches for i in b]
+    assert all(len(b) == 8 for b in batches) and len(flat) == len(set(flat)) == 200  # the incomplete batch dropped
+    assert batches == length_grouped_batches(lengths, 8, torch.Generator().manual_seed(1), window=5)
+    assert batches != length_grouped_batches(lengths, 8, torch.Generator().manual_seed(2), window=5)
+
+    def padding(groups):  # padded positions: each row padded to its batch's longest
+        return sum(max(lengths[i] for i in b) - lengths[i] for b in groups for i in b)
+
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled = [order[i:i + 8] for i in range(0, 200, 8)]
+    assert padding(batches) < 0.25 * padding(shuffled)
+    # sorted within windows, but the batches' order is drawn: not short to long
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert longest != sorted(longest)

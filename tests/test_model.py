@@ -107,6 +107,20 @@ def test_a_sample_scores_the_same_alone_and_in_a_padded_batch(model, items):
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-4, rtol=1e-4)
 
 
+def test_the_training_loss_of_a_padded_batch_is_its_samples_losses_weighted_by_answer_tokens(model, items):
+    """Padding changes nothing a sample contributes: the loss of a batch whose rows differ in length (so that the
+    shorter ones are padded) is the token-weighted mean of each sample's loss alone. Batches grouped by length
+    (``group_by_length``) pad less and leave the loss as it is."""
+    col = M.collator(model)
+    batch = col(items)
+    assert (batch["attention_mask"] == 0).any(), "the rows must differ in length for padding to be tested"
+    with torch.no_grad():
+        together = model(**batch).loss
+        alone = [(model(**col([item])).loss, int((col([item])["labels"] != IGNORE_INDEX).sum())) for item in items]
+    expected = sum(loss * n for loss, n in alone) / sum(n for _, n in alone)
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_whisper_runs_on_the_real_length_like_a_whisper_built_for_it(model, whisper, items):
     batch = M.collator(model)(items[:1])
     n_mel = int(batch["audio_lengths"][0])

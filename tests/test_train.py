@@ -94,10 +94,11 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
     assert summary["stopped_early"] and summary["steps"] == 6 and summary["best_step"] == 2
 
 
-@pytest.mark.parametrize("mode", ["audio", "mixed", "text"])
-def test_resume_reaches_the_same_final_metrics_as_an_uninterrupted_run(tmp_path, audio_dir, mode):
-    whole = train(smoke_cfg(tmp_path / "a", audio_dir, question_mode=mode), log=lambda *_: None)
-    cfg_b = smoke_cfg(tmp_path / "b", audio_dir, question_mode=mode)
+@pytest.mark.parametrize("mode,grouped", [("audio", False), ("mixed", False), ("text", False), ("mixed", True)])
+def test_resume_reaches_the_same_final_metrics_as_an_uninterrupted_run(tmp_path, audio_dir, mode, grouped):
+    whole = train(smoke_cfg(tmp_path / "a", audio_dir, question_mode=mode, group_by_length=grouped),
+                  log=lambda *_: None)
+    cfg_b = smoke_cfg(tmp_path / "b", audio_dir, question_mode=mode, group_by_length=grouped)
     # step 4 ends a logging window (train_loss is a window's mean) and falls inside an epoch of 3 batches
     assert train(cfg_b, stop_after=4, log=lambda *_: None) == {"interrupted_at": 4}
     resumed = train(cfg_b, resume=True, log=lambda *_: None)
@@ -389,3 +390,10 @@ def test_answers_end_at_max_answer_tokens(tmp_path, audio_dir):
     # greedy: the shorter cap's answer is where the longer one's starts (a byte cut mid-character decodes as U+FFFD)
     for short, long in zip(answers[3], answers[7]):
         assert len(short) < len(long) and long.startswith(short.rstrip("\ufffd"))
+
+
+def test_batches_grouped_by_length_pad_less(tmp_path, audio_dir):
+    runs = {grouped: train(smoke_cfg(tmp_path / str(grouped), audio_dir, question_mode="mixed", limit_train=64,
+                                     max_steps=16, eval_every=16, group_by_length=grouped), log=lambda *_: None)
+            for grouped in (False, True)}
+    assert 0 < runs[True]["padding_fraction"] < runs[False]["padding_fraction"]
