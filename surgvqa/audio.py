@@ -26,7 +26,8 @@ import soundfile as sf
 
 from .config import Config, get_config, parse_overrides
 from .data import SPLIT_NAMES, Sample, load_split
-from .files import end_with_parent, readable_wav, remove_stale_temporaries, riff_data_frames, write_wav_atomic
+from .files import (end_with_parent, readable_wav, remove_stale_temporaries, riff_data_frames, write_atomic,
+                    write_wav_atomic)
 from .noise import RoomNoise, add_room_noise, noise_sources, training_noise
 from .tts import (ENGINE_WORKERS, SILENCE_RMS, TTSError, VoiceError, VoiceSpec, assign_voices, render, resample_audio,
                   rms, sample_rng)
@@ -220,7 +221,43 @@ def load_question_audio(uid: str, path: str | Path, cfg: Config | None = None,
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as e:
         raise fail(f"cannot be decoded as audio ({e})") from None
-    return checked_question_audio(audio, rate, cfg, resample, fail)
+    return checked_question_audio(audio, rate, cfg, resample, fail,
+                                  speech_s=lambda wave: file_speech_seconds(path, wave, cfg))
+
+
+# The speech rule's verdict on a file, kept by the digest of its bytes: a question file is heard once, however many
+# notebooks and passes read it (the rule costs ~25 ms a question on one core, reading it ~0.2 ms). In this process
+# a dict; for the project's own audio cache (under cfg.audio_dir) also a ``<wav>.speech`` file beside it, read by
+# the next process. Any change to a file's bytes, or to the rule, makes its verdict be computed again.
+SPEECH_VERDICT_SUFFIX = ".speech"
+_SPEECH_VERDICTS: dict[str, float] = {}
+
+
+@lru_cache(maxsize=1)
+def speech_rule() -> str:
+    """What a kept verdict was computed under (the model and the rule's settings)."""
+    from importlib.metadata import version
+
+    return f"silero-vad {version('silero-vad')}, p >= {SPEECH_PROBABILITY}, window {VAD_WINDOW} at {VAD_RATE} Hz"
+
+
+def file_speech_seconds(path: Path, wave: np.ndarray, cfg: Config) -> float:
+    """``speech_seconds`` of the file at ``path`` (decoded as ``wave`` at ``cfg.sample_rate``), kept by digest."""
+    key = f"{hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()} {speech_rule()}"
+    if key in _SPEECH_VERDICTS:
+        return _SPEECH_VERDICTS[key]
+    sidecar = path.with_name(path.name + SPEECH_VERDICT_SUFFIX)
+    kept = path.resolve().is_relative_to(cfg.path(cfg.audio_dir).resolve())
+    if kept and sidecar.is_file():
+        stored_key, _, seconds = sidecar.read_text().rpartition("\n")
+        if stored_key == key:
+            _SPEECH_VERDICTS[key] = float(seconds)
+            return float(seconds)
+    seconds = speech_seconds(wave, cfg.sample_rate)
+    _SPEECH_VERDICTS[key] = seconds
+    if kept:
+        write_atomic(sidecar, lambda tmp: Path(tmp).write_text(f"{key}\n{seconds!r}"))
+    return seconds
 
 
 def refused_questions(manifest: pd.DataFrame, cfg: Config | None = None) -> dict[str, str]:
@@ -236,11 +273,13 @@ def refused_questions(manifest: pd.DataFrame, cfg: Config | None = None) -> dict
 
 
 def checked_question_audio(audio: np.ndarray, rate: int, cfg: Config, resample: bool,
-                           fail: Callable[[str, str], AudioError]) -> np.ndarray:
+                           fail: Callable[[str, str], AudioError],
+                           speech_s: Callable[[np.ndarray], float] | None = None) -> np.ndarray:
     """Decoded samples (frames, channels) as a question's float32 mono at ``cfg.sample_rate``, or ``fail(reason,
     advice)`` raised: finite, within full scale and not clipped; mono at the expected rate (other rates and channel
     counts are converted only when ``resample`` is asked for); between ``cfg.min_audio_s`` and ``cfg.max_audio_s``
-    long; not silent (RMS floor); holding speech (``speech_problem``). ``advice`` says in plain words what to do."""
+    long; not silent (RMS floor); holding speech (``speech_problem``; ``speech_s``: how its seconds of speech are
+found, by default ``speech_seconds``). ``advice`` says in plain words what to do."""
     if not np.isfinite(audio).all():
         raise fail("contains NaN or infinite samples", "the file holds invalid samples: export or record it again")
     problem = _level_problem(audio)  # on the samples as stored: resampling may overshoot full scale
@@ -266,7 +305,7 @@ def checked_question_audio(audio: np.ndarray, rate: int, cfg: Config, resample: 
     level = rms(audio)
     if level < SILENCE_RMS:
         raise fail(f"silent: RMS {level:.2e} < {SILENCE_RMS:.0e}", "it is silent: check that the microphone is on")
-    problem = speech_problem(audio, cfg.sample_rate)
+    problem = speech_problem(audio, cfg.sample_rate, None if speech_s is None else speech_s(audio))
     if problem:
         raise fail(problem, "no speech could be heard in it (a tone, an alarm, music or noise alone is not a "
                             "question): ask the question aloud, close to the microphone")
@@ -341,9 +380,10 @@ def speech_seconds(wave: np.ndarray, sample_rate: int) -> float:
     return float((probabilities >= SPEECH_PROBABILITY).sum()) * VAD_WINDOW / VAD_RATE
 
 
-def speech_problem(wave: np.ndarray, sample_rate: int) -> str | None:
-    """Why ``wave`` is not a spoken question, in plain words, or None when it holds speech."""
-    seconds = speech_seconds(wave, sample_rate)
+def speech_problem(wave: np.ndarray, sample_rate: int, seconds: float | None = None) -> str | None:
+    """Why ``wave`` is not a spoken question, in plain words, or None when it holds speech (``seconds`` of it,
+    when already known)."""
+    seconds = speech_seconds(wave, sample_rate) if seconds is None else seconds
     if seconds < MIN_SPEECH_S:
         return (f"no speech heard: {seconds:.2f} s of it sounds like speech, a question needs at least "
                 f"{MIN_SPEECH_S} s (a tone, an alarm, music or noise alone is not a question)")

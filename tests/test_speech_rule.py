@@ -173,3 +173,40 @@ if __name__ == "__main__":  # the margins: the fewest speech seconds of a questi
     for name, wave in non_speech().items():
         print(f"{name:40s} {audio.speech_seconds(wave, RATE):.2f} s")
     sys.exit(0)
+
+
+def test_a_files_verdict_is_computed_once_and_kept_by_its_bytes(tmp_path, monkeypatch):
+    """The rule runs once per question file: again in this process from memory, in the next from the
+    ``<wav>.speech`` file kept beside it in the project's audio cache; new bytes (or a kept verdict of other bytes)
+    make it run again, and a file outside the cache gets nothing written beside it."""
+    from surgvqa.config import get_config
+    from surgvqa.files import write_wav_atomic
+
+    cfg = get_config("smoke", audio_dir=str(tmp_path / "cache"))
+    calls = []
+    real = audio.speech_seconds
+    monkeypatch.setattr(audio, "speech_seconds", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(audio, "_SPEECH_VERDICTS", {})
+    wav = tmp_path / "cache" / "q.wav"
+    write_wav_atomic(wav, question(SPEAKERS[0]), RATE)
+    first = audio.load_question_audio("q", wav, cfg)
+    audio.load_question_audio("q", "q.wav", cfg)  # the same file by its cache-relative path
+    assert len(calls) == 1 and wav.with_name("q.wav.speech").is_file()
+    audio._SPEECH_VERDICTS.clear()  # as a new process
+    np.testing.assert_array_equal(audio.load_question_audio("q", wav, cfg), first)
+    assert len(calls) == 1
+    write_wav_atomic(wav, question(SPEAKERS[1]), RATE)  # other bytes, same name
+    audio.load_question_audio("q", wav, cfg)
+    assert len(calls) == 2
+    # a kept verdict of other bytes is not believed: a tone under a speech verdict is still refused
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * RATE) / RATE)).astype(np.float32)
+    write_wav_atomic(wav, tone, RATE)
+    sidecar = wav.with_name("q.wav.speech")
+    sidecar.write_text(sidecar.read_text().splitlines()[0] + "\n2.5")
+    audio._SPEECH_VERDICTS.clear()
+    with pytest.raises(audio.AudioError, match="no speech heard"):
+        audio.load_question_audio("q", wav, cfg)
+    outside = tmp_path / "elsewhere" / "q.wav"
+    write_wav_atomic(outside, question(SPEAKERS[2]), RATE)
+    audio.load_question_audio("q", outside, cfg)
+    assert not outside.with_name("q.wav.speech").exists()
