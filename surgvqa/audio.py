@@ -83,6 +83,10 @@ def _render_job(job: tuple) -> str:
     write_wav_atomic(Path(path), wave, sample_rate)
     if noise is not None and used != noise:
         used_file.write_text(used.tag)
+    # the speech rule's verdict on the file as written, here on the pool's cores, so that checking it later (02's
+    # validation, every loader) reads the kept verdict instead of running the rule again
+    written, _ = sf.read(path, dtype="float32")
+    _keep_verdict(Path(path), _verdict_key(Path(path)), speech_seconds(written, sample_rate))
     return path
 
 
@@ -243,7 +247,7 @@ def speech_rule() -> str:
 
 def file_speech_seconds(path: Path, wave: np.ndarray, cfg: Config) -> float:
     """``speech_seconds`` of the file at ``path`` (decoded as ``wave`` at ``cfg.sample_rate``), kept by digest."""
-    key = f"{hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()} {speech_rule()}"
+    key = _verdict_key(path)
     if key in _SPEECH_VERDICTS:
         return _SPEECH_VERDICTS[key]
     sidecar = path.with_name(path.name + SPEECH_VERDICT_SUFFIX)
@@ -256,8 +260,17 @@ def file_speech_seconds(path: Path, wave: np.ndarray, cfg: Config) -> float:
     seconds = speech_seconds(wave, cfg.sample_rate)
     _SPEECH_VERDICTS[key] = seconds
     if kept:
-        write_atomic(sidecar, lambda tmp: Path(tmp).write_text(f"{key}\n{seconds!r}"))
+        _keep_verdict(path, key, seconds)
     return seconds
+
+
+def _verdict_key(path: Path) -> str:
+    return f"{hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()} {speech_rule()}"
+
+
+def _keep_verdict(path: Path, key: str, seconds: float) -> None:
+    write_atomic(path.with_name(path.name + SPEECH_VERDICT_SUFFIX),
+                 lambda tmp: Path(tmp).write_text(f"{key}\n{seconds!r}"))
 
 
 def refused_questions(manifest: pd.DataFrame, cfg: Config | None = None) -> dict[str, str]:

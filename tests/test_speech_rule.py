@@ -210,3 +210,15 @@ def test_a_files_verdict_is_computed_once_and_kept_by_its_bytes(tmp_path, monkey
     write_wav_atomic(outside, question(SPEAKERS[2]), RATE)
     audio.load_question_audio("q", outside, cfg)
     assert not outside.with_name("q.wav.speech").exists()
+
+
+def test_synthesis_keeps_each_files_verdict_so_loading_it_runs_no_rule(tmp_path, monkeypatch):
+    from surgvqa.config import get_config
+
+    cfg = get_config("smoke", audio_dir=str(tmp_path / "cache"), tts_engine="espeak-ng")
+    rows = data.load_split(cfg)["test"][:3]
+    manifest = audio.synthesize_split(rows, "test", cfg, progress=False, workers=1)
+    monkeypatch.setattr(audio, "_SPEECH_VERDICTS", {})
+    monkeypatch.setattr(audio, "speech_seconds", lambda *a: pytest.fail("the rule ran again on a synthesized file"))
+    for row in manifest.itertuples():
+        assert audio.load_question_audio(row.uid, row.path, cfg).size > 0
