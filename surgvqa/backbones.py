@@ -632,7 +632,7 @@ def frames_to_patches(frames: np.ndarray, frames_as: str, frame_size: int, patch
     Qwen2VLImageProcessor does, so the video layout has half the vision tokens.
     Returns ``(patches (N, 3 * temporal * patch * patch), grid_thw (n_visuals, 3))``.
     """
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    x = torch.tensor(frames, dtype=torch.float32).permute(0, 3, 1, 2)  # (T, 3, H, W); a copy: clips may be read-only
     h, w = x.shape[-2:]
     scale = frame_size / max(h, w)
     out_h = patch_grid_side(h * scale, patch_size, merge_size)

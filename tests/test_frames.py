@@ -549,3 +549,23 @@ def test_a_frame_too_large_to_be_a_video_frame_is_named_before_it_is_decoded(tmp
     monkeypatch.setattr(F, "_MAX_FRAME_PIXELS", 124 * 108 - 1)  # stands in for the 50 MP bound
     with pytest.raises(F.FrameError, match=r"124x108 pixels is not a video frame"):
         F.load_real_clip(sample, get_config(frames_dir=str(tmp_path), frame_size=112))
+
+
+def test_phantom_clips_are_drawn_once_per_process_read_only_and_within_a_memory_budget(monkeypatch):
+    from surgvqa import frames as F
+
+    drawn = []
+    real = F.render_phantom_clip
+    monkeypatch.setattr(F, "render_phantom_clip", lambda *key: drawn.append(key) or real(*key))
+    cfg = get_config("smoke", frame_size=32)
+    rows = list({P.clip_state_of(s, cfg): s for s in data.load_split(cfg)["test"][:20]}.values())[:3]  # 3 clips
+    one_clip = 8 * 32 * 32 * 3
+    monkeypatch.setattr(F, "_RENDERED", F.RenderedClips(2 * one_clip))  # room for two clips
+    first = F.load_clip(rows[0], cfg)
+    assert F.load_clip(rows[0], cfg) is first and len(drawn) == 1
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0, 0, 0] = 1
+    F.load_clip(rows[1], cfg), F.load_clip(rows[2], cfg)  # the third evicts the least recently used, the first
+    assert len(drawn) == 3 and F._RENDERED.used == 2 * one_clip
+    np.testing.assert_array_equal(F.load_clip(rows[0], cfg), first)
+    assert len(drawn) == 4
