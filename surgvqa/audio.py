@@ -359,7 +359,8 @@ def _speech_model():
     from silero_vad import load_silero_vad
 
     with warnings.catch_warnings():  # its loader's importlib.resources.path and torch.jit.load are deprecated
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*(path is deprecated|jit.load)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                message=".*(path is deprecated|jit.load|script_method)")
         return load_silero_vad()
 
 
