@@ -83,7 +83,8 @@ class AlignmentRows:
         written, heard, labels_written, labels_heard = [], [], [], []
         for s, mel, continuation in zip(samples, mels, self.continuations(samples)):
             text = self.prompt(s, "text")
-            spoken = self.prompt(s, "audio", audio_tokens=self.collate.backbone.audio_tokens(mel.shape[-1], self.collate.audio_pool))
+            rows = self.collate.backbone.audio_tokens(mel.shape[-1], self.collate.audio_pool)
+            spoken = self.prompt(s, "audio", audio_tokens=rows)
             written.append(text + continuation)
             heard.append(spoken + continuation)
             labels_written.append([IGNORE_INDEX] * len(text) + continuation)

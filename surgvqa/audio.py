@@ -292,7 +292,7 @@ def checked_question_audio(audio: np.ndarray, rate: int, cfg: Config, resample: 
     advice)`` raised: finite, within full scale and not clipped; mono at the expected rate (other rates and channel
     counts are converted only when ``resample`` is asked for); between ``cfg.min_audio_s`` and ``cfg.max_audio_s``
     long; not silent (RMS floor); holding speech (``speech_problem``; ``speech_s``: how its seconds of speech are
-found, by default ``speech_seconds``). ``advice`` says in plain words what to do."""
+    found, by default ``speech_seconds``). ``advice`` says in plain words what to do."""
     if not np.isfinite(audio).all():
         raise fail("contains NaN or infinite samples", "the file holds invalid samples: export or record it again")
     problem = _level_problem(audio)  # on the samples as stored: resampling may overshoot full scale

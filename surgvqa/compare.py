@@ -87,7 +87,8 @@ def table_row(preset: str, reports: Path) -> dict[str, Any]:
     return row
 
 
-def write_table(presets: Sequence[str], reports_dir: str | Path, folders: dict[str, Path] | None = None) -> pd.DataFrame:
+def write_table(presets: Sequence[str], reports_dir: str | Path, folders: dict[str, Path] | None = None
+                ) -> pd.DataFrame:
     """The table from each preset's stored metrics, in ``folders[preset]`` (default ``reports_dir/preset``)."""
     reports_dir = Path(reports_dir)
     folders = folders or {p: reports_dir / p for p in presets}
@@ -135,8 +136,7 @@ def main(argv: list[str]) -> int:
     try:
         common, own = split_params(args.param, presets)
         if args.dry_runs:
-            table = write_table(presets, args.reports_dir,
-                                {p: dry_run_reports(p) for p in presets})
+            table = write_table(presets, args.reports_dir, {p: dry_run_reports(p) for p in presets})
         else:
             table = run(presets, common, own, args.reports_dir, html=args.html)
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -302,8 +302,9 @@ def _checked(values: dict[str, Any], source: str, known=_FIELDS, what: str = "co
 
 _REAL: dict[str, Any] = dict(frames_source="real", whisper="openai/whisper-large-v3-turbo", frame_size=392, lora=True,
                              dtype="bfloat16", lr=1e-4, projector_lr=1e-4, max_steps=3000, eval_every=200,
-                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True, group_by_length=True,
-                             voice_perturbation=True, train_noise=0.5, train_wordings="bank", align_steps=500)
+                             audio_pool=4, tts_engine="edge-tts", num_workers=8, gradient_checkpointing=True,
+                             group_by_length=True, voice_perturbation=True, train_noise=0.5, train_wordings="bank",
+                             align_steps=500)
 
 
 def _real(name: str, vlm: str, accelerate: str = "1gpu-bf16", **values: Any) -> dict[str, Any]:

@@ -162,7 +162,8 @@ def write_vlm(like: str, out: Path, layers: int | None = None, vision_layers: in
         # bins in 300 s chunks); the project pads no question to a chunk
         from transformers import WhisperFeatureExtractor
 
-        WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins, chunk_length=300).save_pretrained(str(out))
+        WhisperFeatureExtractor(feature_size=config.audio_config.num_mel_bins,
+                                chunk_length=300).save_pretrained(str(out))
     _mark_dry_run(out, like)
     return out
 
@@ -398,11 +399,11 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
 
     import torch
 
-    from .config import Config, get_config
-    from .frames import write_real_colon_frames
     from transformers import AutoTokenizer
 
+    from .config import Config, get_config
     from .data import limited, load_split, longest_answer_tokens
+    from .frames import write_real_colon_frames
     from .workbook import read_metrics, run_workbook
 
     sizes = {} if full else dict(REDUCED)
@@ -447,10 +448,10 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
               "unseen_engine": params.get("unseen_engine", True), "max_answer_tokens": params["max_answer_tokens"],
               "notebooks": steps}
     if {"04", "05"} <= set(notebooks):
-        rates = steady_rates(cfg.path(params["output_dir"]), read_metrics("04-train", reports),
-                             read_metrics("05-evaluate", reports))
+        evaluated = read_metrics("05-evaluate", reports)
+        rates = steady_rates(cfg.path(params["output_dir"]), read_metrics("04-train", reports), evaluated)
         report["rates"] = {k: round(v, 2) for k, v in rates.items()}
-        report["baseline_rows_per_s"] = baseline_rates(read_metrics("05-evaluate", reports))
+        report["baseline_rows_per_s"] = baseline_rates(evaluated)
         report["projection"] = project_full_study(rates, get_config(preset),
                                                   {s["notebook"]: s["wall_s"] for s in report["notebooks"]})
     write_report(report, reports)

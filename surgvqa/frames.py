@@ -8,8 +8,10 @@ black image. ``python -m surgvqa phantom-frames`` writes phantom clips (``surgvq
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -185,9 +187,6 @@ class RenderedClips:
     wrote into one would change it for every later reader, so writing raises instead."""
 
     def __init__(self, budget_bytes: int):
-        import collections
-        import threading
-
         self.budget, self.used = budget_bytes, 0
         self.clips: collections.OrderedDict = collections.OrderedDict()
         self.lock = threading.Lock()  # evaluation decodes its batches in threads

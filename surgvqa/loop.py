@@ -176,8 +176,8 @@ class RunLog:
         self.path, self.active = Path(path) if path is not None else None, active
         self.columns = list(columns) if columns else None
         self.trackers, self.prefix, self.stepped = list(trackers) if self.active else [], prefix, set()
-        if self.active and fresh and self.path is not None:  # one run per file: a fresh run's rows never mix with an older one's
-            self.path.unlink(missing_ok=True)
+        if self.active and fresh and self.path is not None:
+            self.path.unlink(missing_ok=True)  # one run per file: a fresh run's rows never mix with an older one's
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Append rows to the CSV file only."""

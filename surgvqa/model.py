@@ -437,7 +437,8 @@ def _native_model(cfg: Config) -> NativeHearingVLM:
         raise ValueError(f"{cfg.vlm} hears through its own audio encoder: it has no projector to align "
                          f"(set align_steps=0)")
     local = cfg.local_dir(cfg.vlm)
-    feature_extractor = WhisperFeatureExtractor.from_pretrained(str(local or cfg.vlm), local_files_only=local is not None)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(str(local or cfg.vlm),
+                                                                local_files_only=local is not None)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         vlm = _apply_training_setup(_load_vlm(cfg.vlm, cfg), cfg)

@@ -81,7 +81,8 @@ def prefill(model: AudioGraftedVLM, batch: dict[str, Any]) -> Prefill:
     positions, rope_deltas = model.backbone.rope_index(base, batch)
     embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
     prefix = base.model(**model.backbone.prompt_inputs(base, batch, embeds, positions), attention_mask=mask,
-                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **model.backbone.vision_inputs(batch))
+                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True,
+                        **model.backbone.vision_inputs(batch))
     first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
     # Text positions continue after the prompt's last position (rope_deltas shift past the vision grid).
     return Prefill(prefix.cache, first, mask, mask.sum(dim=1, keepdim=True) + rope_deltas)

@@ -291,12 +291,13 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
     run.model.train()
     # the logging interval's training time (evaluation and saving excluded): its samples/s and the ETA
     started, samples_seen, interval = time.time(), 0, Interval()
-    padding = torch.zeros(2, dtype=torch.long)  # padded and all positions of this process's training batches
+    # padded and all positions of this process's training batches, counted where the batch is (no sync a step)
+    padding = torch.zeros(2, dtype=torch.long, device=accelerator.device)
     while state.step < cfg.max_steps and not state.stopped_early:
         for batch in interval.batches(epoch_batches(run, state)):
             loss = train_step(run, batch, uncast)
-            mask = batch["attention_mask"]
-            padding += torch.tensor([int((mask == 0).sum()), mask.numel()])
+            padding[0] += (batch["attention_mask"] == 0).sum()
+            padding[1] += batch["attention_mask"].numel()
             state.batches_in_epoch += 1
             samples_seen += len(batch["samples"]) * accelerator.num_processes
             interval.items += len(batch["samples"]) * accelerator.num_processes
@@ -320,10 +321,10 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None, log=
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
     best = [h for h in state.history if h["step"] == state.best_step]
     if best:  # every evaluation's metrics at the best checkpoint's step
-        log_best(logger.trackers, {k: v for k, v in best[-1].items() if k != "step"}, state.best_step)
+        log_best(trackers, {k: v for k, v in best[-1].items() if k != "step"}, state.best_step)
     finish_trackers(trackers)
     return summarize(run, state, samples_seen, time.time() - started, interval.waited_total,
-                     float(padding[0] / padding[1].clamp(min=1)))
+                     float(padding[0]) / max(1, int(padding[1])))
 
 
 def epoch_batches(run: TrainRun, state: TrainerState):

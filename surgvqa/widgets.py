@@ -483,7 +483,8 @@ def audio_reader(cfg) -> Callable[[bytes, str], np.ndarray]:
         if np.isfinite(wave).all():
             wave = wave.mean(axis=1, keepdims=True)
             if rate != cfg.sample_rate:
-                wave = librosa.resample(wave[:, 0], orig_sr=rate, target_sr=cfg.sample_rate, res_type="soxr_hq")[:, None]
+                wave = librosa.resample(wave[:, 0], orig_sr=rate, target_sr=cfg.sample_rate,
+                                        res_type="soxr_hq")[:, None]
         return checked_question_audio(wave.astype(np.float32), cfg.sample_rate, cfg, False, fail)
 
     return read_audio
