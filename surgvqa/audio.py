@@ -356,11 +356,11 @@ _VAD_LOCK = threading.Lock()  # the model keeps state between windows: one quest
 def _speech_model():
     import warnings
 
-    from silero_vad import load_silero_vad
-
-    with warnings.catch_warnings():  # its loader's importlib.resources.path and torch.jit.load are deprecated
+    with warnings.catch_warnings():  # its module's torch.jit.script_method, its loader's resources.path and jit.load
         warnings.filterwarnings("ignore", category=DeprecationWarning,
                                 message=".*(path is deprecated|jit.load|script_method)")
+        from silero_vad import load_silero_vad
+
         return load_silero_vad()
 
 
