@@ -63,8 +63,8 @@ from surgvqa.config import get_config  # noqa: E402
 from surgvqa.fastpath import CandidateScorer  # noqa: E402
 from surgvqa.fastpath import answer_and_score as fastpath_answer_and_score  # noqa: E402
 from surgvqa.inference import MAX_NEW_TOKENS, adapter_inputs_uncast, answer_and_score, score_candidates  # noqa: E402
-from surgvqa.model import (CLIP_ATTENTION, AudioGraftedVLM, _apply_training_setup,  # noqa: E402
-                           build_tiny_tokenizer, parameter_groups, register_clip_attention, set_vision_attention)
+from surgvqa.model import (PACKED_ATTENTION, AudioGraftedVLM, _apply_training_setup,  # noqa: E402
+                           build_tiny_tokenizer, parameter_groups, register_packed_attention, set_packed_attention)
 
 # --- shapes ----------------------------------------------------------------------------------------------
 
@@ -357,7 +357,9 @@ class Run:
     def build(self) -> None:
         t0 = time.perf_counter()
         self.model = build_graft(self.smoke, self.device, self.dtype, self.args.audio_pool)
-        self.clip_attention = register_clip_attention()
+        self.clip_attention = register_packed_attention()
+        # the stock path (one attention call a frame) is each lever's baseline here; the project's models run packed
+        set_packed_attention(self.model.base_vlm, "sdpa")
         self.workload = Workload(self.model, self.frame_size, self.device)
         base = self.model.base_vlm
         lm_params = sum(p.numel() for p in base.model.language_model.parameters()) + base.lm_head.weight.numel()
@@ -387,16 +389,16 @@ class Run:
             self.results["checks"]["static_decode_token_agreement"] = float(
                 (reference == fast)[before_end].float().mean())
             stock_logp = scoring.prefill(self.model, batch).first
-            set_vision_attention(self.model.base_vlm, CLIP_ATTENTION)
+            set_packed_attention(self.model.base_vlm, PACKED_ATTENTION)
             try:
                 clip_logp = scoring.prefill(self.model, batch).first
             finally:
-                set_vision_attention(self.model.base_vlm, "sdpa")
+                set_packed_attention(self.model.base_vlm, "sdpa")
             self.results["checks"]["clip_attention_logprob_rel_diff"] = float(
                 (clip_logp - stock_logp).norm() / stock_logp.norm())
             scorer = CandidateScorer(self.model, batch)
             scorer()
-            set_vision_attention(self.model.base_vlm, CLIP_ATTENTION)
+            set_packed_attention(self.model.base_vlm, PACKED_ATTENTION)
             try:
                 graphed = self.guarded("checks", "GraphedScorer", lambda: GraphedScorer(
                     self.model, batch, use_graph=self.device.type == "cuda"))
@@ -404,7 +406,7 @@ class Run:
                     self.results["checks"]["graphed_scoring_max_abs_diff"] = float(
                         (graphed.scorer.totals - scorer.totals).abs().max())
             finally:
-                set_vision_attention(self.model.base_vlm, "sdpa")
+                set_packed_attention(self.model.base_vlm, "sdpa")
             self.guarded("checks", "inference path", lambda: self.check_inference_path(batch))
             project = self.guarded("checks", "surgvqa.score_candidates", lambda: score_candidates(self.model, batch))
             if project is not None:
@@ -444,7 +446,7 @@ class Run:
 
             def measure() -> None:
                 batch = self.workload.batch(layout, 1, for_generation=True)
-                set_vision_attention(base, vision_attention)
+                set_packed_attention(base, vision_attention)
                 set_text_attention(base, text_attention)
                 packed_before = self.clip_attention.packed_calls
                 try:
@@ -453,7 +455,7 @@ class Run:
                         prefill_ms = self.timer(lambda: scoring.prefill(m, batch))["median_ms"]
                         t = self.timer(fn)
                 finally:
-                    set_vision_attention(base, "sdpa")
+                    set_packed_attention(base, "sdpa")
                     set_text_attention(base, "sdpa")
                 packed = self.clip_attention.packed_calls > packed_before
                 self.row("query", lever=lever, clip_attention_packed=packed, layout=layout.name, method=method, tokens=batch["input_ids"].shape[1],
@@ -464,20 +466,20 @@ class Run:
         add("stock (original layout)", "stock", "HF generate", generate)
         add("+ trimmed, pooled audio", "images", "HF generate", generate)
         add("+ video pathway", "video", "HF generate", generate)
-        add("+ batched clip attention", "video", "HF generate", generate, vision_attention=CLIP_ATTENTION)
+        add("+ batched clip attention", "video", "HF generate", generate, vision_attention=PACKED_ATTENTION)
         add("+ static KV cache + CUDA graph decode", "video", "prefill + graph decode",
-            lambda b: FastQuery(m, b, n, use_graph=self.device.type == "cuda"), vision_attention=CLIP_ATTENTION)
+            lambda b: FastQuery(m, b, n, use_graph=self.device.type == "cuda"), vision_attention=PACKED_ATTENTION)
         add("candidate scoring (surgvqa.score_candidates)", "video", "score_candidates",
-            lambda b: lambda: score_candidates(m, b), vision_attention=CLIP_ATTENTION)
+            lambda b: lambda: score_candidates(m, b), vision_attention=PACKED_ATTENTION)
         add("candidate scoring, shared prefix, logits at targets", "video", "CandidateScorer",
-            lambda b: CandidateScorer(m, b), vision_attention=CLIP_ATTENTION)
+            lambda b: CandidateScorer(m, b), vision_attention=PACKED_ATTENTION)
         cuda = self.device.type == "cuda"
         add("+ host reads ahead, encoders and continuation as CUDA graphs", "video", "GraphedScorer",
-            lambda b: GraphedScorer(m, b, use_graph=cuda), vision_attention=CLIP_ATTENTION)
+            lambda b: GraphedScorer(m, b, use_graph=cuda), vision_attention=PACKED_ATTENTION)
         kernels = ["eager", "sdpa"] + (["flash_attention_2"] if self.results["meta"]["flash_attn_installed"] else [])
         for kernel in kernels:
             add(f"kernels: LM attention {kernel}", "video", "CandidateScorer", lambda b: CandidateScorer(m, b),
-                vision_attention=CLIP_ATTENTION, text_attention=kernel)
+                vision_attention=PACKED_ATTENTION, text_attention=kernel)
 
     def evaluation(self) -> None:
         m = self.model
@@ -489,12 +491,12 @@ class Run:
 
             def measure() -> None:
                 batch = self.workload.batch(layout, size, for_generation=True, lengths_s=lengths_s)
-                set_vision_attention(base, vision_attention)
+                set_packed_attention(base, vision_attention)
                 try:
                     with layout.applied(m):
                         t = self.timer(fn_factory(batch))
                 finally:
-                    set_vision_attention(base, "sdpa")
+                    set_packed_attention(base, "sdpa")
                 self.row("eval", lever=lever, layout=layout.name, batch=size, batch_ms=t["median_ms"],
                          samples_per_s=size * 1e3 / t["median_ms"],
                          collate_ms_per_sample=self.workload.collate_ms_per_sample[layout.name])
@@ -505,7 +507,7 @@ class Run:
             add("stock: HF generate", "stock", size, lambda b: lambda: hf_generate(m, b, ANSWER_TOKENS), "sdpa")
         for size in self.eval_batches:
             add("scoring: graphed prefill and continuation", "video", size,
-                lambda b: GraphedScorer(m, b, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
+                lambda b: GraphedScorer(m, b, use_graph=self.device.type == "cuda"), PACKED_ATTENTION)
         for size in self.eval_batches:
             # what notebook 05 runs per batch: candidate scores and the free-text answer, on the fast path, up to
             # 05's answer length (random weights never end an answer early, so all of it)
@@ -513,10 +515,10 @@ class Run:
                 lambda b: lambda: answer_and_score(m, b, MAX_NEW_TOKENS), "sdpa")
         for size in ends:
             add("scoring: shared prefix + clip attention", "video", size, lambda b: CandidateScorer(m, b),
-                CLIP_ATTENTION)
+                PACKED_ATTENTION)
         for size in ends:
             add("generate: static KV + graph + clip attention", "video", size,
-                lambda b: FastQuery(m, b, ANSWER_TOKENS, use_graph=self.device.type == "cuda"), CLIP_ATTENTION)
+                lambda b: FastQuery(m, b, ANSWER_TOKENS, use_graph=self.device.type == "cuda"), PACKED_ATTENTION)
         # Test questions differ in length (1.8 to 4.6 s spoken by the dry run's test voices, nearly all
         # different): 05's path encodes a batch of them in one Whisper call.
         size = self.eval_batches[-1]
@@ -547,14 +549,14 @@ class Run:
             def measure() -> None:
                 batch = self.workload.batch(layout, size, for_generation=False)
                 optimizer = torch.optim.AdamW(parameter_groups(m), fused=self.device.type == "cuda")
-                set_vision_attention(base, vision_attention)
+                set_packed_attention(base, vision_attention)
                 reset_peak_memory(self.device)
                 try:
                     with layout.applied(m):
                         t = self.timer(train_step_fn(m, batch, optimizer, logits_everywhere, autocast,
                                                      uncast_adapters))
                 finally:
-                    set_vision_attention(base, "sdpa")
+                    set_packed_attention(base, "sdpa")
                     del optimizer
                 self.row("train", lever=lever, layout=layout.name, batch=size, tokens=batch["input_ids"].shape[1],
                          step_ms=t["median_ms"], ms_per_sample=t["median_ms"] / size,
@@ -567,11 +569,11 @@ class Run:
         add("+ trimmed audio + video, logits everywhere", "video", 1, True, "sdpa")
         add("+ logits at labels only (project forward)", "video", 1, False, "sdpa")
         big = self.train_batches[-1]
-        add("  same without autocast (fp32 adapter matmuls)", "video", big, False, CLIP_ATTENTION, autocast=False)
+        add("  same without autocast (fp32 adapter matmuls)", "video", big, False, PACKED_ATTENTION, autocast=False)
         for size in self.train_batches:
-            add("+ clip attention, batched", "video", size, False, CLIP_ATTENTION)
+            add("+ clip attention, batched", "video", size, False, PACKED_ATTENTION)
         for size in self.train_batches[-2:]:
-            add("+ adapter inputs not cast to fp32", "video", size, False, CLIP_ATTENTION, uncast_adapters=True)
+            add("+ adapter inputs not cast to fp32", "video", size, False, PACKED_ATTENTION, uncast_adapters=True)
 
     def summary(self) -> None:
         r = self.results
@@ -638,7 +640,7 @@ def profile(run: Run) -> None:
 
     m, layout = run.model, run.layouts["video"]
     base, cuda = m.base_vlm, run.device.type == "cuda"
-    set_vision_attention(base, CLIP_ATTENTION)
+    set_packed_attention(base, PACKED_ATTENTION)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def record(name: str, fn: Callable[[], Any]) -> None:

@@ -161,6 +161,11 @@ class Backbone:
 
     # --- positions ---
 
+    def packed_towers(self, base: Any) -> list[Any]:
+        """The encoders that attend within slices of one packed sequence (a clip's frames, Qwen2.5-VL's windows):
+        each reads its attention function's name from its own config at every forward."""
+        return [base.model.visual]
+
     def rope_index(self, base: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions, rope_deltas) of a batch, computed by the model itself."""
         raise NotImplementedError
@@ -373,6 +378,10 @@ class _Qwen2_5Omni(_Qwen2_5VL):
         mask = (torch.arange(features.shape[-1], device=features.device)[None] < lengths[:, None]).long()
         rows = base.model.get_audio_features(features, feature_attention_mask=mask).last_hidden_state
         return list(rows.split([self.audio_tokens(int(n), 1) for n in lengths.tolist()]))
+
+    def packed_towers(self, base):
+        # its audio encoder attends within chunks of the question's log-mels the same way
+        return [base.model.visual, base.model.audio_tower]
 
     def rope_index(self, base, batch):
         # the question is the thinker's own audio item, not the clip's soundtrack (use_audio_in_video off); its

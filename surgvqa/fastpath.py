@@ -5,7 +5,7 @@
 * ``CandidateScorer``: every label's answer sentence scored over the shared prompt, logits only where
   scored, one host read.
 * ``answer_and_score``: what ``surgvqa.inference`` runs on CUDA (notebooks 05 and 07, training-time evaluation):
-  the plain path's prefill with the vision tower on the batched clip attention, the candidates over a static
+  the plain path's prefill (the towers on packed attention, as everywhere), the candidates over a static
   copy of its cache, the greedy answer over another, replayed as a CUDA graph per token.
 
 It computes what ``surgvqa.scoring`` computes (tests/test_model.py on a CPU with graphs off; ``benchmarks/gpu.py``
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import scoring
 from .collate import IGNORE_INDEX
-from .model import CLIP_ATTENTION, AudioGraftedVLM, vision_attention
+from .model import AudioGraftedVLM
 from .scoring import CandidateScores, Prefill, candidate_scores, candidate_token_rows
 
 
@@ -227,12 +227,11 @@ def _greedy_decoder(model: AudioGraftedVLM, batch: int, length: int, dtype: torc
 @torch.no_grad()
 def answer_and_score(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int, score: bool = True,
                      use_graph: bool = True) -> tuple[list[str] | None, list[CandidateScores] | None]:
-    """What ``surgvqa.scoring.answers_and_scores`` computes, on the fast path: one prefill through the stock model
-    (clip attention), then the candidates scored over a static copy of its cache and the greedy
+    """What ``surgvqa.scoring.answers_and_scores`` computes, on the fast path: one prefill through the stock model,
+    then the candidates scored over a static copy of its cache and the greedy
     answer decoded over another (a CUDA graph replayed per token when ``use_graph``). ``max_new_tokens`` 0:
     no answers; ``score`` False: no scores. The batch is a generation batch on the model's device."""
-    with vision_attention(model, CLIP_ATTENTION):
-        pre = scoring.prefill(model, batch)
+    pre = scoring.prefill(model, batch)
     mask, cache = pre.mask, pre.cache
     dtype = cache.layers[0].keys.dtype
     answers = scores = None

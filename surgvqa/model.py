@@ -13,8 +13,8 @@ call its ``max_source_positions`` is shrunk and its position table sliced to the
 (identical to a manual forward), instead of padding to 30 s (10x slower, and attention sees the padding).
 
 Here: ``build_model(cfg)``, ``AudioGraftedVLM`` (``model(**batch).loss``), ``collator(model)``,
-``parameter_groups(model)``, ``save_checkpoint`` / ``load_checkpoint``, ``merge_for_export``, and the vision
-tower's batched clip attention (``vision_attention``). Running the model (answers, candidate scores) is
+``parameter_groups(model)``, ``save_checkpoint`` / ``load_checkpoint``, ``merge_for_export``, and the towers'
+attention over packed sequences (``PackedAttention``: one call a layer where the stock path makes one a slice). Running the model (answers, candidate scores) is
 ``surgvqa.scoring`` and ``surgvqa.inference``.
 """
 from __future__ import annotations
@@ -109,6 +109,7 @@ class AudioGraftedVLM(nn.Module):
         super().__init__()
         self.vlm = vlm  # the backbone's model class, or a peft PeftModel around it
         self.backbone: Backbone = graftable(backbones.backbone_of(self.base_vlm))
+        use_packed_attention(self.base_vlm)
         self.whisper = whisper.requires_grad_(False).eval()
         vocabulary = ((lambda: self.base_vlm.get_input_embeddings().weight) if cfg.audio_projector == "vocab"
                       else None)
@@ -237,6 +238,7 @@ class NativeHearingVLM(AudioGraftedVLM):
         self.backbone = backbones.backbone_of(self.base_vlm)
         if not self.backbone.hears_natively:
             raise ValueError(f"{self.backbone.name} does not hear by itself: it takes the graft (AudioGraftedVLM)")
+        use_packed_attention(self.base_vlm)
         self.whisper = self.projector = None
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
@@ -628,74 +630,77 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# --- the vision tower's attention over clips of equal size ---------------------------------------------------
+# --- attention over packed sequences (the vision tower's frames and windows, an audio tower's chunks) -----------
 
-# Vision attention routed to a registered function. transformers passes the packed sequence with its
-# cu_seqlens only to implementations whose name contains "flash" (is_flash_attention_requested); any other
-# name gets one call per image/frame after a `lengths.tolist()` host sync in every vision layer.
-CLIP_ATTENTION = "flash_api_equal_clips_sdpa"
+# The vision tower (and Qwen2.5-Omni's audio tower) attend within slices of one packed sequence: a frame, a
+# window of patches, an audio chunk. transformers passes the packed sequence with its cu_seqlens only to attention
+# functions whose name contains "flash" (is_flash_attention_requested); any other name gets one call per slice
+# after a `lengths.tolist()` host sync in every layer: Qwen2.5-VL's windows make that ~50 calls a clip a layer.
+PACKED_ATTENTION = "flash_api_packed_sdpa"
 
 
-class ClipAttention:
-    """Vision attention for a packed sequence of clips: one SDPA call over (clips, heads, length, dim).
+class PackedAttention:
+    """Attention within the slices of a packed sequence in one SDPA call a layer, with no host sync.
 
-    The vision tower attends within each image / temporal slice only. When every slice has the same number of
-    patches (the study's clips always do) the packed sequence is a reshape away from a batch, so the whole
-    layer is one kernel and nothing waits for the host. Unequal slices fall back to one call per slice.
+    Slices of one length (a clip's frames) are a reshape away from a batch. Slices of different lengths (Qwen2.5-VL's
+    windows, whose edge windows are smaller; clips of different sizes) are gathered into a zero-padded batch
+    (slices, heads, longest, dim) whose padded keys are masked out, and scattered back: the same result as one
+    call per slice.
     """
 
     def __init__(self) -> None:
-        self.packed_calls = 0  # calls over a packed sequence: one a vision layer
+        self.packed_calls = 0  # calls over a packed sequence: one a layer
+        self.padded_calls = 0  # of those, calls whose slices differ in length
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                  cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs: Any
                  ) -> tuple[torch.Tensor, None]:
-        heads, total, dim = query.shape[1:]  # (1, heads, patches, dim)
-        if cu_seq_lens_q is None:
-            raise ValueError(f"{CLIP_ATTENTION} needs the packed sequence's cu_seq_lens (the vision tower passes "
-                             f"them to attention functions whose name contains 'flash')")
+        heads, total, dim = query.shape[1:]  # (1, heads, tokens, dim)
+        if cu_seq_lens_q is None or max_length_q is None:
+            raise ValueError(f"{PACKED_ATTENTION} needs the packed sequence's cu_seq_lens and longest slice (the "
+                             f"towers pass them to attention functions whose name contains 'flash')")
         self.packed_calls += 1
-        clips = cu_seq_lens_q.numel() - 1
-        if max_length_q * clips == total:  # lengths sum to total and none exceeds the max: all equal
-            q, k, v = (t[0].view(heads, clips, max_length_q, dim).transpose(0, 1) for t in (query, key, value))
+        slices, longest = cu_seq_lens_q.numel() - 1, int(max_length_q)
+        if longest * slices == total:  # lengths sum to total and none exceeds the longest: all equal
+            q, k, v = (t[0].view(heads, slices, longest, dim).transpose(0, 1) for t in (query, key, value))
             out = F.scaled_dot_product_attention(q, k, v, scale=scaling, dropout_p=dropout)
-            out = out.transpose(0, 1).reshape(heads, total, dim)
-        else:
-            bounds = cu_seq_lens_q.tolist()
-            out = torch.cat([F.scaled_dot_product_attention(query[0, :, a:b], key[0, :, a:b], value[0, :, a:b],
-                                                            scale=scaling, dropout_p=dropout)
-                             for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
-        return out.transpose(0, 1).unsqueeze(0), None
+            return out.transpose(1, 2).reshape(1, total, heads, dim), None
+        self.padded_calls += 1
+        starts = cu_seq_lens_q[:-1].long()
+        offsets = torch.arange(longest, device=query.device)
+        valid = offsets[None] < (cu_seq_lens_q[1:].long() - starts)[:, None]  # (slices, longest)
+        gather = (starts[:, None] + offsets[None]).clamp(max=total - 1)
+        q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))  # (slices, heads, longest, dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scaling,
+                                             dropout_p=dropout)
+        tokens = torch.arange(total, device=query.device)
+        owner = torch.searchsorted(cu_seq_lens_q[1:].long(), tokens, right=True)  # the slice each token is in
+        return out[owner, :, tokens - starts[owner]].unsqueeze(0), None  # (1, tokens, heads, dim)
 
 
-_registered: ClipAttention | None = None
+_registered: PackedAttention | None = None
 
 
-def register_clip_attention() -> ClipAttention:
-    """The registered clip attention (registered at the first call; its call counters are shared)."""
+def register_packed_attention() -> PackedAttention:
+    """The registered packed attention (registered at the first call; its call counters are shared)."""
     global _registered
     from transformers import AttentionInterface
 
     if _registered is None:
-        _registered = ClipAttention()
-        AttentionInterface.register(CLIP_ATTENTION, _registered)
+        _registered = PackedAttention()
+        AttentionInterface.register(PACKED_ATTENTION, _registered)
     return _registered
 
 
-def set_vision_attention(base: nn.Module, name: str) -> None:
-    # Read at every forward by the vision blocks; set on the config object they hold, no re-validation.
-    base.model.visual.config._attn_implementation = name
+def set_packed_attention(base: nn.Module, name: str) -> None:
+    # Read at every forward by the towers' layers; set on the config objects they hold, no re-validation.
+    for tower in backbones.backbone_of(base).packed_towers(base):
+        tower.config._attn_implementation = name
 
 
-@contextlib.contextmanager
-def vision_attention(model: "AudioGraftedVLM", name: str):
-    """The vision tower on the attention function ``name`` for the duration (restored after)."""
-    if name == CLIP_ATTENTION:
-        register_clip_attention()
-    before = model.base_vlm.model.visual.config._attn_implementation
-    set_vision_attention(model.base_vlm, name)
-    try:
-        yield
-    finally:
-        set_vision_attention(model.base_vlm, before)
+def use_packed_attention(base: nn.Module) -> None:
+    """The towers' attention over packed sequences as ``PackedAttention`` from now on (every model the project
+    builds or loads; a saved config does not record it)."""
+    register_packed_attention()
+    set_packed_attention(base, PACKED_ATTENTION)

@@ -61,7 +61,6 @@ usable result.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -78,7 +77,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from .config import Config, PretrainSettings, parse_overrides, pretrain_config
 from .data import QUESTION_TYPES
 from .loop import Interval, RunLog, autocast_for, due, finish_trackers, optimizer_groups, start_trackers
-from .model import (CLIP_ATTENTION, AudioGraftedVLM, register_clip_attention, set_vision_attention, build_model, count_parameters, load_pretrained_projector, save_checkpoint,
+from .model import (AudioGraftedVLM, build_model, count_parameters, load_pretrained_projector, save_checkpoint,
                     save_projector_source)
 from .pretrain_data import (ROW_MODES, HeardBank, PhantomRows, RowBuilder, check_frame_size, row_builder,
                             shared_vision_token_losses)
@@ -91,18 +90,6 @@ MODE_PREFIX = {"text": "", "audio": "heard_", "both": "both_"}
 
 
 # --- the model -----------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def stock_attention(model: AudioGraftedVLM):
-    """The stock attention name while saving, so a saved config never names a function only we register."""
-    vision = model.base_vlm.model.visual.config
-    name = vision._attn_implementation
-    vision._attn_implementation = "sdpa"
-    try:
-        yield
-    finally:
-        vision._attn_implementation = name
-
 
 def build_pretrain_model(cfg: Config, settings: PretrainSettings) -> AudioGraftedVLM:
     """The tiny preset's graft, with the tiny backbone's dimensions changed where settings say so."""
@@ -256,9 +243,7 @@ def setup(cfg: Config, settings: PretrainSettings, out: str | Path, device: str,
         # Adam's second moments of near-zero gradients turn subnormal within tens of steps, and subnormal
         # arithmetic made CPU steps 10-50x slower (measured: optimizer 5 -> 370 ms/step by step 40).
         torch.set_flush_denormal(True)
-    register_clip_attention()
-    model = build_pretrain_model(cfg, settings).to(dev).train()
-    set_vision_attention(model.base_vlm, CLIP_ATTENTION)  # every clip the same size: one SDPA call a layer
+    model = build_pretrain_model(cfg, settings).to(dev).train()  # its towers on packed attention (model.py)
     if settings.compile:
         model.base_vlm.model.language_model.compile()
     bank = HeardBank.load(settings.heard_bank) if settings.heard_bank else None
@@ -376,8 +361,7 @@ def evaluate_and_save(run: PretrainRun) -> dict[str, Any]:
     run.model.eval()
     tables = evaluate_all(run.model, run.heldout, run.eval_split, run.settings, run.builder)
     run.model.train()
-    with stock_attention(run.model):
-        save_checkpoint(run.model, run.out, run.cfg)
+    save_checkpoint(run.model, run.out, run.cfg)
     if run.bank is not None and run.heard:
         # The projector was trained on this encoder's outputs: fine-tuning may start from it only with the
         # same encoder (model.build_model checks the fingerprint).

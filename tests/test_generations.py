@@ -101,6 +101,46 @@ def test_placeholders_labels_and_frame_times(model, samples):
         assert prompt.count("<|audio_bos|><|AUDIO|>") == 1 and prompt.count("<|AUDIO|><|audio_eos|>") == 1
 
 
+def test_packed_attention_gives_what_the_stock_towers_compute(model):
+    """Every tower that attends within slices of a packed sequence gives the stock (one call a slice) output on
+    packed attention, one call a layer, for slices of one length and of several (Qwen2.5-VL's edge windows, clips
+    of two sizes, questions of two lengths)."""
+    base, counters = model.base_vlm, M.register_packed_attention()
+    visual = base.model.visual
+    side = visual.config.patch_size
+    runs = {"equal clips": torch.tensor([[2, 4, 4], [2, 4, 4]]), "unequal clips": torch.tensor([[2, 6, 4], [2, 4, 4]])}
+    runs = {name: functools.partial(lambda g: visual(torch.randn(int(g.prod(1).sum()), 3 * 2 * side * side,
+                                                                 generator=torch.Generator().manual_seed(0)),
+                                                     grid_thw=g).pooler_output, grid)
+            for name, grid in runs.items()}
+    if model.backbone.hears_natively:
+        mel = torch.randn(2, 80, 300, generator=torch.Generator().manual_seed(1))
+        mask = (torch.arange(300)[None] < torch.tensor([[300], [180]])).long()
+        runs["questions of two lengths"] = lambda: base.model.get_audio_features(
+            mel, feature_attention_mask=mask).last_hidden_state
+    assert model.backbone.packed_towers(base)[0].config._attn_implementation == M.PACKED_ATTENTION  # by default
+    try:
+        for name, run in runs.items():
+            with torch.no_grad():
+                M.set_packed_attention(base, "sdpa")
+                stock = run()
+                M.set_packed_attention(base, M.PACKED_ATTENTION)
+                calls, padded = counters.packed_calls, counters.padded_calls
+                packed = run()
+            torch.testing.assert_close(packed, stock, atol=1e-5, rtol=1e-5, msg=name)
+            assert counters.packed_calls > calls, name
+            if name != "equal clips":
+                assert counters.padded_calls > padded, name  # slices of several lengths went through the padding
+    finally:
+        M.set_packed_attention(base, M.PACKED_ATTENTION)
+
+
+def test_a_saved_model_never_names_the_packed_attention(model, tmp_path):
+    """It is the project's own registered function: a folder another loader reads must not ask for it."""
+    model.base_vlm.save_pretrained(tmp_path)
+    assert M.PACKED_ATTENTION not in (tmp_path / "config.json").read_text()
+
+
 def test_the_native_model_hears_as_the_stock_thinker_does(samples):
     """The natively hearing model's prompt (its own audio encoder's rows in the embeddings, the seam's positions)
     gives what the stock thinker computes by itself from the log-mels and their mask."""

@@ -12,7 +12,7 @@ from surgvqa.collate import IGNORE_INDEX
 from surgvqa.tts import VoiceSpec, render, voice_pools
 from surgvqa.data import question_wordings, training_wordings, wording_variants, wordings_of
 from surgvqa.model import build_model, collator, load_checkpoint, load_pretrained_projector
-from surgvqa.model import CLIP_ATTENTION, register_clip_attention
+from surgvqa.model import PACKED_ATTENTION, register_packed_attention
 from surgvqa.config import PretrainSettings
 from surgvqa.pretrain import main, pretrain
 from surgvqa.pretrain_data import (HeardBank, PhantomRows, build_heard_bank, row_builder, shared_vision_token_losses,
@@ -148,24 +148,26 @@ def test_question_types_setting_keeps_only_those_rows(model):
         dataclasses.replace(TOY, question_types="colour").question_type_list
 
 
-def test_the_clip_attention_pretraining_uses_matches_stock_sdpa(model):
-    clip_attention = register_clip_attention()
+def test_the_packed_attention_pretraining_uses_matches_stock_sdpa(model):
+    packed_attention = register_packed_attention()
     visual = model.base_vlm.model.visual
+    assert visual.config._attn_implementation == PACKED_ATTENTION  # every model the project builds
     grid = torch.tensor([[4, 4, 4]] * 3)
     patches = torch.randn(int(grid.prod(1).sum()), 3 * 2 * 14 * 14)
     unequal = torch.tensor([[2, 4, 4], [2, 4, 8]])
     with torch.no_grad():
-        stock = visual(patches, grid_thw=grid).pooler_output
-        stock_unequal = visual(patches[:32 + 64], grid_thw=unequal).pooler_output
-        visual.config._attn_implementation = CLIP_ATTENTION
+        visual.config._attn_implementation = "sdpa"
         try:
-            calls = clip_attention.packed_calls
-            batched = visual(patches, grid_thw=grid).pooler_output
-            assert clip_attention.packed_calls - calls == len(visual.blocks)  # one call a vision layer
-            # clips of different sizes fall back to one call per slice, with the same result
-            batched_unequal = visual(patches[:32 + 64], grid_thw=unequal).pooler_output
+            stock = visual(patches, grid_thw=grid).pooler_output
+            stock_unequal = visual(patches[:32 + 64], grid_thw=unequal).pooler_output
         finally:
-            visual.config._attn_implementation = "sdpa"
+            visual.config._attn_implementation = PACKED_ATTENTION
+        calls = packed_attention.packed_calls
+        batched = visual(patches, grid_thw=grid).pooler_output
+        assert packed_attention.packed_calls - calls == len(visual.blocks)  # one call a vision layer
+        # clips of different sizes: one padded call a layer, with the same result
+        batched_unequal = visual(patches[:32 + 64], grid_thw=unequal).pooler_output
+        assert packed_attention.packed_calls - calls == 2 * len(visual.blocks)
     assert torch.allclose(stock, batched, atol=1e-5)
     assert torch.allclose(stock_unequal, batched_unequal, atol=1e-5)
 
@@ -198,7 +200,6 @@ def test_toy_pretraining_lowers_the_loss_and_saves_a_reloadable_checkpoint(tmp_p
     reloaded = load_checkpoint(out)
     assert reloaded.cfg.frame_size == SIZE and reloaded.cfg.question_mode == "text"
     batch = PhantomRows(builder, TOY, reloaded.cfg.replace(batch_size=2)).batch(7)
-    reloaded.base_vlm.model.visual.config._attn_implementation = CLIP_ATTENTION
     trained.eval()
     with torch.no_grad():
         _, before = shared_vision_token_losses(trained, batch)
