@@ -50,3 +50,19 @@ def test_fast_paths_match_the_project(results):
 def test_fewer_tokens_in_the_project_layout(results):
     tokens = {r["lever"]: r["tokens"] for r in results["query"]}
     assert tokens["+ video pathway"] < tokens["+ trimmed, pooled audio"] < tokens["stock (original layout)"]
+
+
+def test_the_tower_benchmark_times_both_paths_of_every_tower(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark_towers", SCRIPT.parent / "towers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "towers.json"
+    module.main(["--smoke", "--likes", "qwen2.5vl-7b,qwen2.5-omni-7b", "--clips", "2", "--frame-size", "56",
+                 "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["like"], r["tower"]) for r in rows] == [("qwen2.5vl-7b", "visual"), ("qwen2.5-omni-7b", "visual"),
+                                                       ("qwen2.5-omni-7b", "audio_tower")]
+    for r in rows:
+        assert r["stock_ms"] > 0 and r["packed_ms"] > 0
+        assert r["packed_calls_per_layer"] == 1  # the packed path ran, one call a layer
+        assert r["max_abs_diff"] <= 1e-5 * max(1.0, r["output_abs_mean"])
