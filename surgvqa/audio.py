@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import sys
 import threading
@@ -26,8 +27,7 @@ import soundfile as sf
 
 from .config import Config, get_config, parse_overrides
 from .data import SPLIT_NAMES, Sample, load_split
-from .files import (end_with_parent, readable_wav, remove_stale_temporaries, riff_data_frames, write_atomic,
-                    write_wav_atomic)
+from .files import end_with_parent, readable_wav, remove_stale_temporaries, riff_data_frames, write_atomic
 from .noise import RoomNoise, add_room_noise, noise_sources, training_noise
 from .tts import (ENGINE_WORKERS, SILENCE_RMS, TTSError, VoiceError, VoiceSpec, assign_voices, render, resample_audio,
                   rms, sample_rng)
@@ -74,20 +74,31 @@ def _render_job(job: tuple) -> str:
         problem = speech_problem(wave, sample_rate)  # the speech itself is checked before noise covers it
         if problem:
             raise TTSError(f"{spec} saying {text!r}: {problem}")
-        used = noise
-        noisy = add_room_noise(wave, sample_rate, used, noise_seed, sources)
-        while raise_drowned and used.snr_db is not None and speech_problem(noisy, sample_rate):
-            used = RoomNoise(used.kind, used.snr_db + DROWNED_STEP_DB)
-            noisy = add_room_noise(wave, sample_rate, used, noise_seed, sources)
-        wave = noisy
-    write_wav_atomic(Path(path), wave, sample_rate)
+    used = noise
+    while True:
+        heard = wave if used is None else add_room_noise(wave, sample_rate, used, noise_seed, sources)
+        # the speech rule judges the samples the file will hold (16-bit), once: its verdict decides whether the
+        # noise is raised and is kept beside the file, so that checking it later (02's validation, every loader)
+        # reads the verdict instead of running the rule again
+        encoded, written = _as_wav(heard, sample_rate)
+        seconds = speech_seconds(written, sample_rate)
+        if not (raise_drowned and used is not None and used.snr_db is not None
+                and speech_problem(written, sample_rate, seconds)):
+            break
+        used = RoomNoise(used.kind, used.snr_db + DROWNED_STEP_DB)
+    write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(encoded))
     if noise is not None and used != noise:
         used_file.write_text(used.tag)
-    # the speech rule's verdict on the file as written, here on the pool's cores, so that checking it later (02's
-    # validation, every loader) reads the kept verdict instead of running the rule again
-    written, _ = sf.read(path, dtype="float32")
-    _keep_verdict(Path(path), _verdict_key(Path(path)), speech_seconds(written, sample_rate))
+    _keep_verdict(Path(path), _verdict_key(Path(path)), seconds)
     return path
+
+
+def _as_wav(wave: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
+    """A 16-bit WAV file's bytes for ``wave``, and the samples a reader decodes from them."""
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, sample_rate, subtype="PCM_16", format="WAV")
+    encoded = buffer.getvalue()
+    return encoded, sf.read(io.BytesIO(encoded), dtype="float32")[0]
 
 
 def render_into_cache(jobs: Sequence[tuple], root: Path, workers: int, what: str, progress: bool = True) -> None:

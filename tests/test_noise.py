@@ -1,7 +1,10 @@
 """Operating-room noise: each kind at the SNR asked, seeded, over speech that stays loadable; its use in synthesis."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import soundfile as sf
 import pytest
 
 from surgvqa import audio, files, noise, tts
@@ -115,3 +118,25 @@ def test_a_drawn_training_noise_that_drowns_the_question_is_raised_and_a_conditi
     assert set(asked["noise"]) == {"broadband@-20dB"}
     refused = audio.refused_questions(asked, cfg)
     assert set(refused) == set(asked["uid"]) and all("no speech heard" in why for why in refused.values())
+
+
+def test_synthesis_runs_the_speech_rule_once_on_what_a_file_holds(tmp_path, monkeypatch):
+    """A clean question is judged once (the file as written, its verdict kept beside it); one under drawn training
+    noise twice (its speech before the noise, then the file, whose verdict also decides whether the noise must be
+    raised); the kept verdict is what the rule says of the file as read back."""
+    cfg = get_config(audio_dir=str(tmp_path / "audio"), train_noise=0.0)
+    rows = published_split("out")["train"][:2]
+    calls = []
+    rule = audio.speech_seconds
+    monkeypatch.setattr(audio, "speech_seconds", lambda wave, rate: calls.append(len(wave)) or rule(wave, rate))
+    manifest = audio.synthesize_split(rows, "test", cfg, progress=False, manifest="clean", workers=1)
+    assert len(calls) == len(set(manifest["path"]))
+    calls.clear()
+    monkeypatch.setattr(audio, "training_noise", lambda rng: RoomNoise("broadband", 10.0))
+    noisy = audio.synthesize_split(rows, "train", cfg.replace(train_noise=1.0), progress=False, workers=1)
+    assert set(noisy["noise"]) == {"broadband@10dB"}  # heard at the SNR drawn: the same verdict raised nothing
+    assert len(calls) == 2 * len(set(noisy["path"]))
+    for r in noisy.itertuples():
+        path = Path(cfg.audio_dir) / r.path
+        kept = float(path.with_name(path.name + audio.SPEECH_VERDICT_SUFFIX).read_text().rpartition("\n")[2])
+        assert kept == rule(sf.read(path, dtype="float32")[0], 16000)
