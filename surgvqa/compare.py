@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from .backbones import backbone_of_like
 from .config import Config, get_config, parse_pairs
 from .dryrun import dry_run_reports, is_dry_run
 from .workbook import NotebookFailed, markdown_table, read_metrics, run_workbook
@@ -66,11 +67,17 @@ def run(presets: Sequence[str], common: dict[str, Any], own: dict[str, dict[str,
 def table_row(preset: str, reports: Path) -> dict[str, Any]:
     """One preset's line from its stored 04 and 05 metrics (see the module docstring)."""
     trained, evaluated = read_metrics("04-train", reports), read_metrics("05-evaluate", reports)
-    cfg = Config.load(Path(trained["best_checkpoint"]))
-    random_weights = _is_local_dry_run(cfg)
+    dry_run = reports / "dry-run.json"
+    if dry_run.is_file():  # a dry run's report says what ran where, also after its box and checkpoints are gone
+        report = json.loads(dry_run.read_text())
+        model, backbone, device = report["like"], backbone_of_like(report["like"]).model_type, report["gpu"]
+        random_weights = True
+    else:
+        cfg = Config.load(Path(trained["best_checkpoint"]))
+        model, backbone, device, random_weights = cfg.vlm, _model_type(cfg), None, _is_local_dry_run(cfg)
     baselines = evaluated["baselines"]
     zero_shot = next((baselines[name] for name in ZERO_SHOT if name in baselines), None)
-    row: dict[str, Any] = {"preset": preset, "model": cfg.vlm, "backbone": _model_type(cfg),
+    row: dict[str, Any] = {"preset": preset, "model": model, "backbone": backbone, "device": device,
                            "weights": "random (dry run)" if random_weights else "checkpoint"}
     for column, found in (("heard", baselines.get(HEARD)), ("read", baselines.get(READ)), ("zero-shot", zero_shot)):
         if found is None:
@@ -140,7 +147,8 @@ def main(argv: list[str]) -> int:
         else:
             table = run(presets, common, own, args.reports_dir, html=args.html)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"[compare] {e.args[0] if e.args else e}", file=sys.stderr)
+        # an OSError's first argument is its errno: the message and the file are in its str
+        print(f"[compare] {e if isinstance(e, OSError) or not e.args else e.args[0]}", file=sys.stderr)
         return 2
     except NotebookFailed as e:
         print(f"[compare] FAILED: {e}", file=sys.stderr)

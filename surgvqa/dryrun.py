@@ -392,6 +392,25 @@ def params_per_notebook(params: dict[str, Any], notebooks: list[str], full: bool
                  if k in config_keys or k in declared[nb]} for nb in notebooks}
 
 
+def complete_frames(frames: Path, cfg: Any, full: bool, log=print) -> int:
+    """Phantom frames in REAL-Colon's layout for every clip a run of ``cfg`` reads (its limits, overrides
+    included; ``full``: every row), drawn where a frame is missing, so that a folder made for a smaller run is
+    completed rather than mistaken for enough. Returns how many rows were drawn."""
+    from .data import limited, load_split
+    from .frames import REAL_COLON_FOLDER, write_real_colon_frames
+
+    splits = load_split(cfg)
+    rows = [s for name, limit in (("train", cfg.limit_train), ("eval", cfg.eval_limit), ("test", cfg.limit_test))
+            for s in limited(splits[name], 0 if full else limit, cfg.seed)]
+    missing = [s for s in rows if not all((frames / REAL_COLON_FOLDER.format(video=s.video_id) / f"{n}.jpg").is_file()
+                                          for n in s.clip_frames(cfg.clip_frames)[0])]
+    if missing:
+        log(f"[dry-run] phantom frames of {len(missing)} of the run's {len(rows)} rows in REAL-Colon's layout -> "
+            f"{frames}")
+        write_real_colon_frames(missing, frames, cfg, render_size=224)
+    return len(missing)
+
+
 def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: bool, log=print) -> dict[str, Any]:
     """Build (or reuse) the preset's dry-run checkpoints and phantom frames, run the notebooks one at a time, and
     report each one's wall time and peak GPU memory, the steady-state rates and the projected full study."""
@@ -402,8 +421,7 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
     from transformers import AutoTokenizer
 
     from .config import Config, get_config
-    from .data import limited, load_split, longest_answer_tokens
-    from .frames import write_real_colon_frames
+    from .data import longest_answer_tokens
     from .workbook import read_metrics, run_workbook
 
     sizes = {} if full else dict(REDUCED)
@@ -418,11 +436,7 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
         if not is_dry_run(folder):
             log(f"[dry-run] building the {name} dry-run checkpoint -> {folder}")
             make_checkpoint(name, folder)
-    if not frames.is_dir():
-        splits = load_split(cfg)
-        rows = [s for name in ("train", "eval", "test") for s in limited(splits[name], 0 if full else 64, cfg.seed)]
-        log(f"[dry-run] phantom frames of {len(rows)} rows in REAL-Colon's layout -> {frames}")
-        write_real_colon_frames(rows, frames, cfg, render_size=224)
+    complete_frames(frames, cfg, full, log)
     params = {"tts_engine": "espeak-ng", **sizes, "vlm": str(vlm), "whisper": str(whisper), "frames_dir": str(frames),
               "output_dir": f"data/processed/dry-run-{preset}", **overrides}
     if "max_answer_tokens" not in overrides:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -77,3 +78,23 @@ def test_the_dry_runs_table_reads_their_reports_and_names_a_missing_one(tmp_path
     assert written[0]["preset"] == "qwen3vl-2b" and written[0]["train ms/sample"] == 200.0
     assert compare.main(["--presets", "qwen3vl-2b,omni-7b", "--dry-runs", "--reports-dir", out]) == 2
     assert "dry-run-omni-7b" in capsys.readouterr().err
+
+
+def test_a_dry_runs_report_names_its_model_and_card_after_its_checkpoints_are_gone(tmp_path, monkeypatch, capsys):
+    """The rows of a GPU box's dry runs, read elsewhere: the checkpoint paths their metrics name do not exist there,
+    so the model, backbone and card come from the dry run's own report."""
+    _stored_run(tmp_path, "omni-7b", "dry", dry_run=True, samples_per_s=1.0, peak=26.0)
+    reports = tmp_path / "reports" / "dry-run-omni-7b"
+    (tmp_path / "reports" / "omni-7b").rename(reports)
+    trained = json.loads((reports / "metrics" / "04-train.json").read_text())
+    shutil.rmtree(trained["best_checkpoint"])
+    (reports / "dry-run.json").write_text(json.dumps({"like": "qwen2.5-omni-7b", "gpu": "NVIDIA H100 80GB HBM3"}))
+    monkeypatch.setattr(compare, "dry_run_reports", lambda preset: tmp_path / "reports" / f"dry-run-{preset}")
+    out = tmp_path / "compare"
+    assert compare.main(["--presets", "omni-7b", "--dry-runs", "--reports-dir", str(out)]) == 0
+    row = json.loads((out / "comparison.json").read_text())[0]
+    assert (row["model"], row["backbone"], row["device"], row["weights"]) == (
+        "qwen2.5-omni-7b", "qwen2_5_omni_thinker", "NVIDIA H100 80GB HBM3", "random (dry run)")
+    reports.joinpath("dry-run.json").unlink()  # without its report, the missing checkpoint is named, not an errno
+    assert compare.main(["--presets", "omni-7b", "--dry-runs", "--reports-dir", str(out)]) == 2
+    assert "No such file or directory" in capsys.readouterr().err

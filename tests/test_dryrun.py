@@ -253,3 +253,17 @@ def test_the_datas_longest_answer_is_twelve_qwen_tokens(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     for template in ("in", "out"):
         assert longest_answer_tokens(get_config("qwen2vl-2b", template=template), tokenizer) == 12
+
+
+def test_the_dry_run_completes_a_frames_folder_made_for_a_smaller_run(tmp_path):
+    """A folder of phantom frames drawn for 2 rows a split is not enough for a run of 3: the missing clips are drawn,
+    the present ones are not drawn again."""
+    from surgvqa.dryrun import complete_frames
+
+    frames = tmp_path / "frames"
+    small = get_config("qwen2vl-2b", frames_source="real", limit_train=2, eval_limit=2, limit_test=2)
+    assert complete_frames(frames, small, full=False, log=lambda m: None) == 6
+    assert complete_frames(frames, small, full=False, log=lambda m: None) == 0
+    larger = small.replace(limit_train=3, eval_limit=3, limit_test=3)
+    assert complete_frames(frames, larger, full=False, log=lambda m: None) == 3
+    assert complete_frames(frames, larger, full=False, log=lambda m: None) == 0
