@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import audio, data, fastpath, scoring
+from . import audio, data, fastpath, features, scoring, whisper
 from .collate import EVAL_DRAWS, prefetched_batches
+from .config import Config
 from .data import Sample, limited, load_split
 from .evaluate import data_answer, score_answer
-from .features import QADataset
+from .features import EncodedAudio, QADataset
 from .model import (AudioGraftedVLM, adapter_disabled, build_model, collator, load_checkpoint, merge_for_export,
                     on_device, save_checkpoint)
 from .progress import progress_bar
@@ -206,6 +207,23 @@ def answer_and_score(model: AudioGraftedVLM, batch: dict[str, Any], max_new_toke
         return scoring.answers_and_scores(model, batch, max_new_tokens)
 
 
+def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[str, str], cfg: Config
+                          ) -> EncodedAudio | None:
+    """Run the frozen Whisper encoder once over every question file not yet in the cache (``None`` when the
+    run hears no audio, ``cache_audio_features`` is off or the model hears through its own encoder); training
+    and every heard pass of ``predict`` then read the cached outputs (keyed by the file's bytes and the encoder's
+    weights, so 05's heard, both and before-fine-tuning passes encode each question once)."""
+    if cfg.question_mode == "text" or not cfg.cache_audio_features or model.backbone.hears_natively:
+        return None
+    folder = features.encoded_audio_dir(whisper.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
+    collate, by_uid = collator(model), {s.uid: s for s in samples}
+    device = next(model.whisper.parameters()).device
+    paths = features.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
+                                      lambda uid, wave: collate.log_mel(by_uid[uid], wave),
+                                      lambda mel: model.whisper_states(mel.to(device)), folder, cfg)
+    return EncodedAudio(paths, model.whisper.config.d_model)
+
+
 # --- running a model --------------------------------------------------------------------------------
 
 def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd.DataFrame | None = None,
@@ -239,9 +257,9 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
         order = sorted(range(len(rows)), key=lambda i: (audio_info.get(rows[i].uid, {}).get("duration_s") or 0, i))
     else:
         order = list(range(len(rows)))
-    dataset = QADataset([rows[i] for i in order], mode_cfg,
-                        {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None,
-                        backbone=model.backbone)
+    audio_paths = {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None
+    encoded = encode_question_audio(model, rows, audio_paths, mode_cfg) if audio_paths else None
+    dataset = QADataset([rows[i] for i in order], mode_cfg, audio_paths, encoded, backbone=model.backbone)
     batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
     records = []
     with torch.inference_mode():

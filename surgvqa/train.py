@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import audio, data, features, whisper
+from . import audio, data
 from .collate import EVAL_DRAWS, TRAIN_DRAWS, Collator
 from .config import Config, get_config, parse_overrides
 from .data import Sample, limited
-from .features import EncodedAudio, QADataset
-from .inference import adapter_inputs_uncast, score_candidates
+from .features import QADataset
+from .inference import adapter_inputs_uncast, encode_question_audio, score_candidates
 from .align import align_projector
 from .loop import (STATE_FILE, Interval, RunLog, TrainerState, due, finish_trackers, length_grouped_batches, log_best,
                    optimizer_groups, start_trackers, swap_in)
@@ -35,21 +35,6 @@ from .model import build_model, collator, save_checkpoint
 
 ALIGN_SUMMARY = "align_summary.json"  # what projector alignment measured (surgvqa.align), beside the run
 LOG_COLUMNS = ["step", "time", "train_loss", "lr", "samples_per_s", "eval_loss", "eval_accuracy"]
-
-
-def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[str, str], cfg: Config
-                          ) -> EncodedAudio | None:
-    """Run the frozen Whisper encoder once over every question file not yet in the cache (``None`` when the
-    run hears no audio or ``cache_audio_features`` is off); training then reads the cached outputs."""
-    if cfg.question_mode == "text" or not cfg.cache_audio_features:
-        return None
-    folder = features.encoded_audio_dir(whisper.encoder_fingerprint(model.whisper), cfg.audio_pool, cfg)
-    collate, by_uid = collator(model), {s.uid: s for s in samples}
-    device = next(model.whisper.parameters()).device
-    paths = features.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
-                                      lambda uid, wave: collate.log_mel(by_uid[uid], wave),
-                                      lambda mel: model.whisper_states(mel.to(device)), folder, cfg)
-    return EncodedAudio(paths, model.whisper.config.d_model)
 
 
 def question_audio_paths(samples: Sequence[Sample], split: str, cfg: Config) -> dict[str, str]:

@@ -397,3 +397,27 @@ def test_batches_grouped_by_length_pad_less(tmp_path, audio_dir):
                                      max_steps=16, eval_every=16, group_by_length=grouped), log=lambda *_: None)
             for grouped in (False, True)}
     assert 0 < runs[True]["padding_fraction"] < runs[False]["padding_fraction"]
+
+
+def test_heard_passes_encode_each_question_once_and_answer_as_without_the_cache(tmp_path, audio_dir, monkeypatch):
+    """predict reads Whisper's outputs from the encoder cache training fills: 05's heard, both and before-fine-tuning
+    passes over the same files run the encoder once, and score exactly as running it inline."""
+    from surgvqa import audio, inference
+    from surgvqa.model import build_model
+
+    cfg = smoke_cfg(tmp_path, audio_dir, audio_features_dir=str(tmp_path / "features"))  # an empty cache
+    rows = limited(data.load_split(cfg)["eval"], 6, cfg.seed)
+    manifest = audio.synthesize_split(rows, "eval", cfg, progress=False)
+    model = build_model(cfg)
+    inline = inference.predict(model, rows, cfg.replace(cache_audio_features=False), "audio", manifest, batch_size=3,
+                               generate_answers=False, progress=False)
+    encoded = []
+    whisper_states = model.whisper_states
+    monkeypatch.setattr(model, "whisper_states", lambda mel: encoded.append(len(mel)) or whisper_states(mel))
+    passes = [inference.predict(model, rows, cfg, mode, manifest, batch_size=3, generate_answers=False, progress=False)
+              for mode in ("audio", "both", "audio")]
+    assert sum(encoded) == len(set(manifest["path"]))  # the first pass filled the cache; the others read it
+    for cached, direct in zip(passes[0], inline):
+        assert cached["candidate_label"] == direct["candidate_label"]
+        assert cached["probabilities"] == pytest.approx(direct["probabilities"], abs=1e-5)
+    assert [r["probabilities"] for r in passes[2]] == [r["probabilities"] for r in passes[0]]
