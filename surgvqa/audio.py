@@ -253,7 +253,8 @@ def speech_rule() -> str:
     """What a kept verdict was computed under (the model and the rule's settings)."""
     from importlib.metadata import version
 
-    return f"silero-vad {version('silero-vad')}, p >= {SPEECH_PROBABILITY}, window {VAD_WINDOW} at {VAD_RATE} Hz"
+    return (f"silero-vad {version('silero-vad')} (onnx), p >= {SPEECH_PROBABILITY}, window {VAD_WINDOW} at "
+            f"{VAD_RATE} Hz")
 
 
 def file_speech_seconds(path: Path, wave: np.ndarray, cfg: Config) -> float:
@@ -372,7 +373,9 @@ def _speech_model():
                                 message=".*(path is deprecated|jit.load|script_method)")
         from silero_vad import load_silero_vad
 
-        return load_silero_vad()
+        # its ONNX export (the package ships both; onnxruntime comes with piper): the same windows' probabilities
+        # within 1e-4 of the TorchScript model's, at half the time (13.6 against 29.2 ms a question on one core)
+        return load_silero_vad(onnx=True)
 
 
 def speech_probabilities(wave: np.ndarray, sample_rate: int) -> np.ndarray:
