@@ -193,14 +193,23 @@ def clip_features(frames: np.ndarray) -> np.ndarray:
     # the share of steps that move each way: a scope that zooms in at every step advances, however
     # little texture the scene has to show it (the size of the estimates shrinks with the texture)
     consistency = np.sign(steps).mean(0)
-    zoom_shift = [_similarity_motion(small[i], small[j]) for i, j in ((key[0], key[2]), (key[0], key[1]),
-                                                                      (key[1], key[2]))]
+    # a key frame equal to an earlier one (a still clip's) shares its features: the same numbers, computed once
+    same = {}
+    for k in key:
+        same[k] = next((j for j in same.values() if np.array_equal(frames[j], frames[k])), k)
+    cells = {k: _cell_statistics(frames[k]) for k in set(same.values())}
+    blobs = {k: _blob_responses(frames[k]) for k in set(same.values())}
+    motions: dict[tuple[int, int], np.ndarray] = {}
+    for i, j in ((key[0], key[2]), (key[0], key[1]), (key[1], key[2])):
+        if (same[i], same[j]) not in motions:
+            motions[same[i], same[j]] = _similarity_motion(small[same[i]], small[same[j]])
+    zoom_shift = [motions[same[i], same[j]] for i, j in ((key[0], key[2]), (key[0], key[1]), (key[1], key[2]))]
     change = np.abs(np.diff(small, axis=0)).mean(0) if t > 1 else np.zeros_like(small[0])
     m = MOTION_SIZE // 2
     change_energy = [change[:m, :m].mean(), change[:m, m:].mean(), change[m:, :m].mean(), change[m:, m:].mean()]
     return np.concatenate([_colour_histogram(frames), *[_colour_histogram(q) for q in quadrants],
-                           _spectrum(gray), _polar_gradients(gray), *[_cell_statistics(frames[k]) for k in key],
-                           *[_blob_responses(frames[k]) for k in key], flow, np.abs(flow), consistency,
+                           _spectrum(gray), _polar_gradients(gray), *[cells[same[k]] for k in key],
+                           *[blobs[same[k]] for k in key], flow, np.abs(flow), consistency,
                            *zoom_shift, *[np.abs(z[-2:]) for z in zoom_shift], change_energy]).astype(np.float32)
 
 

@@ -511,6 +511,29 @@ def test_probe_views_are_the_same_from_worker_processes():
     assert not np.array_equal(serial["clip"][0], serial["clip"][len(first)])
 
 
+def _find(vector: np.ndarray, part: np.ndarray) -> list[int]:
+    return [i for i in range(len(vector) - len(part) + 1) if np.array_equal(vector[i:i + len(part)], part)]
+
+
+def test_a_still_clips_key_frames_share_their_features(monkeypatch):
+    """A clip whose key frames are equal (the probe's one-frame view) computes each key frame's features and each
+    motion estimate once, with the numbers of computing them for every key frame; a moving clip computes all."""
+    state, _ = P.random_clip_samples(1, seed=3)[0]
+    clip = P.render_phantom_clip(state, 32, 0, 8)
+    still = np.repeat(clip[4][None], 8, axis=0)
+    calls = {"cells": 0, "motion": 0}
+    cells, motion = Q._cell_statistics, Q._similarity_motion
+    monkeypatch.setattr(Q, "_cell_statistics", lambda f: calls.__setitem__("cells", calls["cells"] + 1) or cells(f))
+    monkeypatch.setattr(Q, "_similarity_motion",
+                        lambda a, b: calls.__setitem__("motion", calls["motion"] + 1) or motion(a, b))
+    features = Q.clip_features(still)
+    assert calls == {"cells": 1, "motion": 1}
+    Q.clip_features(clip)
+    assert calls == {"cells": 4, "motion": 4}
+    # the shared key frame's statistics stand three times in the features, as each frame's own would
+    assert len(_find(features, np.tile(cells(still[4]), 3))) == 1
+
+
 def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
     pairs = P.random_clip_samples(160, seed=7)
     train = [s for _, samples in pairs[:40] for s in samples]
