@@ -85,6 +85,12 @@ def test_espeak_renders_16k_mono_speech():
     assert slower.size > 1.3 * wave.size  # the rate really reaches the engine
 
 
+def test_piper_runs_one_thread_a_process():
+    """Synthesis already runs one process per core: piper's session must not start a thread per core in each."""
+    options = tts._piper_voice().session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
 def test_piper_renders_16k_mono_speech_at_the_rate_and_pitch_asked():
     wave = tts.render(QUESTION, VoiceSpec("piper", "joe-us"), sample_rate=16000)
     assert wave.dtype == np.float32 and wave.ndim == 1
