@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -103,6 +104,11 @@ class HeardAnswer:
     by: str  # "its answer sentence" (the free text is one of the data's answers) or "likelihood"
 
 
+# Candidate rows scored at once when every question type's answers are (the demo's heard question). Scored all at once,
+# a batch of 16 repeats its prompt cache for every row: notebook 07 on Qwen3-VL-2B peaked at 78.4 GiB of an 80 GB card.
+ALL_TYPES_GROUP = 64
+
+
 def answer_any_question(model: AudioGraftedVLM, batch: dict[str, Any], max_new_tokens: int = MAX_NEW_TOKENS
                         ) -> list[HeardAnswer]:
     """For prompts whose question type nobody chose (a question asked out loud in the demo). The free-text
@@ -123,7 +129,14 @@ def answer_any_question(model: AudioGraftedVLM, batch: dict[str, Any], max_new_t
                 owners += [i] * len(type_rows)
                 keys += [(qtype, label) for label in labels]
                 rows += type_rows
-        totals = scoring.candidate_totals(model, pre, owners, rows)
+        # every answer sentence of every type, for every row of the batch: far more rows than the batch, each with
+        # its own copy of the prompt's cache and logits over the vocabulary, so they are scored in groups
+        totals = []
+        for start in range(0, len(rows), ALL_TYPES_GROUP):
+            last = start + ALL_TYPES_GROUP >= len(rows)  # the cache is repeated in place: earlier groups get a copy
+            group = pre if last else dataclasses.replace(pre, cache=copy.deepcopy(pre.cache))
+            totals += scoring.candidate_totals(model, group, owners[start:start + ALL_TYPES_GROUP],
+                                               rows[start:start + ALL_TYPES_GROUP])
     answers = []
     for i in range(len(batch["samples"])):
         mine = [r for r, o in enumerate(owners) if o == i]

@@ -273,6 +273,20 @@ def test_the_demo_answers_a_heard_question_of_any_type(model, samples):
     assert 0 < answer.confidence <= 1 and 0 < answer.type_confidence <= 1
 
 
+def test_the_demos_every_type_scoring_in_groups_answers_as_all_at_once(model, samples, monkeypatch):
+    """A heard question of unknown type scores every answer sentence of every type; in groups of a few rows (each
+    on its own copy of the prompt's cache) the answers and their confidences are those of scoring all at once."""
+    batch = M.collator(model)(make_items(samples, size=SIZE), for_generation=True)
+    monkeypatch.setattr(I, "ALL_TYPES_GROUP", 10 ** 6)
+    at_once = I.answer_any_question(model, batch, max_new_tokens=4)
+    monkeypatch.setattr(I, "ALL_TYPES_GROUP", 7)
+    grouped = I.answer_any_question(model, batch, max_new_tokens=4)
+    for a, b in zip(at_once, grouped):
+        assert (a.question_type, a.label, a.text) == (b.question_type, b.label, b.text)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-4)
+        assert a.type_confidence == pytest.approx(b.type_confidence, abs=1e-4)
+
+
 def test_the_demos_question_floor_is_measured_on_heard_questions(samples, whisper, tmp_path):
     """The floor the demo answers above: the type confidence that 95 % of the correctly understood heard questions
     reach, with how many were understood and how many the floor would leave unanswered."""
