@@ -220,8 +220,8 @@ def answer_and_score(model: AudioGraftedVLM, batch: dict[str, Any], max_new_toke
         return scoring.answers_and_scores(model, batch, max_new_tokens)
 
 
-def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[str, str], cfg: Config
-                          ) -> EncodedAudio | None:
+def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[str, str], cfg: Config,
+                          progress: bool = True) -> EncodedAudio | None:
     """Run the frozen Whisper encoder once over every question file not yet in the cache (``None`` when the
     run hears no audio, ``cache_audio_features`` is off or the model hears through its own encoder); training
     and every heard pass of ``predict`` then read the cached outputs (keyed by the file's bytes and the encoder's
@@ -233,7 +233,8 @@ def encode_question_audio(model, samples: Sequence[Sample], audio_paths: dict[st
     device = next(model.whisper.parameters()).device
     paths = features.cache_encoded_audio({s.uid: audio_paths[s.uid] for s in samples},
                                       lambda uid, wave: collate.log_mel(by_uid[uid], wave),
-                                      lambda mel: model.whisper_states(mel.to(device)), folder, cfg)
+                                      lambda mel: model.whisper_states(mel.to(device)), folder, cfg,
+                                      progress=progress)
     return EncodedAudio(paths, model.whisper.config.d_model)
 
 
@@ -264,14 +265,15 @@ def predict(model, samples: Sequence[Sample], cfg, mode: str, audio_manifest: pd
         audio_info = audio_manifest.set_index("uid")[["path", "voice", "duration_s"]].to_dict("index")
     mode_cfg = cfg.replace(question_mode=mode)
     collate = dataclasses.replace(collator(model), question_mode=mode, frame_size=cfg.frame_size)
-    # Whisper has no attention mask, so a batch is encoded in one call per distinct question length: batches
-    # of questions of one length (the same wording and voice) cost one call. Records keep the given order.
+    # Batches of questions of similar length: their prompts pad less, and where Whisper runs inline (no encoder
+    # cache, or a model that hears natively) it encodes a batch in one call per distinct length. Records keep the
+    # given order.
     if mode != "text" and audio_info:
         order = sorted(range(len(rows)), key=lambda i: (audio_info.get(rows[i].uid, {}).get("duration_s") or 0, i))
     else:
         order = list(range(len(rows)))
     audio_paths = {u: v["path"] for u, v in audio_info.items()} if mode != "text" else None
-    encoded = encode_question_audio(model, rows, audio_paths, mode_cfg) if audio_paths else None
+    encoded = encode_question_audio(model, rows, audio_paths, mode_cfg, progress) if audio_paths else None
     dataset = QADataset([rows[i] for i in order], mode_cfg, audio_paths, encoded, backbone=model.backbone)
     batches = prefetched_batches(dataset, batch_size, functools.partial(collate, for_generation=True), cfg.num_workers)
     records = []

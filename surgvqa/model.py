@@ -14,8 +14,8 @@ call its ``max_source_positions`` is shrunk and its position table sliced to the
 
 Here: ``build_model(cfg)``, ``AudioGraftedVLM`` (``model(**batch).loss``), ``collator(model)``,
 ``parameter_groups(model)``, ``save_checkpoint`` / ``load_checkpoint``, ``merge_for_export``, and the towers'
-attention over packed sequences (``PackedAttention``: one call a layer where the stock path makes one a slice). Running the model (answers, candidate scores) is
-``surgvqa.scoring`` and ``surgvqa.inference``.
+attention over packed sequences (``PackedAttention``: one call a layer where the stock path makes one a slice).
+Running the model (answers, candidate scores) is ``surgvqa.scoring`` and ``surgvqa.inference``.
 """
 from __future__ import annotations
 
