@@ -459,6 +459,7 @@ def dry_run(preset: str, overrides: dict[str, Any], notebooks: list[str], full: 
     sampler.stop.set()
     report = {"preset": preset, "like": like, "gpu": torch.cuda.get_device_name(0), "gpu_gib": round(gpu_gib, 1),
               "torch": torch.__version__, "sizes": "full" if full else {**REDUCED, **REDUCED_NOTEBOOK},
+              "overrides": dict(overrides),
               "unseen_engine": params.get("unseen_engine", True), "max_answer_tokens": params["max_answer_tokens"],
               "notebooks": steps}
     if {"04", "05"} <= set(notebooks):
@@ -480,7 +481,9 @@ def write_report(report: dict[str, Any], folder: Path) -> Path:
              f"({report['gpu_gib']} GiB), torch {report['torch']}", "",
              "Random weights: timings and memory only, never accuracies. Sizes: "
              + ("the preset's own." if report["sizes"] == "full" else json.dumps(report["sizes"]))
-             + (f" Answers capped at {report['max_answer_tokens']} tokens." if report.get("max_answer_tokens") else ""),
+             + (f" Answers capped at {report['max_answer_tokens']} tokens." if report.get("max_answer_tokens") else "")
+             + (f" Overrides (these win over the sizes): {json.dumps(report['overrides'])}."
+                if report.get("overrides") else ""),
              "",
              "| notebook | wall s | peak GPU GiB (nvidia-smi) |", "|---|---|---|"]
     lines += [f"| {s['notebook']} | {s['wall_s']} | {'' if s['peak_gib'] is None else round(s['peak_gib'], 1)} |"

@@ -184,6 +184,10 @@ def test_the_dry_run_reads_steady_rates_and_projects_the_full_study(tmp_path):
     markdown = dryrun.write_report(report, tmp_path / "out").read_text()
     assert "| 04 | 10.0 | 10.0 |" in markdown and "| text-only | 20.0 |" in markdown and "| training | 1726.5 | 3 x 2302 rows x 250 ms |" in markdown
     assert json.loads((tmp_path / "out" / "dry-run.json").read_text())["projection"]["total_s"] == 2156.1
+    # a run's overrides of the reduced sizes are stated beside them
+    report["overrides"] = {"max_steps": 200, "limit_test": 1000}
+    markdown = dryrun.write_report(report, tmp_path / "out").read_text()
+    assert 'Overrides (these win over the sizes): {"max_steps": 200, "limit_test": 1000}.' in markdown
 
 
 def test_the_omni_thinkers_published_config_tokens_and_template(tmp_path):
