@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import math
 import os
 import sys
 import threading
@@ -65,32 +66,44 @@ DROWNED_STEP_DB = 5.0
 USED_NOISE_SUFFIX = ".noise"  # beside a file whose noise was raised: the condition used
 
 
-def _render_job(job: tuple) -> str:
-    text, spec, path, sample_rate, noise, noise_seed, sources, raise_drowned = job
-    wave = render(text, spec, sample_rate)
-    used_file = Path(path + USED_NOISE_SUFFIX)
-    used_file.unlink(missing_ok=True)
-    if noise is not None:
-        problem = speech_problem(wave, sample_rate)  # the speech itself is checked before noise covers it
+def _render_jobs(jobs: Sequence[tuple]) -> list[str]:
+    """Render jobs (text, voice, path, sample rate, noise, noise seed, noise sources, raise drowned noise) into
+    their files, the speech rule judging the files of the chunk together (``speech_seconds_of``)."""
+    rates = {job[3] for job in jobs}
+    if len(rates) != 1:
+        raise ValueError(f"a chunk of synthesis jobs at several sample rates: {sorted(rates)}")
+    sample_rate = rates.pop()
+    waves = [render(text, spec, sample_rate) for text, spec, *_ in jobs]
+    with_noise = [k for k, job in enumerate(jobs) if job[4] is not None]
+    # the speech itself is checked before noise covers it
+    for k, seconds in zip(with_noise, speech_seconds_of([waves[k] for k in with_noise], sample_rate)):
+        problem = speech_problem(waves[k], sample_rate, seconds)
         if problem:
-            raise TTSError(f"{spec} saying {text!r}: {problem}")
-    used = noise
-    while True:
-        heard = wave if used is None else add_room_noise(wave, sample_rate, used, noise_seed, sources)
-        # the speech rule judges the samples the file will hold (16-bit), once: its verdict decides whether the
-        # noise is raised and is kept beside the file, so that checking it later (02's validation, every loader)
-        # reads the verdict instead of running the rule again
-        encoded, written = _as_wav(heard, sample_rate)
-        seconds = speech_seconds(written, sample_rate)
-        if not (raise_drowned and used is not None and used.snr_db is not None
-                and speech_problem(written, sample_rate, seconds)):
-            break
-        used = RoomNoise(used.kind, used.snr_db + DROWNED_STEP_DB)
-    write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(encoded))
-    if noise is not None and used != noise:
-        used_file.write_text(used.tag)
-    _keep_verdict(Path(path), _verdict_key(Path(path)), seconds)
-    return path
+            raise TTSError(f"{jobs[k][1]} saying {jobs[k][0]!r}: {problem}")
+    used = [job[4] for job in jobs]
+    # the speech rule judges the samples each file will hold (16-bit), once: its verdict decides whether a drawn
+    # noise is raised and is kept beside the file, so that checking it later (02's validation, every loader)
+    # reads the verdict instead of running the rule again
+    files = [_as_wav(_heard(wave, sample_rate, noise, job), sample_rate) for wave, noise, job in zip(waves, used, jobs)]
+    seconds = speech_seconds_of([written for _, written in files], sample_rate)
+    for k, (text, spec, path, _, noise, noise_seed, sources, raise_drowned) in enumerate(jobs):
+        while (raise_drowned and used[k] is not None and used[k].snr_db is not None
+               and speech_problem(files[k][1], sample_rate, seconds[k])):
+            used[k] = RoomNoise(used[k].kind, used[k].snr_db + DROWNED_STEP_DB)
+            files[k] = _as_wav(_heard(waves[k], sample_rate, used[k], jobs[k]), sample_rate)
+            seconds[k] = speech_seconds(files[k][1], sample_rate)
+        used_file = Path(path + USED_NOISE_SUFFIX)
+        used_file.unlink(missing_ok=True)
+        write_atomic(Path(path), lambda tmp: Path(tmp).write_bytes(files[k][0]))
+        if noise is not None and used[k] != noise:
+            used_file.write_text(used[k].tag)
+        _keep_verdict(Path(path), _verdict_key(Path(path)), seconds[k])
+    return [job[2] for job in jobs]
+
+
+def _heard(wave: np.ndarray, sample_rate: int, noise: RoomNoise | None, job: tuple) -> np.ndarray:
+    """The question as it will be heard: ``wave`` under ``noise`` (the job's noise seed and sources), if any."""
+    return wave if noise is None else add_room_noise(wave, sample_rate, noise, job[5], job[6])
 
 
 def _as_wav(wave: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
@@ -102,7 +115,7 @@ def _as_wav(wave: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
 
 
 def render_into_cache(jobs: Sequence[tuple], root: Path, workers: int, what: str, progress: bool = True) -> None:
-    """Render the ``_render_job`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources) whose
+    """Render the ``_render_jobs`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources) whose
     file under the cache ``root`` is missing, or left empty or unreadable, on ``workers`` processes, with a
     progress bar; the first alone, so that an engine that cannot speak fails once, before the pool starts."""
     from .progress import progress_bar
@@ -114,17 +127,20 @@ def render_into_cache(jobs: Sequence[tuple], root: Path, workers: int, what: str
     bar = progress_bar(total=len(jobs), desc=f"{what} ({len(wanted) - len(jobs)} of {len(wanted)} files cached)",
                        unit="file", disable=not progress or not jobs)
     if jobs:
-        _render_job(jobs[0])
+        _render_jobs(jobs[:1])
         bar.update()
     rest = jobs[1:]
-    if workers > 1 and len(rest) > 1:
+    # chunks of up to VAD_BATCH files, the speech rule judging each chunk at once; smaller ones where there are
+    # few files, so that every worker gets several
+    size = max(1, min(VAD_BATCH, len(rest) // (4 * workers)))
+    chunks = [rest[i:i + size] for i in range(0, len(rest), size)]
+    if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(workers, initializer=end_with_parent) as pool:
-            for _ in pool.map(_render_job, rest, chunksize=max(1, min(16, len(rest) // (4 * workers)))):
-                bar.update()
+            for done in pool.map(_render_jobs, chunks):
+                bar.update(len(done))
     else:
-        for job in rest:
-            _render_job(job)
-            bar.update()
+        for chunk in chunks:
+            bar.update(len(_render_jobs(chunk)))
     bar.close()
 
 
@@ -361,6 +377,7 @@ VAD_RATE = 16000
 VAD_WINDOW = 512  # samples at VAD_RATE: the model's window
 SPEECH_PROBABILITY = 0.5
 MIN_SPEECH_S = 0.1
+VAD_BATCH = 16  # questions synthesis judges in one pass of the model
 _VAD_LOCK = threading.Lock()  # the model keeps state between windows: one question at a time
 
 
@@ -380,15 +397,30 @@ def _speech_model():
 
 def speech_probabilities(wave: np.ndarray, sample_rate: int) -> np.ndarray:
     """The probability of speech in each 32 ms window of ``wave`` (mono), whatever its level."""
+    return speech_probabilities_of([wave], sample_rate)[0]
+
+
+def speech_probabilities_of(waves: Sequence[np.ndarray], sample_rate: int) -> list[np.ndarray]:
+    """``speech_probabilities`` of several questions in one pass of the model: each window of the batch is one
+    call for every question (a third of the time a question of judging them one by one on a CPU). The same
+    numbers as one at a time: each row keeps its own state, and a shorter question's padding only follows its
+    own windows, which are all that is kept of it."""
     import torch
 
-    wave = np.asarray(wave, dtype=np.float32)
-    if sample_rate != VAD_RATE:
-        wave = resample_audio(wave, sample_rate, VAD_RATE)
-    peak = float(np.abs(wave).max(initial=0.0))
-    if wave.size < VAD_WINDOW or peak == 0.0:
-        return np.zeros(0, dtype=np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(0.5 * wave / peak))
+    out = [np.zeros(0, dtype=np.float32) for _ in waves]
+    rows = []
+    for i, wave in enumerate(waves):
+        wave = np.asarray(wave, dtype=np.float32)
+        if sample_rate != VAD_RATE:
+            wave = resample_audio(wave, sample_rate, VAD_RATE)
+        peak = float(np.abs(wave).max(initial=0.0))
+        if wave.size >= VAD_WINDOW and peak > 0.0:
+            rows.append((i, 0.5 * wave / peak))
+    if not rows:
+        return out
+    x = torch.zeros(len(rows), max(len(w) for _, w in rows))
+    for k, (_, wave) in enumerate(rows):
+        x[k, :len(wave)] = torch.from_numpy(wave)
     with _VAD_LOCK, torch.inference_mode():
         # one thread: the model is small, and a forked worker (synthesis, data loading) whose parent started torch's
         # thread pool would hang in its first parallel region
@@ -397,15 +429,23 @@ def speech_probabilities(wave: np.ndarray, sample_rate: int) -> np.ndarray:
         try:
             model = _speech_model()
             model.reset_states()
-            return model.audio_forward(x, VAD_RATE)[0].numpy()
+            probabilities = model.audio_forward(x, VAD_RATE).numpy()
         finally:
             torch.set_num_threads(threads)
+    for k, (i, wave) in enumerate(rows):
+        out[i] = probabilities[k, :math.ceil(len(wave) / VAD_WINDOW)]
+    return out
 
 
 def speech_seconds(wave: np.ndarray, sample_rate: int) -> float:
     """How long ``wave`` sounds like speech: its windows at or above ``SPEECH_PROBABILITY``."""
-    probabilities = speech_probabilities(wave, sample_rate)
-    return float((probabilities >= SPEECH_PROBABILITY).sum()) * VAD_WINDOW / VAD_RATE
+    return speech_seconds_of([wave], sample_rate)[0]
+
+
+def speech_seconds_of(waves: Sequence[np.ndarray], sample_rate: int) -> list[float]:
+    """``speech_seconds`` of several questions, judged in one pass (``speech_probabilities_of``)."""
+    return [float((p >= SPEECH_PROBABILITY).sum()) * VAD_WINDOW / VAD_RATE
+            for p in speech_probabilities_of(waves, sample_rate)]
 
 
 def speech_problem(wave: np.ndarray, sample_rate: int, seconds: float | None = None) -> str | None:

@@ -127,8 +127,9 @@ def test_synthesis_runs_the_speech_rule_once_on_what_a_file_holds(tmp_path, monk
     cfg = get_config(audio_dir=str(tmp_path / "audio"), train_noise=0.0)
     rows = published_split("out")["train"][:2]
     calls = []
-    rule = audio.speech_seconds
-    monkeypatch.setattr(audio, "speech_seconds", lambda wave, rate: calls.append(len(wave)) or rule(wave, rate))
+    rule, batched = audio.speech_seconds, audio.speech_seconds_of  # every judgement goes through speech_seconds_of
+    monkeypatch.setattr(audio, "speech_seconds_of",
+                        lambda waves, rate: calls.extend(len(w) for w in waves) or batched(waves, rate))
     manifest = audio.synthesize_split(rows, "test", cfg, progress=False, manifest="clean", workers=1)
     assert len(calls) == len(set(manifest["path"]))
     calls.clear()

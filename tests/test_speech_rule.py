@@ -222,3 +222,18 @@ def test_synthesis_keeps_each_files_verdict_so_loading_it_runs_no_rule(tmp_path,
     monkeypatch.setattr(audio, "speech_seconds", lambda *a: pytest.fail("the rule ran again on a synthesized file"))
     for row in manifest.itertuples():
         assert audio.load_question_audio(row.uid, row.path, cfg).size > 0
+
+
+def test_questions_judged_together_get_the_probabilities_of_each_alone():
+    """Synthesis judges a chunk of questions in one pass of the model: each row keeps its own state and a shorter
+    question's padding follows its own windows, so every question gets exactly its probabilities alone, and the
+    ones too short or silent to judge get none."""
+    waves = [question(SPEAKERS[0]), question(SPEAKERS[1])[: RATE // 2], np.zeros(RATE, np.float32),
+             question(SPEAKERS[2])[:300], question(SPEAKERS[0]) * 0.1]
+    together = audio.speech_probabilities_of(waves, RATE)
+    for wave, probabilities in zip(waves, together):
+        np.testing.assert_array_equal(probabilities, audio.speech_probabilities(wave, RATE))
+    assert len(together[0]) == int(np.ceil(len(waves[0]) / audio.VAD_WINDOW)) and together[0].max() > 0.9
+    assert together[2].size == 0 and together[3].size == 0
+    np.testing.assert_allclose(together[4], together[0], atol=1e-5)  # its level decides nothing
+    assert audio.speech_seconds_of(waves, RATE)[:3] == [audio.speech_seconds(w, RATE) for w in waves[:3]]
