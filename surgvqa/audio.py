@@ -418,9 +418,11 @@ def speech_probabilities_of(waves: Sequence[np.ndarray], sample_rate: int) -> li
             rows.append((i, 0.5 * wave / peak))
     if not rows:
         return out
-    x = torch.zeros(len(rows), max(len(w) for _, w in rows))
+    # padded in numpy: no torch operation may run before the one-thread section below (see there)
+    padded = np.zeros((len(rows), max(len(w) for _, w in rows)), dtype=np.float32)
     for k, (_, wave) in enumerate(rows):
-        x[k, :len(wave)] = torch.from_numpy(wave)
+        padded[k, :len(wave)] = wave
+    x = torch.from_numpy(padded)
     with _VAD_LOCK, torch.inference_mode():
         # one thread: the model is small, and a forked worker (synthesis, data loading) whose parent started torch's
         # thread pool would hang in its first parallel region

@@ -323,9 +323,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # that projector too. "mixed" trains one model that 05-evaluate then runs with the question heard, read,
     # or both. Training reads cached Whisper outputs. A low learning rate keeps what pretraining built
     # (on the stage-3 checkpoint, 3e-4 cost 2.5 points heard). docs/HISTORY.md: what each step bought.
-    # 150 steps: at 300 the best checkpoint was step 100's, and 150 steps (evaluated every 50) gave every 05
-    # accuracy within its interval of 300's (docs/HISTORY.md).
-    "tiny": dict(frame_size=112, question_mode="mixed", lr=3e-5, projector_lr=1e-4, max_steps=150,
+    # 100 steps: at 300 the best checkpoint was step 100's, at 150 and at 100 (evaluated every 50) step 50's, with
+    # every 05 accuracy within its interval of 300's (docs/HISTORY.md).
+    "tiny": dict(frame_size=112, question_mode="mixed", lr=3e-5, projector_lr=1e-4, max_steps=100,
                  warmup_steps=20, eval_every=50, eval_limit=200, audio_pool=16, audio_projector="vocab",
                  pretrained_projector=True, extra_train_engines=("piper",), voice_perturbation=True,
                  train_noise=0.5, train_wordings="bank"),

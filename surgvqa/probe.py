@@ -288,7 +288,10 @@ def probe_table(train: Sequence[Sample], test: Sequence[Sample], cfg: Config | N
              for s in samples] if probe_clips else []
     prior = blind_prior(train)  # of the annotated rows: the prior a model without pixels would learn
     train = [*train, *extra]
-    views_train, views_test = probe_views(train, cfg, size), probe_views(test, cfg, size)
+    # one pass (one pool of workers) over the train and test clips together
+    views = probe_views([*train, *test], cfg, size)
+    views_train = {name: v[:len(train)] for name, v in views.items()}
+    views_test = {name: v[len(train):] for name, v in views.items()}
     n_labels = {t: len(v) for t, v in label_sets(cfg).items()}
     rows = []
     for qtype in QUESTION_TYPES:
