@@ -86,11 +86,12 @@ def _render_jobs(jobs: Sequence[tuple]) -> list[str]:
     # reads the verdict instead of running the rule again
     files = [_as_wav(_heard(wave, sample_rate, noise, job), sample_rate) for wave, noise, job in zip(waves, used, jobs)]
     seconds = speech_seconds_of([written for _, written in files], sample_rate)
-    for k, (text, spec, path, _, noise, noise_seed, sources, raise_drowned) in enumerate(jobs):
+    for k, job in enumerate(jobs):
+        path, noise, raise_drowned = job[2], job[4], job[7]
         while (raise_drowned and used[k] is not None and used[k].snr_db is not None
                and speech_problem(files[k][1], sample_rate, seconds[k])):
             used[k] = RoomNoise(used[k].kind, used[k].snr_db + DROWNED_STEP_DB)
-            files[k] = _as_wav(_heard(waves[k], sample_rate, used[k], jobs[k]), sample_rate)
+            files[k] = _as_wav(_heard(waves[k], sample_rate, used[k], job), sample_rate)
             seconds[k] = speech_seconds(files[k][1], sample_rate)
         used_file = Path(path + USED_NOISE_SUFFIX)
         used_file.unlink(missing_ok=True)
@@ -378,7 +379,7 @@ VAD_WINDOW = 512  # samples at VAD_RATE: the model's window
 SPEECH_PROBABILITY = 0.5
 MIN_SPEECH_S = 0.1
 VAD_BATCH = 16  # questions synthesis judges in one pass of the model
-_VAD_LOCK = threading.Lock()  # the model keeps state between windows: one question at a time
+_VAD_LOCK = threading.Lock()  # the model keeps state between windows: one pass (a question or a batch) at a time
 
 
 @lru_cache(maxsize=1)
