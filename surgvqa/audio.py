@@ -29,7 +29,7 @@ import soundfile as sf
 from .config import Config, get_config, parse_overrides
 from .data import SPLIT_NAMES, Sample, load_split
 from .files import end_with_parent, readable_wav, remove_stale_temporaries, riff_data_frames, write_atomic
-from .noise import RoomNoise, add_room_noise, noise_sources, training_noise
+from .noise import RoomNoise, add_room_noise, load_noise_kernels, noise_sources, training_noise
 from .tts import (ENGINE_WORKERS, SILENCE_RMS, TTSError, VoiceError, VoiceSpec, assign_voices, render, resample_audio,
                   rms, sample_rng)
 
@@ -136,6 +136,8 @@ def render_into_cache(jobs: Sequence[tuple], root: Path, workers: int, what: str
     size = max(1, min(VAD_BATCH, len(rest) // (4 * workers)))
     chunks = [rest[i:i + size] for i in range(0, len(rest), size)]
     if workers > 1 and len(chunks) > 1:
+        if any(job[4] is not None for job in rest):
+            load_noise_kernels()  # once, here: workers compiling them together corrupt numba's cache
         with ProcessPoolExecutor(workers, initializer=end_with_parent) as pool:
             for done in pool.map(_render_jobs, chunks):
                 bar.update(len(done))

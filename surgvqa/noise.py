@@ -138,6 +138,15 @@ def _transform(noise: RoomNoise, sources: Path | None):
                             max_order=8, leave_length_unchanged=False, p=1.0)
 
 
+def load_noise_kernels() -> None:
+    """Load the numba kernels that mixing in recorded noise runs (librosa's audio module, which audiomentations
+    reads babble and beeps with), compiling and caching them where no cache is yet. A process pool calls this
+    before it forks: workers that compile them at once write numba's cache together, and a kernel of one beside
+    the wrapper of another crashes every later process that loads them (numba issue 10128)."""
+    import audiomentations  # noqa: F401
+    import librosa.core.audio  # noqa: F401  (librosa loads its modules lazily: the module itself, by name)
+
+
 def add_room_noise(wave: np.ndarray, sample_rate: int, noise: RoomNoise, seed: int,
                    sources: str | Path | None = None) -> np.ndarray:
     """``wave`` (float32 mono speech) with ``noise`` over it, the same for the same ``seed``; scaled down, never

@@ -295,6 +295,45 @@ def test_synthesis_writes_manifest_and_a_rerun_does_no_work(eval_samples, cfg, m
     assert list(pd.read_csv(audio.manifest_path("eval-reworded", cfg))["text"]) == list(asked["text"])
 
 
+@pytest.mark.parametrize("noise, loaded", [("babble", True), (None, False)])
+def test_noise_kernels_are_loaded_before_the_synthesis_pool_forks(tmp_path, noise, loaded):
+    """Workers that compile librosa's numba kernels together in a fresh environment write its cache together, and
+    a mixed cache crashes every later run: where jobs mix in noise, the parent loads them before the pool starts,
+    and only there (a fresh interpreter, since this one may hold librosa already)."""
+    import subprocess
+
+    script = """
+import sys
+from pathlib import Path
+from surgvqa import audio
+from surgvqa.noise import RoomNoise
+from surgvqa.tts import VoiceSpec
+
+seen = []
+class RecordingPool:
+    def __init__(self, *args, **kwargs):
+        seen.append("librosa.core.audio" in sys.modules)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return False
+    def map(self, fn, chunks):
+        return map(fn, chunks)
+
+audio.ProcessPoolExecutor = RecordingPool
+audio._render_jobs = lambda chunk: list(chunk)
+voice = VoiceSpec("espeak-ng", "en-us+m3", 160, 50)
+noise = RoomNoise(sys.argv[2], 10.0) if sys.argv[2] != "None" else None
+jobs = [(f"question {i}", voice, str(Path(sys.argv[1]) / f"{i}.wav"), 16000, noise, 0, None) for i in range(40)]
+audio.render_into_cache(jobs, Path(sys.argv[1]), workers=2, what="test", progress=False)
+print(seen)
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(noise)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"[{loaded}]"
+
+
 def test_cache_key_is_text_and_full_voice_spec():
     spec = VoiceSpec("espeak-ng", "en-us+m3", 160, 50)
     assert audio.audio_relpath(QUESTION, spec) == audio.audio_relpath(QUESTION, VoiceSpec("espeak-ng", "en-us+m3", 160, 50))
