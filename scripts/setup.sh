@@ -44,8 +44,9 @@ fi
 # torch first and pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test,wandb]"
-# librosa compiles and caches its numba kernels when their modules are first imported: once, here, in one process
-# (about 30 s), so that processes started together later (synthesis workers, two notebooks) find the cache written
-# and never write it at once, which leaves a mixed cache that crashes whoever loads it
-.venv/bin/python -c "import librosa.beat, librosa.core.audio, librosa.core.pitch"
+# librosa compiles and caches its numba kernels when their modules are first imported: those that mixing in room
+# noise runs (surgvqa.noise.load_noise_kernels), once, here, in one process (about 15 s, which synthesis no longer
+# spends), so that processes started together later (synthesis workers, two notebooks) find the cache written and
+# never write it at once, which leaves a mixed cache that crashes whoever loads it
+.venv/bin/python -c "from surgvqa.noise import load_noise_kernels; load_noise_kernels()"
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
