@@ -116,9 +116,10 @@ def _as_wav(wave: np.ndarray, sample_rate: int) -> tuple[bytes, np.ndarray]:
 
 
 def render_into_cache(jobs: Sequence[tuple], root: Path, workers: int, what: str, progress: bool = True) -> None:
-    """Render the ``_render_jobs`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources) whose
-    file under the cache ``root`` is missing, or left empty or unreadable, on ``workers`` processes, with a
-    progress bar; the first alone, so that an engine that cannot speak fails once, before the pool starts."""
+    """Render the ``_render_jobs`` jobs (text, voice, path, sample rate, noise, noise seed, noise sources, raise
+    drowned noise) whose file under the cache ``root`` is missing, or left empty or unreadable, on ``workers``
+    processes, with a progress bar; the first alone, so that an engine that cannot speak fails once, before the
+    pool starts."""
     from .progress import progress_bar
 
     for engine in {job[1].engine for job in jobs}:

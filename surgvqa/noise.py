@@ -140,9 +140,9 @@ def _transform(noise: RoomNoise, sources: Path | None):
 
 def load_noise_kernels() -> None:
     """Load the numba kernels that mixing in recorded noise runs (librosa's audio and util modules, which
-    audiomentations reads babble and beeps with), compiling and caching them where no cache is yet. A process pool calls this
-    before it forks: workers that compile them at once write numba's cache together, and a kernel of one beside
-    the wrapper of another crashes every later process that loads them (numba issue 10128)."""
+    audiomentations reads babble and beeps with), compiling and caching them where no cache is yet. A process
+    pool calls this before it forks: workers that compile them at once write numba's cache together, and a kernel
+    of one beside the wrapper of another crashes every later process that loads them (numba issue 10128)."""
     import audiomentations  # noqa: F401
     import librosa.core.audio  # noqa: F401  (librosa loads its modules lazily: the modules themselves, by name)
     import librosa.util.utils  # noqa: F401

@@ -324,7 +324,8 @@ audio.ProcessPoolExecutor = RecordingPool
 audio._render_jobs = lambda chunk: list(chunk)
 voice = VoiceSpec("espeak-ng", "en-us+m3", 160, 50)
 noise = RoomNoise(sys.argv[2], 10.0) if sys.argv[2] != "None" else None
-jobs = [(f"question {i}", voice, str(Path(sys.argv[1]) / f"{i}.wav"), 16000, noise, 0, None) for i in range(40)]
+jobs = [(f"question {i}", voice, str(Path(sys.argv[1]) / f"{i}.wav"), 16000, noise, 0, None, False)
+        for i in range(40)]
 audio.render_into_cache(jobs, Path(sys.argv[1]), workers=2, what="test", progress=False)
 print(seen)
 """
