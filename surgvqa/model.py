@@ -104,6 +104,8 @@ class GraftOutput:
 
 
 class AudioGraftedVLM(nn.Module):
+    clip_vision: Any = None  # the vision outputs kept per clip while it only answers (scoring.keep_clip_vision)
+
     def __init__(self, vlm: nn.Module, whisper: WhisperEncoder, tokenizer: Any,
                  feature_extractor: WhisperFeatureExtractor, cfg: Config, whisper_from_cfg: bool):
         super().__init__()

@@ -73,16 +73,76 @@ class Prefill:
     next_position: torch.Tensor  # (batch, 1)
 
 
+class ClipVision:
+    """The vision tower's output for every clip a model has answered about, so that the next pass over the same
+    rows (05 asks each test clip six ways, 08 its hundred clips in every condition) reuses it instead of running
+    the tower again: the stock forward takes it as ``mm_encoder_outputs``.
+
+    Kept per clip (its video and frames, ``Sample.clip_key``) and patch grid, so it holds for one model answering
+    with one frames setting while its vision tower's weights stay as they are: ``keep_clip_vision`` switches it
+    on for a model that only answers (the adapters never reach the vision tower). Clips that arrive as images are
+    run by the stock path as before.
+    """
+
+    def __init__(self) -> None:
+        self.clips: dict[tuple, tuple[torch.Tensor, list[torch.Tensor] | None]] = {}
+        self.output_class: type | None = None
+        self.computed = 0  # clips the vision tower ran for
+
+    def vision_inputs(self, base: Any, batch: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
+        """``vision`` (the stock forward's clip arguments) with the clips' pixels replaced by their tower outputs."""
+        pixels, grids = vision.get("pixel_values_videos"), vision.get("video_grid_thw")
+        if pixels is None or grids is None or vision.get("pixel_values") is not None or "samples" not in batch:
+            return vision
+        keys = [(s.clip_key, tuple(grid)) for s, grid in zip(batch["samples"], grids.tolist())]
+        patches = grids.prod(-1).tolist()
+        if len(keys) != len(grids) or sum(patches) != len(pixels):
+            raise ValueError(f"{len(keys)} rows, {len(grids)} clips and {len(pixels)} patch rows for "
+                             f"{sum(patches)} patches: the batch's clips are not one a row")
+        starts = [sum(patches[:i]) for i in range(len(patches))]
+        first_row: dict[tuple, int] = {}
+        for i, key in enumerate(keys):
+            first_row.setdefault(key, i)
+        missing = [i for key, i in first_row.items() if key not in self.clips]
+        if missing:
+            out = base.model.get_video_features(
+                torch.cat([pixels[starts[i]:starts[i] + patches[i]] for i in missing]), grids[missing],
+                return_dict=True)
+            deepstack = getattr(out, "deepstack_features", None)  # Qwen3-VL's features for its DeepStack layers
+            for j, i in enumerate(missing):
+                self.clips[keys[i]] = (out.pooler_output[j], None if deepstack is None else [d[j] for d in deepstack])
+            self.output_class, self.computed = type(out), self.computed + len(missing)
+        kept = [self.clips[k] for k in keys]
+        extra = {} if kept[0][1] is None else {
+            "deepstack_features": [tuple(layers[n] for _, layers in kept) for n in range(len(kept[0][1]))]}
+        outputs = self.output_class(pooler_output=tuple(pooled for pooled, _ in kept), **extra)
+        return {**{k: v for k, v in vision.items() if k != "pixel_values_videos"},
+                "mm_encoder_outputs": {"video": outputs}}
+
+
+def keep_clip_vision(model: AudioGraftedVLM) -> ClipVision:
+    """Reuse the vision tower's output per clip from now on (``ClipVision``), on the plain path, for a model that
+    only answers; refused where an adapter reaches into the vision tower, whose output it would then change."""
+    adapted = [name for tower in model.backbone.packed_towers(model.base_vlm)[:1]
+               for name, _ in tower.named_modules() if "lora_" in name]
+    if adapted:
+        raise ValueError(f"the vision tower carries adapter layers ({adapted[0]}, ...): its output is not fixed")
+    model.clip_vision = ClipVision()
+    return model.clip_vision
+
+
 def prefill(model: AudioGraftedVLM, batch: dict[str, Any]) -> Prefill:
     """The prompt through the stock model (``Backbone.prompt_inputs``) with the positions from the model's own
-    rope index."""
+    rope index (and the clips' kept vision outputs, where ``keep_clip_vision`` is on)."""
     base = model.base_vlm
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions, rope_deltas = model.backbone.rope_index(base, batch)
     embeds = model.embed(ids, samples=batch.get("samples"), **audio_inputs(batch))
+    vision = model.backbone.vision_inputs(batch)
+    if model.clip_vision is not None:
+        vision = model.clip_vision.vision_inputs(base, batch, vision)
     prefix = base.model(**model.backbone.prompt_inputs(base, batch, embeds, positions), attention_mask=mask,
-                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True,
-                        **model.backbone.vision_inputs(batch))
+                        mm_token_type_ids=batch["mm_token_type_ids"], use_cache=True, **vision)
     first = torch.log_softmax(base.lm_head(prefix.last_hidden_state[:, -1]).float(), dim=-1)
     # Text positions continue after the prompt's last position (rope_deltas shift past the vision grid).
     return Prefill(prefix.cache, first, mask, mask.sum(dim=1, keepdim=True) + rope_deltas)

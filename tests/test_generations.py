@@ -307,3 +307,39 @@ def test_the_demos_question_floor_is_measured_on_heard_questions(samples, whispe
     assert 0 < floor.floor <= 1
     with pytest.raises(ValueError, match="no heard questions"):
         I.question_confidence_floor(model, samples, manifest.iloc[:0], cfg)
+
+
+def test_kept_clip_vision_answers_as_the_tower_does_and_runs_it_once_a_clip(model, samples):
+    """05 and 08 ask about the same clips in several passes: with the clips' vision outputs kept, a second pass (in
+    another order, another question mode) runs the vision tower for no clip it has seen, and every pass answers and
+    scores as the stock path that runs the tower each time."""
+    import copy
+
+    items = make_items(samples, size=SIZE)
+    first = M.collator(model)(items, for_generation=True)
+    again = M.collator(model)(list(reversed(items)) + items[:1], for_generation=True)  # a clip twice in a batch
+    stock = [I.answer_and_score(model, b, max_new_tokens=6) for b in (first, again)]
+    keeping = copy.copy(model)  # the same modules, its own kept outputs
+    kept = scoring.keep_clip_vision(keeping)
+    calls = []
+    hook = model.backbone.packed_towers(model.base_vlm)[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        reused = [I.answer_and_score(keeping, b, max_new_tokens=6) for b in (first, again)]
+    finally:
+        hook.remove()
+    assert kept.computed == len({s.clip_key for s in samples}) and len(calls) == 1
+    for (answers, scores), (answers_kept, scores_kept) in zip(stock, reused):
+        assert answers_kept == answers
+        for a, b in zip(scores, scores_kept):
+            assert a.label == b.label
+            for label in a.log_likelihoods:
+                assert abs(a.log_likelihoods[label] - b.log_likelihoods[label]) < 1e-4
+    assert model.clip_vision is None
+
+
+def test_kept_clip_vision_is_refused_where_an_adapter_reaches_the_vision_tower(whisper):
+    adapted = graft(B.QWEN2_VL, whisper)
+    tower = adapted.backbone.packed_towers(adapted.base_vlm)[0]
+    tower.add_module("lora_A", torch.nn.Identity())
+    with pytest.raises(ValueError, match="adapter layers"):
+        scoring.keep_clip_vision(adapted)
