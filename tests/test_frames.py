@@ -534,6 +534,20 @@ def test_a_still_clips_key_frames_share_their_features(monkeypatch):
     assert len(_find(features, np.tile(cells(still[4]), 3))) == 1
 
 
+def test_the_one_frame_view_is_the_middle_frame_held_still():
+    """The probe's frame view is computed on two copies of the clip's middle frame: the features of that frame
+    held for a whole clip, up to float32 rounding."""
+    from surgvqa import get_config
+
+    cfg = get_config().replace(frames_source="phantom", frame_size=32)
+    samples = [clip[0] for _, clip in P.random_clip_samples(3, seed=5)]
+    views = Q.probe_views(samples, cfg, size=32, workers=1)
+    for sample, frame_view in zip(samples, views["frame"]):
+        middle = F.load_clip(sample, cfg)[len(F.load_clip(sample, cfg)) // 2]
+        held = Q.clip_features(np.repeat(middle[None], 8, axis=0))
+        assert np.allclose(frame_view, held, rtol=1e-5, atol=1e-5)
+
+
 def test_probe_learns_easy_types_and_cannot_see_motion_in_one_frame():
     pairs = P.random_clip_samples(160, seed=7)
     train = [s for _, samples in pairs[:40] for s in samples]
