@@ -10,6 +10,7 @@ and probabilities. ``candidate_token_rows`` says which token rows are scored for
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -95,12 +96,12 @@ class ClipVision:
         pixels, grids = vision.get("pixel_values_videos"), vision.get("video_grid_thw")
         if pixels is None or grids is None or vision.get("pixel_values") is not None or "samples" not in batch:
             return vision
-        keys = [(s.clip_key, tuple(grid)) for s, grid in zip(batch["samples"], grids.tolist())]
         patches = grids.prod(-1).tolist()
-        if len(keys) != len(grids) or sum(patches) != len(pixels):
-            raise ValueError(f"{len(keys)} rows, {len(grids)} clips and {len(pixels)} patch rows for "
+        if len(batch["samples"]) != len(grids) or sum(patches) != len(pixels):
+            raise ValueError(f"{len(batch['samples'])} rows, {len(grids)} clips and {len(pixels)} patch rows for "
                              f"{sum(patches)} patches: the batch's clips are not one a row")
-        starts = [sum(patches[:i]) for i in range(len(patches))]
+        keys = [(s.clip_key, tuple(grid)) for s, grid in zip(batch["samples"], grids.tolist())]
+        starts = [0, *itertools.accumulate(patches)]
         first_row: dict[tuple, int] = {}
         for i, key in enumerate(keys):
             first_row.setdefault(key, i)
@@ -124,10 +125,10 @@ class ClipVision:
 
 
 def keep_clip_vision(model: AudioGraftedVLM) -> ClipVision:
-    """Reuse the vision tower's output per clip from now on (``ClipVision``), on the plain path, for a model that
-    only answers; refused where an adapter reaches into the vision tower, whose output it would then change."""
-    adapted = [name for tower in model.backbone.packed_towers(model.base_vlm)[:1]
-               for name, _ in tower.named_modules() if "lora_" in name]
+    """Reuse the vision tower's output per clip from now on (``ClipVision``, read by ``prefill``, which the CUDA
+    fast path runs too), for a model that only answers; refused where an adapter reaches into the vision tower,
+    whose output it would then change."""
+    adapted = [name for name, _ in model.base_vlm.model.visual.named_modules() if "lora_" in name]
     if adapted:
         raise ValueError(f"the vision tower carries adapter layers ({adapted[0]}, ...): its output is not fixed")
     model.clip_vision = ClipVision()
